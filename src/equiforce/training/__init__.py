@@ -1,0 +1,1 @@
+"""equiforce.training: losses, optimisers, the loop, checkpoints and metrics."""
