@@ -7,3 +7,47 @@ from equiforce.data.errors import DataError
 from equiforce.data.structures import StructureSet, full_3x3_to_voigt, voigt_to_full_3x3
 
 __all__ = ["DataError", "StructureSet", "full_3x3_to_voigt", "voigt_to_full_3x3"]
+
+from equiforce.data.hdf5 import HDF5Dataset, append_hdf5, read_hdf5, write_hdf5
+from equiforce.data.readers import (
+    load_sample,
+    read_ase,
+    read_md17_npz,
+    read_nequip_npz,
+    read_rmd17_npz,
+    read_structures,
+    sample_path,
+)
+from equiforce.data.splits import check_indices, random_split, read_index_file, split_by_indices
+from equiforce.data.statistics import (
+    DatasetStatistics,
+    check_atomic_energies,
+    compute_statistics,
+    energy_per_atom_residual_stats,
+    fit_atomic_energies,
+    force_rms,
+)
+
+__all__ += [
+    "DatasetStatistics",
+    "HDF5Dataset",
+    "append_hdf5",
+    "check_atomic_energies",
+    "check_indices",
+    "compute_statistics",
+    "energy_per_atom_residual_stats",
+    "fit_atomic_energies",
+    "force_rms",
+    "load_sample",
+    "random_split",
+    "read_ase",
+    "read_hdf5",
+    "read_index_file",
+    "read_md17_npz",
+    "read_nequip_npz",
+    "read_rmd17_npz",
+    "read_structures",
+    "sample_path",
+    "split_by_indices",
+    "write_hdf5",
+]

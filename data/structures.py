@@ -283,9 +283,7 @@ class StructureSet:
         from ase.calculators.singlepoint import SinglePointCalculator
 
         sl = self.atom_slice(k)
-        atoms = Atoms(
-            numbers=self.atomic_numbers[sl], positions=self.positions[sl], cell=self.cell[k], pbc=self.pbc[k]
-        )
+        atoms = Atoms(numbers=self.atomic_numbers[sl], positions=self.positions[sl], cell=self.cell[k], pbc=self.pbc[k])
         results = {}
         if self.energy is not None:
             results["energy"] = float(self.energy[k])
@@ -301,15 +299,11 @@ class StructureSet:
 def full_3x3_to_voigt(stress: np.ndarray) -> np.ndarray:
     """``[..., 3, 3]`` → ``[..., 6]`` in ASE Voigt order (xx, yy, zz, yz, xz, xy)."""
     s = np.asarray(stress)
-    return np.stack(
-        [s[..., 0, 0], s[..., 1, 1], s[..., 2, 2], s[..., 1, 2], s[..., 0, 2], s[..., 0, 1]], axis=-1
-    )
+    return np.stack([s[..., 0, 0], s[..., 1, 1], s[..., 2, 2], s[..., 1, 2], s[..., 0, 2], s[..., 0, 1]], axis=-1)
 
 
 def voigt_to_full_3x3(stress: np.ndarray) -> np.ndarray:
     """``[..., 6]`` in ASE Voigt order → symmetric ``[..., 3, 3]``."""
     s = np.asarray(stress)
     xx, yy, zz, yz, xz, xy = (s[..., i] for i in range(6))
-    return np.stack(
-        [np.stack([xx, xy, xz], -1), np.stack([xy, yy, yz], -1), np.stack([xz, yz, zz], -1)], axis=-2
-    )
+    return np.stack([np.stack([xx, xy, xz], -1), np.stack([xy, yy, yz], -1), np.stack([xz, yz, zz], -1)], axis=-2)

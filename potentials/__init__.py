@@ -1,1 +1,20 @@
-"""equiforce.potentials: equivariant networks and the Potential that turns them into energies and forces."""
+"""equiforce.potentials: equivariant networks and the Potential that turns them into energies and forces.
+
+Importing this package registers every built-in model (see :data:`MODELS`).
+"""
+
+from equiforce.potentials import nequip as _nequip  # noqa: F401  (registers the model)
+from equiforce.potentials.nequip import NequIPConfig
+from equiforce.potentials.potential import Potential, PotentialOutput, UnknownSpeciesError
+from equiforce.potentials.registry import MODELS, ModelConfig, config_from_dict, register_model
+
+__all__ = [
+    "MODELS",
+    "ModelConfig",
+    "NequIPConfig",
+    "Potential",
+    "PotentialOutput",
+    "UnknownSpeciesError",
+    "config_from_dict",
+    "register_model",
+]

@@ -1,0 +1,454 @@
+"""Readers: files on disk → :class:`~equiforce.data.structures.StructureSet` in ASE units.
+
+This is the only place where units are converted. Every reader returns positions and cells in Å,
+energies in eV, forces in eV/Å and stress in eV/Å³ (ASE sign, Voigt order xx yy zz yz xz xy).
+Where a file format does not fix its units, the unit is an explicit argument (``energy_unit``,
+``length_unit``); an unknown unit raises :class:`~equiforce.data.errors.DataError`.
+Conversion factors come from :mod:`ase.units` (e.g. kcal/mol → eV is ``ase.units.kcal / ase.units.mol``).
+
+Supported inputs:
+
+* rMD17 npz (keys ``nuclear_charges, coords, energies, forces``; kcal/mol and kcal/mol/Å):
+  A. S. Christensen & O. A. von Lilienfeld, Mach. Learn.: Sci. Technol. 1, 045018 (2020), arXiv:2007.09593.
+* original MD17 / sGDML npz (keys ``R, z, E, F``; sGDML stores kcal/mol and kcal/mol/Å):
+  S. Chmiela et al., Sci. Adv. 3, e1603015 (2017).
+* nequip-style npz (keys ``pos, atomic_numbers, energy, forces``, optional ``cell, pbc``; eV by default).
+* anything :func:`ase.io.read` reads (extended XYZ, ASE db, ...).
+* the native HDF5 format of :mod:`equiforce.data.hdf5`.
+
+All npz files are opened with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+import zlib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ase import units
+
+from equiforce.data.errors import DataError
+from equiforce.data.structures import StructureSet
+
+__all__ = [
+    "ENERGY_UNITS",
+    "LENGTH_UNITS",
+    "energy_factor",
+    "length_factor",
+    "load_sample",
+    "read_ase",
+    "read_md17_npz",
+    "read_nequip_npz",
+    "read_rmd17_npz",
+    "read_structures",
+    "sample_path",
+]
+
+PathLike = str | os.PathLike
+
+#: Energy units accepted by the readers, as multiples of 1 eV.
+ENERGY_UNITS: dict[str, float] = {
+    "eV": 1.0,
+    "meV": 1e-3,
+    "kcal/mol": units.kcal / units.mol,
+    "kJ/mol": units.kJ / units.mol,
+    "Hartree": units.Hartree,
+    "Ha": units.Hartree,
+    "Ry": units.Rydberg,
+    "Rydberg": units.Rydberg,
+}
+
+#: Length units accepted by the readers, as multiples of 1 Å.
+LENGTH_UNITS: dict[str, float] = {
+    "Å": 1.0,
+    "A": 1.0,
+    "Ang": 1.0,
+    "Angstrom": 1.0,
+    "Bohr": units.Bohr,
+    "nm": units.nm,
+}
+
+SAMPLE_PACKAGE = "equiforce.data.sample"
+
+
+def energy_factor(unit: str) -> float:
+    """Multiply an energy in ``unit`` by this to get eV.
+
+    Raises:
+      DataError: ``unit`` is not one of :data:`ENERGY_UNITS`.
+    """
+    try:
+        return float(ENERGY_UNITS[unit])
+    except (KeyError, TypeError):
+        raise DataError(f"unknown energy unit {unit!r}; known: {sorted(ENERGY_UNITS)}") from None
+
+
+def length_factor(unit: str) -> float:
+    """Multiply a length in ``unit`` by this to get Å.
+
+    Raises:
+      DataError: ``unit`` is not one of :data:`LENGTH_UNITS`.
+    """
+    try:
+        return float(LENGTH_UNITS[unit])
+    except (KeyError, TypeError):
+        raise DataError(f"unknown length unit {unit!r}; known: {sorted(LENGTH_UNITS)}") from None
+
+
+@contextmanager
+def _about(path: PathLike) -> Iterator[None]:
+    """Re-raise a :class:`DataError` with the file name in front, unless it already names it."""
+    try:
+        yield
+    except DataError as err:
+        msg = str(err)
+        if str(path) in msg:
+            raise
+        raise DataError(f"{path}: {msg}") from err
+
+
+@contextmanager
+def _open_npz(fh: Any, path: PathLike) -> Iterator[Any]:
+    """``np.load`` on an open file handle (closed by the caller, also on error), pickle disabled."""
+    npz = np.load(fh, allow_pickle=False)
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise DataError(f"{path}: not an npz archive (a single .npy array)")
+    with npz:
+        yield npz
+
+
+def _load_npz(path: PathLike, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Load the listed arrays of an npz file (no pickle), with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as fh, _open_npz(fh, path) as npz:
+            keys = set(npz.files)
+            missing = [k for k in required if k not in keys]
+            if missing:
+                raise DataError(f"{path}: missing npz key(s) {missing}; the file has {sorted(keys)}")
+            return {k: npz[k] for k in (*required, *optional) if k in keys}
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as err:
+        raise DataError(f"{path}: cannot read npz file ({type(err).__name__}: {err})") from err
+
+
+def _npz_keys(path: PathLike) -> set[str]:
+    try:
+        with open(path, "rb") as fh, _open_npz(fh, path) as npz:
+            return set(npz.files)
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise DataError(f"{path}: cannot read npz file ({type(err).__name__}: {err})") from err
+
+
+def _frames(
+    path: PathLike,
+    z: np.ndarray,
+    pos: np.ndarray,
+    energy: np.ndarray | None,
+    forces: np.ndarray | None,
+    e_fac: float,
+    l_fac: float,
+) -> StructureSet:
+    """One-molecule trajectory arrays (+ unit factors) → StructureSet, errors naming ``path``."""
+    with _about(path):
+        z = np.asarray(z)
+        if z.ndim == 2:  # per-frame atomic numbers; must be the same molecule in every frame
+            if z.shape[0] == 0 or not np.all(z == z[:1]):
+                raise DataError("per-frame atomic numbers differ between frames")
+            z = z[0]
+        pos = np.asarray(pos, dtype=np.float64)
+        if pos.ndim != 3 or pos.shape[1:] != (z.size, 3):
+            raise DataError(f"positions have shape {pos.shape}, expected (n_frames, {z.size}, 3)")
+        if pos.shape[0] == 0:
+            raise DataError("the file holds no frames")
+        if energy is not None:
+            energy = np.asarray(energy, dtype=np.float64)
+            if energy.shape not in ((pos.shape[0],), (pos.shape[0], 1)):
+                raise DataError(f"energies have shape {energy.shape}, expected ({pos.shape[0]},)")
+            energy = energy.reshape(-1) * e_fac
+        if forces is not None:
+            forces = np.asarray(forces, dtype=np.float64)
+            if forces.shape != pos.shape:
+                raise DataError(f"forces have shape {forces.shape}, positions {pos.shape}")
+            forces = forces * (e_fac / l_fac)
+        return StructureSet.from_frames(z, pos * l_fac, energy=energy, forces=forces)
+
+
+def read_rmd17_npz(path: PathLike) -> StructureSet:
+    """Read an rMD17 npz file (the full ``rmd17_<mol>.npz`` or a per-split file of ``andersx/rmd17-npz``).
+
+    Keys used: ``nuclear_charges`` ``[N]`` (uint8), ``coords`` ``[n, N, 3]`` (Å), ``energies`` ``[n]``
+    (kcal/mol, total energy), ``forces`` ``[n, N, 3]`` (kcal/mol/Å). Other keys (``old_indices``,
+    ``old_energies``, ``old_forces``) are ignored. Energies and forces are converted to eV and eV/Å with
+    ``ase.units.kcal / ase.units.mol``.
+
+    Source: A. S. Christensen & O. A. von Lilienfeld, "On the role of gradients for machine learning of
+    molecular energies and forces", Mach. Learn.: Sci. Technol. 1, 045018 (2020), arXiv:2007.09593.
+
+    Returns:
+      A non-periodic :class:`StructureSet` of ``n`` frames (float64, eV, eV/Å, Å).
+
+    Raises:
+      DataError: missing file or key, corrupt archive, inconsistent shapes, NaN positions.
+    """
+    d = _load_npz(path, ("nuclear_charges", "coords", "energies", "forces"))
+    f = energy_factor("kcal/mol")
+    return _frames(path, d["nuclear_charges"], d["coords"], d["energies"], d["forces"], f, 1.0)
+
+
+def read_md17_npz(path: PathLike, energy_unit: str = "kcal/mol", length_unit: str = "Å") -> StructureSet:
+    """Read an original MD17 / sGDML npz file (``md17_<mol>.npz``, ``<mol>_dft.npz``).
+
+    Keys used: ``z`` ``[N]`` atomic numbers, ``R`` ``[n, N, 3]`` positions, ``E`` ``[n]`` or ``[n, 1]``
+    energies, ``F`` ``[n, N, 3]`` forces. The sGDML release stores kcal/mol, kcal/mol/Å and Å, which is the
+    default; the unit is an argument because the format itself does not record it. Forces are converted
+    with ``energy_factor / length_factor``.
+
+    Source: S. Chmiela et al., "Machine learning of accurate energy-conserving molecular force fields",
+    Sci. Adv. 3, e1603015 (2017).
+
+    Args:
+      path: the npz file.
+      energy_unit: unit of ``E`` (and of ``F`` per length unit): one of :data:`ENERGY_UNITS`.
+      length_unit: unit of ``R``: one of :data:`LENGTH_UNITS`.
+
+    Returns:
+      A non-periodic :class:`StructureSet` in Å, eV, eV/Å (float64).
+
+    Raises:
+      DataError: unknown unit, missing file or key, corrupt archive, inconsistent shapes, NaN positions.
+    """
+    e_fac, l_fac = energy_factor(energy_unit), length_factor(length_unit)
+    d = _load_npz(path, ("z", "R", "E", "F"))
+    return _frames(path, d["z"], d["R"], d["E"], d["F"], e_fac, l_fac)
+
+
+def read_nequip_npz(
+    path: PathLike,
+    energy_unit: str = "eV",
+    length_unit: str = "Å",
+    keys: Mapping[str, str] | None = None,
+) -> StructureSet:
+    """Read a nequip-style npz file of one molecule's trajectory (e.g. ``md17_mdbenchgnn/*/nequip_npz.npz``).
+
+    Keys used (renamable with ``keys``, a mapping from the names below to the file's names):
+    ``atomic_numbers`` ``[N]`` or ``[n, N]``, ``pos`` ``[n, N, 3]``, ``energy`` ``[n]`` or ``[n, 1]``
+    (optional), ``forces`` ``[n, N, 3]`` (optional), ``pbc`` ``[3]`` and ``cell`` ``[3, 3]`` (optional).
+    The cell is kept only when ``pbc`` has a True entry (a dummy box with pbc all False is dropped).
+
+    Note: the MDBENCHGNN copy of MD17 (Chmiela et al., Sci. Adv. 3, e1603015 (2017)) was converted with
+    a truncated factor of 0.04336 eV per kcal/mol; it is read as stored (eV).
+
+    Returns:
+      A :class:`StructureSet` in Å, eV, eV/Å (float64).
+
+    Raises:
+      DataError: unknown unit, missing file or key, corrupt archive, inconsistent shapes, NaN positions.
+    """
+    e_fac, l_fac = energy_factor(energy_unit), length_factor(length_unit)
+    names = {k: k for k in ("atomic_numbers", "pos", "energy", "forces", "pbc", "cell")}
+    if keys:
+        unknown = set(keys) - set(names)
+        if unknown:
+            raise DataError(f"unknown key mapping entries {sorted(unknown)}; known: {sorted(names)}")
+        names.update(keys)
+    d = _load_npz(
+        path,
+        (names["atomic_numbers"], names["pos"]),
+        (names["energy"], names["forces"], names["pbc"], names["cell"]),
+    )
+    s = _frames(
+        path,
+        d[names["atomic_numbers"]],
+        d[names["pos"]],
+        d.get(names["energy"]),
+        d.get(names["forces"]),
+        e_fac,
+        l_fac,
+    )
+    pbc = d.get(names["pbc"])
+    if pbc is None or not np.any(pbc):
+        return s
+    with _about(path):
+        pbc = np.asarray(pbc, dtype=bool)
+        cell = d.get(names["cell"])
+        if cell is None:
+            raise DataError("pbc is set but there is no cell")
+        cell = np.asarray(cell, dtype=np.float64) * l_fac
+        n = len(s)
+        if cell.shape == (3, 3):
+            cell = np.broadcast_to(cell, (n, 3, 3))
+        if pbc.shape == (3,):
+            pbc = np.broadcast_to(pbc, (n, 3))
+        return StructureSet(
+            atomic_numbers=s.atomic_numbers,
+            positions=s.positions,
+            n_atoms=s.n_atoms,
+            cell=cell,
+            pbc=pbc,
+            energy=s.energy,
+            forces=s.forces,
+        )
+
+
+def read_ase(
+    path: PathLike,
+    index: str | int | slice = ":",
+    energy_unit: str = "eV",
+    length_unit: str = "Å",
+    format: str | None = None,
+    require_labels: bool = False,
+) -> StructureSet:
+    """Read anything :func:`ase.io.read` reads (extended XYZ, ASE db, VASP OUTCAR, ...).
+
+    Labels are taken from each frame's calculator results (``energy`` or ``free_energy``, ``forces``,
+    ``stress``); for extended XYZ, ase puts ``energy=``/``stress=`` from the comment line and a
+    ``forces`` column there. See :meth:`StructureSet.from_atoms` for which labels are kept.
+
+    ase labels everything as eV/Å, but some files are not (the SchNetPack MD17 extxyz files are in
+    kcal/mol): give the true units with ``energy_unit`` and ``length_unit``. Positions and cell are
+    scaled by the length factor, energies by the energy factor, forces by energy/length and stress by
+    energy/length³.
+
+    Args:
+      path: the file.
+      index: ase's frame selection (``":"`` all, an int, a slice or a string like ``"10:20"``).
+      energy_unit: one of :data:`ENERGY_UNITS`.
+      length_unit: one of :data:`LENGTH_UNITS`.
+      format: ase format name, or None to let ase guess from the file.
+      require_labels: raise when a frame has no energy or forces.
+
+    Returns:
+      A :class:`StructureSet` (float64; Å, eV, eV/Å, eV/Å³).
+
+    Raises:
+      DataError: unknown unit, missing or unparsable file, no frames, empty structures, NaN positions.
+    """
+    import ase.io
+
+    e_fac, l_fac = energy_factor(energy_unit), length_factor(length_unit)
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    try:
+        frames = ase.io.read(path, index=index, format=format)
+    except DataError:
+        raise
+    except Exception as err:  # ase raises many types for bad files
+        raise DataError(f"{path}: ase.io.read failed ({type(err).__name__}: {err})") from err
+    if not isinstance(frames, list):
+        frames = [frames]
+    with _about(path):
+        if not frames:
+            raise DataError("no structures in file")
+        s = StructureSet.from_atoms(frames, require_labels=require_labels)
+        if e_fac == 1.0 and l_fac == 1.0:
+            return s
+        return StructureSet(
+            atomic_numbers=s.atomic_numbers,
+            positions=s.positions * l_fac,
+            n_atoms=s.n_atoms,
+            cell=s.cell * l_fac,
+            pbc=s.pbc,
+            energy=None if s.energy is None else s.energy * e_fac,
+            forces=None if s.forces is None else s.forces * (e_fac / l_fac),
+            stress=None if s.stress is None else s.stress * (e_fac / l_fac**3),
+        )
+
+
+_NPZ_LAYOUTS: dict[str, tuple[str, ...]] = {
+    "rmd17": ("nuclear_charges", "coords"),
+    "md17": ("z", "R"),
+    "nequip": ("atomic_numbers", "pos"),
+}
+
+
+def read_structures(path: PathLike, format: str | None = None, **kwargs: Any) -> StructureSet:
+    """Read a structure file of any supported kind; this is what a training config calls.
+
+    Dispatch (``format`` overrides it):
+
+    * ``.h5``/``.hdf5`` → :func:`equiforce.data.hdf5.read_hdf5` (``format="hdf5"``; kwargs: ``indices``).
+    * ``.npz`` → by keys: ``nuclear_charges, coords`` → :func:`read_rmd17_npz` (``"rmd17"``);
+      ``z, R`` → :func:`read_md17_npz` (``"md17"``); ``atomic_numbers, pos`` → :func:`read_nequip_npz`
+      (``"nequip"``).
+    * anything else → :func:`read_ase` (``format="ase"`` lets ase guess; any other ``format`` is an
+      ase format name passed to :func:`ase.io.read`).
+
+    Keyword arguments go to the chosen reader (e.g. ``energy_unit="kcal/mol"``).
+
+    Returns:
+      A :class:`StructureSet` in ASE units.
+
+    Raises:
+      DataError: unknown npz layout, missing or corrupt file, unknown unit, bad data.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    fmt = format.lower() if format else None
+    if fmt in ("hdf5", "h5") or (fmt is None and suffix in (".h5", ".hdf5")):
+        from equiforce.data.hdf5 import read_hdf5
+
+        return read_hdf5(path, **kwargs)
+    if fmt is None and suffix == ".npz":
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        keys = _npz_keys(path)
+        fmt = next((name for name, req in _NPZ_LAYOUTS.items() if set(req) <= keys), None)
+        if fmt is None:
+            raise DataError(
+                f"{path}: unknown npz layout with keys {sorted(keys)}; expected rMD17 (nuclear_charges, "
+                "coords, energies, forces), MD17/sGDML (z, R, E, F) or nequip (atomic_numbers, pos, ...)"
+            )
+    if fmt == "rmd17":
+        if kwargs:
+            raise DataError(f"read_rmd17_npz takes no options, got {sorted(kwargs)} (its units are fixed)")
+        return read_rmd17_npz(path)
+    if fmt == "md17":
+        return read_md17_npz(path, **kwargs)
+    if fmt == "nequip":
+        return read_nequip_npz(path, **kwargs)
+    return read_ase(path, format=None if fmt == "ase" else format, **kwargs)
+
+
+def sample_path(name: str) -> Path:
+    """Path of a file shipped in ``equiforce.data.sample`` (e.g. ``"rmd17_aspirin_train_01.npz"``).
+
+    Raises:
+      DataError: no such sample file (the message lists the available ones).
+    """
+    root = resources.files(SAMPLE_PACKAGE)
+    item = root.joinpath(name)
+    if not item.is_file():
+        available = sorted(p.name for p in root.iterdir() if p.name.endswith(".npz"))
+        raise DataError(f"no shipped sample named {name!r}; available: {available}")
+    return Path(str(item))
+
+
+def load_sample(split: str = "train") -> StructureSet:
+    """The shipped real-DFT sample: rMD17 aspirin, official split 01 (1000 frames, 21 atoms each).
+
+    Args:
+      split: ``"train"`` or ``"test"``.
+
+    Returns:
+      A :class:`StructureSet` in eV, eV/Å, Å (see :func:`read_rmd17_npz`). Source: andersx/rmd17-npz
+      (CC0 1.0); Christensen & von Lilienfeld, arXiv:2007.09593.
+
+    Raises:
+      DataError: ``split`` is not "train" or "test".
+    """
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    return read_rmd17_npz(sample_path(f"rmd17_aspirin_{split}_01.npz"))

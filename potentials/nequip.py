@@ -1,0 +1,196 @@
+"""NequIP: E(3)-equivariant interatomic potential with tensor-product convolutions.
+
+References:
+  S. Batzner, A. Musaelian, L. Sun, M. Geiger, J. P. Mailoa, M. Kornbluth, N. Molinari, T. E. Smidt,
+  B. Kozinsky, "E(3)-equivariant graph neural networks for data-efficient and accurate interatomic
+  potentials", Nat. Commun. 13, 2453 (2022), arXiv:2101.03164.
+
+Layer structure (paper Fig. 1): one-hot species → linear embedding to scalars; ``num_interactions``
+interaction blocks, each: species-indexed self-connection, linear, convolution (tensor product of the
+sender's features with spherical harmonics Y^l(r̂_ij) for l ≤ ``l_max``, weighted per path by an MLP of
+the Bessel radial basis times the polynomial cutoff), sum over neighbours / sqrt(avg neighbours),
+linear, add self-connection, gated nonlinearity; then an output block of two linears to one scalar per
+atom. Built on e3nn-jax irreps, tensor products and spherical harmonics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import e3nn_jax as e3nn
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from equiforce.potentials.layers import edge_lengths, radial_embedding, safe_unit_vectors
+from equiforce.potentials.registry import ModelConfig, register_model
+
+__all__ = ["NequIP", "NequIPConfig", "NequIPInteraction"]
+
+
+def _hidden_irreps(num_features: int, l_max: int, parity: bool) -> e3nn.Irreps:
+    """``num_features`` channels of every l ≤ l_max: both parities with ``parity``, else only (-1)^l."""
+    irreps = []
+    for ell in range(l_max + 1):
+        natural = 1 if ell % 2 == 0 else -1
+        irreps.append((num_features, (ell, natural)))
+        if parity:
+            irreps.append((num_features, (ell, -natural)))
+    return e3nn.Irreps(irreps).regroup()
+
+
+@register_model
+@dataclass(frozen=True)
+class NequIPConfig(ModelConfig):
+    """Hyperparameters of :class:`NequIP` (frozen; saved with the weights).
+
+    Attributes:
+      num_interactions: number of interaction blocks (paper: 4-6).
+      l_max: maximum rotation order of the features and spherical harmonics.
+      num_features: channels per irrep.
+      parity: keep both parities of every l (the paper's "O(3)" setting) or only the natural one.
+      num_bessel: number of Bessel radial basis functions.
+      envelope_p: exponent p of the polynomial cutoff envelope.
+      radial_mlp_hidden: width of the radial MLP hidden layers.
+      radial_mlp_layers: number of hidden layers of the radial MLP.
+    """
+
+    name: ClassVar[str] = "nequip"
+
+    num_interactions: int = 3
+    l_max: int = 2
+    num_features: int = 16
+    parity: bool = True
+    num_bessel: int = 8
+    envelope_p: int = 6
+    radial_mlp_hidden: int = 64
+    radial_mlp_layers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.num_interactions < 1:
+            raise ValueError("num_interactions must be >= 1")
+        if self.l_max < 0 or self.l_max > 6:
+            raise ValueError("l_max must lie in 0..6")
+        if self.num_features < 1 or self.num_bessel < 1 or self.radial_mlp_hidden < 1:
+            raise ValueError("num_features, num_bessel and radial_mlp_hidden must be >= 1")
+        if self.envelope_p < 2:
+            raise ValueError("envelope_p must be >= 2")
+
+    def build(self, *, num_species: int, r_max: float, avg_num_neighbours: float) -> nn.Module:
+        return NequIP(config=self, num_species=num_species, r_max=r_max, avg_num_neighbours=avg_num_neighbours)
+
+
+class NequIPInteraction(nn.Module):
+    """One NequIP interaction block (convolution + self-connection + gate)."""
+
+    target_irreps: e3nn.Irreps
+    num_species: int
+    avg_num_neighbours: float
+    radial_mlp_hidden: int
+    radial_mlp_layers: int
+
+    @nn.compact
+    def __call__(
+        self,
+        node_feats: e3nn.IrrepsArray,  # [n_nodes, irreps]
+        species: jnp.ndarray,  # [n_nodes] int
+        edge_sh: e3nn.IrrepsArray,  # [n_edges, sh irreps] (l >= 1)
+        edge_radial: jnp.ndarray,  # [n_edges, num_bessel], zero on padding / beyond r_max
+        senders: jnp.ndarray,  # [n_edges]
+        receivers: jnp.ndarray,  # [n_edges]
+    ) -> e3nn.IrrepsArray:
+        n_nodes = node_feats.shape[0]
+        target = e3nn.Irreps(self.target_irreps).regroup()
+        # Gate input: every non-scalar irrep needs one even scalar gate. e3nn.gate takes the *last*
+        # scalars as gates, so the gates are appended after the target irreps (not regrouped).
+        n_gates = target.filter(drop=["0e", "0o"]).num_irreps
+        gated_irreps = target + e3nn.Irreps(f"{n_gates}x0e") if n_gates else target
+
+        self_connection = e3nn.flax.Linear(
+            gated_irreps, num_indexed_weights=self.num_species, force_irreps_out=True, name="self_connection"
+        )(species, node_feats)
+
+        x = e3nn.flax.Linear(node_feats.irreps, name="linear_up")(node_feats)
+        x_send = x[senders]
+        messages = e3nn.concatenate(
+            [
+                x_send.filter(keep=gated_irreps),
+                e3nn.tensor_product(x_send, edge_sh, filter_ir_out=gated_irreps),
+            ]
+        ).regroup()
+        weights = e3nn.flax.MultiLayerPerceptron(
+            self.radial_mlp_layers * (self.radial_mlp_hidden,) + (messages.irreps.num_irreps,),
+            act=jax.nn.silu,
+            output_activation=False,
+            name="radial_mlp",
+        )(edge_radial)
+        messages = messages * weights  # per-path radial weights; zero where edge_radial is zero
+        aggregated = e3nn.IrrepsArray(
+            messages.irreps, jax.ops.segment_sum(messages.array, receivers, num_segments=n_nodes)
+        ) / jnp.sqrt(self.avg_num_neighbours).astype(messages.dtype)
+        x = e3nn.flax.Linear(gated_irreps, force_irreps_out=True, name="linear_down")(aggregated)
+        x = x + self_connection
+        return e3nn.gate(x, even_act=jax.nn.silu, odd_act=jnp.tanh, even_gate_act=jax.nn.silu)
+
+
+class NequIP(nn.Module):
+    """The NequIP network: per-atom scalar outputs (unscaled) from edge vectors and species.
+
+    Call signature (shared by every model of the registry)::
+
+        model.apply(params, vectors, species, senders, receivers, edge_mask) -> [n_nodes]
+
+    Args:
+      vectors: ``[n_edges, 3]`` edge vectors in Å (receiver → sender), zero on padding edges.
+      species: ``[n_nodes]`` int, index into the potential's species table (0..num_species-1).
+      senders, receivers: ``[n_edges]`` int.
+      edge_mask: ``[n_edges]`` bool.
+    """
+
+    config: NequIPConfig
+    num_species: int
+    r_max: float
+    avg_num_neighbours: float
+
+    @nn.compact
+    def __call__(
+        self,
+        vectors: jnp.ndarray,
+        species: jnp.ndarray,
+        senders: jnp.ndarray,
+        receivers: jnp.ndarray,
+        edge_mask: jnp.ndarray,
+    ) -> jnp.ndarray:
+        cfg = self.config
+        lengths = edge_lengths(vectors, edge_mask)
+        edge_radial = radial_embedding(
+            lengths, edge_mask, r_max=self.r_max, num_basis=cfg.num_bessel, envelope_p=cfg.envelope_p
+        )
+        edge_sh = e3nn.spherical_harmonics(
+            e3nn.Irreps.spherical_harmonics(cfg.l_max).filter(drop="0e") if cfg.l_max > 0 else "0e",
+            safe_unit_vectors(vectors, edge_mask),
+            normalize=True,
+            normalization="component",
+        )
+
+        onehot = jax.nn.one_hot(species, self.num_species, dtype=vectors.dtype)
+        node_feats = e3nn.flax.Linear(f"{cfg.num_features}x0e", name="embedding")(
+            e3nn.IrrepsArray(f"{self.num_species}x0e", onehot)
+        )
+        hidden = _hidden_irreps(cfg.num_features, cfg.l_max, cfg.parity)
+        for i in range(cfg.num_interactions):
+            node_feats = NequIPInteraction(
+                target_irreps=hidden,
+                num_species=self.num_species,
+                avg_num_neighbours=self.avg_num_neighbours,
+                radial_mlp_hidden=cfg.radial_mlp_hidden,
+                radial_mlp_layers=cfg.radial_mlp_layers,
+                name=f"interaction_{i}",
+            )(node_feats, species, edge_sh, edge_radial, senders, receivers)
+
+        out = e3nn.flax.Linear(f"{max(cfg.num_features // 2, 1)}x0e", name="output_hidden")(
+            node_feats.filter(keep="0e")
+        )
+        out = e3nn.flax.Linear("0e", name="output")(out)
+        return out.array[:, 0]

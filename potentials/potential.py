@@ -1,0 +1,267 @@
+"""The Potential: a registered network plus species map, E0s, scale/shift and r_max.
+
+It turns the network's per-atom outputs into physics:
+
+* per-atom energy ``e_i = scale * out_i + shift + E0[Z_i]`` (eV),
+* total energy ``E = Σ_i e_i`` per structure,
+* forces ``F = -∂E/∂positions`` (eV/Å) through ``jax.grad``,
+* stress ``σ = (1/V) ∂E/∂ε`` (eV/Å³, ASE sign and Voigt order xx yy zz yz xz xy) from a homogeneous
+  strain ε applied to positions and cell, for periodic structures (zero elsewhere).
+
+Every function here is pure in ``params`` and a :class:`~equiforce.data.graph.Graph`, so callers jit it
+once per padding budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import cached_property
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from equiforce.data.graph import Graph
+from equiforce.potentials.registry import ModelConfig, config_from_dict
+
+__all__ = ["Potential", "PotentialOutput", "UnknownSpeciesError"]
+
+_DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
+
+
+class UnknownSpeciesError(ValueError):
+    """A structure contains an element the potential was not trained on."""
+
+
+class PotentialOutput(NamedTuple):
+    """Results for a padded graph batch (padding entries are zero).
+
+    Attributes:
+      energy: ``[n_graphs]`` eV.
+      forces: ``[n_nodes, 3]`` eV/Å, or None when not requested.
+      stress: ``[n_graphs, 6]`` eV/Å³ (ASE sign, Voigt), or None when not requested.
+      node_energies: ``[n_nodes]`` per-atom energies, eV.
+    """
+
+    energy: jnp.ndarray
+    forces: jnp.ndarray | None
+    stress: jnp.ndarray | None
+    node_energies: jnp.ndarray
+
+
+def _voigt(s: jnp.ndarray) -> jnp.ndarray:
+    return jnp.stack([s[:, 0, 0], s[:, 1, 1], s[:, 2, 2], s[:, 1, 2], s[:, 0, 2], s[:, 0, 1]], axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Potential:
+    """A machine-learning interatomic potential (configuration only; parameters are passed in).
+
+    Attributes:
+      model: the network's frozen config (e.g. :class:`~equiforce.potentials.nequip.NequIPConfig`).
+      species: sorted atomic numbers the potential knows.
+      r_max: cutoff radius in Å.
+      atomic_energies: E0 per species (same order as ``species``), eV.
+      scale: multiplies the network output, eV (typically the force RMS of the training set).
+      shift: added per atom, eV.
+      avg_num_neighbours: normalises the neighbour sums of the network.
+      dtype: ``"float32"`` or ``"float64"``, the precision of parameters and computation.
+
+    Raises:
+      ValueError: on inconsistent species / E0s, a non-positive r_max or an unknown dtype.
+    """
+
+    model: ModelConfig
+    species: tuple[int, ...]
+    r_max: float
+    atomic_energies: tuple[float, ...]
+    scale: float = 1.0
+    shift: float = 0.0
+    avg_num_neighbours: float = 1.0
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        species = tuple(int(z) for z in self.species)
+        if not species or list(species) != sorted(set(species)) or species[0] < 1 or species[-1] > 118:
+            raise ValueError(f"species must be sorted distinct atomic numbers in 1..118, got {self.species}")
+        object.__setattr__(self, "species", species)
+        e0 = tuple(float(e) for e in self.atomic_energies)
+        if len(e0) != len(species) or not np.all(np.isfinite(e0)):
+            raise ValueError(f"need one finite E0 per species ({len(species)}), got {self.atomic_energies}")
+        object.__setattr__(self, "atomic_energies", e0)
+        if not self.r_max > 0:
+            raise ValueError(f"r_max must be positive, got {self.r_max}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if not (np.isfinite(self.scale) and np.isfinite(self.shift) and self.avg_num_neighbours > 0):
+            raise ValueError("scale and shift must be finite and avg_num_neighbours positive")
+
+    # ------------------------------------------------------------------ construction
+    @cached_property
+    def module(self) -> nn.Module:
+        return self.model.build(
+            num_species=len(self.species), r_max=float(self.r_max), avg_num_neighbours=self.avg_num_neighbours
+        )
+
+    @property
+    def jnp_dtype(self) -> Any:
+        return _DTYPES[self.dtype]
+
+    @cached_property
+    def _species_table(self) -> np.ndarray:
+        table = np.full(119, -1, np.int32)
+        table[list(self.species)] = np.arange(len(self.species), dtype=np.int32)
+        return table
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable description (inverse: :meth:`from_dict`)."""
+        return {
+            "model": self.model.to_dict(),
+            "species": list(self.species),
+            "r_max": float(self.r_max),
+            "atomic_energies": list(self.atomic_energies),
+            "scale": float(self.scale),
+            "shift": float(self.shift),
+            "avg_num_neighbours": float(self.avg_num_neighbours),
+            "dtype": self.dtype,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Potential:
+        data = dict(data)
+        data["model"] = config_from_dict(data["model"])
+        data["species"] = tuple(data["species"])
+        data["atomic_energies"] = tuple(data["atomic_energies"])
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> Potential:
+        return dataclasses.replace(self, **changes)
+
+    def check_species(self, atomic_numbers: np.ndarray) -> None:
+        """Raise :class:`UnknownSpeciesError` if any atomic number is not in :attr:`species`."""
+        z = np.unique(np.asarray(atomic_numbers))
+        unknown = [int(v) for v in z if v < 1 or v > 118 or self._species_table[v] < 0]
+        if unknown:
+            from ase.data import chemical_symbols
+
+            names = [chemical_symbols[v] if 0 < v < 119 else str(v) for v in unknown]
+            raise UnknownSpeciesError(
+                f"species {names} (Z={unknown}) unknown to this potential, which knows "
+                f"{[chemical_symbols[v] for v in self.species]}"
+            )
+
+    def init(self, key: jax.Array, graph: Graph | None = None) -> Any:
+        """Random parameters in :attr:`dtype` (``graph`` only fixes the trace; a dimer is used if None)."""
+        if graph is None:
+            graph = _dimer_graph(self.species[0], self.r_max)
+        g = self._prepare(graph, None)
+        params = self.module.init(key, *g)
+        return jax.tree.map(lambda x: x.astype(self.jnp_dtype), params)
+
+    # ------------------------------------------------------------------ physics
+    def _prepare(self, graph: Graph, strain: jnp.ndarray | None, positions: jnp.ndarray | None = None):
+        dtype = self.jnp_dtype
+        pos = jnp.asarray(graph.positions if positions is None else positions, dtype)
+        cell = jnp.asarray(graph.cell, dtype)
+        node_graph = jnp.asarray(graph.node_graph)
+        if strain is not None:
+            deform = jnp.eye(3, dtype=dtype) + strain
+            pos = jnp.einsum("ni,nji->nj", pos, deform[node_graph])
+            cell = jnp.einsum("gij,gkj->gik", cell, deform)
+        senders = jnp.asarray(graph.senders)
+        receivers = jnp.asarray(graph.receivers)
+        edge_cell = cell[node_graph[receivers]]
+        vectors = pos[senders] - pos[receivers] + jnp.einsum("ei,eij->ej", jnp.asarray(graph.shifts, dtype), edge_cell)
+        species = jnp.asarray(self._species_table)[jnp.asarray(graph.atomic_numbers)]
+        species = jnp.where(jnp.asarray(graph.node_mask), species, 0)
+        return vectors, species, senders, receivers, jnp.asarray(graph.edge_mask)
+
+    def node_energies(
+        self,
+        params: Any,
+        graph: Graph,
+        *,
+        include_e0: bool = True,
+        positions: jnp.ndarray | None = None,
+        strain: jnp.ndarray | None = None,
+    ) -> jnp.ndarray:
+        """``[n_nodes]`` per-atom energies in eV (zero on padding; NaN on an unknown species)."""
+        vectors, species, senders, receivers, edge_mask = self._prepare(graph, strain, positions)
+        out = self.module.apply(params, vectors, species, senders, receivers, edge_mask)
+        dtype = self.jnp_dtype
+        e = jnp.asarray(self.scale, dtype) * out + jnp.asarray(self.shift, dtype)
+        if include_e0:
+            e = e + jnp.asarray(self.atomic_energies, dtype)[species]
+        node_mask = jnp.asarray(graph.node_mask)
+        known = jnp.asarray(self._species_table)[jnp.asarray(graph.atomic_numbers)] >= 0
+        e = jnp.where(node_mask & ~known, jnp.nan, e)
+        return jnp.where(node_mask, e, jnp.zeros_like(e))
+
+    def energy(self, params: Any, graph: Graph, *, include_e0: bool = True) -> jnp.ndarray:
+        """``[n_graphs]`` total energies in eV."""
+        e = self.node_energies(params, graph, include_e0=include_e0)
+        return jax.ops.segment_sum(e, jnp.asarray(graph.node_graph), num_segments=graph.n_graphs)
+
+    def __call__(
+        self,
+        params: Any,
+        graph: Graph,
+        *,
+        compute_forces: bool = True,
+        compute_stress: bool = False,
+        include_e0: bool = True,
+    ) -> PotentialOutput:
+        """Energy, forces and (optionally) stress of every structure of a padded graph.
+
+        With ``include_e0=False`` the reference energies are left out (training compares against
+        labels minus Σ E0, computed on the host in float64, which keeps float32 training precise).
+        """
+        n_graphs = graph.n_graphs
+        dtype = self.jnp_dtype
+        node_graph = jnp.asarray(graph.node_graph)
+
+        def total(positions, strain):
+            e = self.node_energies(params, graph, include_e0=include_e0, positions=positions, strain=strain)
+            per_graph = jax.ops.segment_sum(e, node_graph, num_segments=n_graphs)
+            return jnp.sum(per_graph), (per_graph, e)
+
+        positions = jnp.asarray(graph.positions, dtype)
+        if not compute_forces and not compute_stress:
+            _, (energy, node_e) = total(positions, None)
+            return PotentialOutput(energy, None, None, node_e)
+        strain = jnp.zeros((n_graphs, 3, 3), dtype) if compute_stress else None
+        argnums = (0, 1) if compute_stress else 0
+        grads, (energy, node_e) = jax.grad(total, argnums=argnums, has_aux=True)(positions, strain)
+        if compute_stress:
+            d_pos, d_strain = grads
+            cell = jnp.asarray(graph.cell, dtype)
+            volume = jnp.abs(jnp.linalg.det(cell))
+            periodic = jnp.all(jnp.asarray(graph.pbc), axis=-1) & (volume > 0)
+            safe_volume = jnp.where(periodic, volume, 1.0)
+            sym = 0.5 * (d_strain + jnp.swapaxes(d_strain, 1, 2))
+            stress = jnp.where(periodic[:, None], _voigt(sym) / safe_volume[:, None], 0.0)
+        else:
+            d_pos, stress = grads, None
+        forces = jnp.where(jnp.asarray(graph.node_mask)[:, None], -d_pos, 0.0)
+        return PotentialOutput(energy, forces if compute_forces else None, stress, node_e)
+
+
+def _dimer_graph(z: int, r_max: float) -> Graph:
+    """A two-atom graph used to trace the network at init time."""
+    d = 0.5 * r_max
+    return Graph(
+        positions=np.array([[0.0, 0.0, 0.0], [d, 0.0, 0.0], [0.0, 0.0, 0.0]]),
+        atomic_numbers=np.array([z, z, 0], np.int32),
+        senders=np.array([1, 0, 2], np.int32),
+        receivers=np.array([0, 1, 2], np.int32),
+        shifts=np.zeros((3, 3)),
+        cell=np.zeros((2, 3, 3)),
+        pbc=np.zeros((2, 3), bool),
+        node_graph=np.array([0, 0, 1], np.int32),
+        n_node=np.array([2, 1], np.int32),
+        node_mask=np.array([True, True, False]),
+        edge_mask=np.array([True, True, False]),
+        graph_mask=np.array([True, False]),
+    )

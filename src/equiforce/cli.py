@@ -1,0 +1,105 @@
+"""The ``equiforce`` command line: thin wrappers around the Python API.
+
+    equiforce train CONFIG.yaml [key.sub=value ...] [--resume]
+    equiforce evaluate MODEL.eqf DATA [--parity parity.png] [--batch-size 16] [--energy-unit eV]
+    equiforce info MODEL.eqf
+
+Nothing imports this module; every command calls the same functions a Python user calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from equiforce.training.config import load_config
+    from equiforce.training.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        train(cfg, resume=args.resume)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from equiforce.data.readers import load_sample, read_structures
+    from equiforce.potentials.model_io import load_model
+    from equiforce.training.evaluate import compute_metrics, predict
+    from equiforce.training.plots import parity_plot
+
+    potential, params, _ = load_model(args.model)
+    if args.data.startswith("sample:"):
+        structures = load_sample(args.data.split(":", 1)[1])
+    else:
+        kwargs = {} if args.energy_unit == "eV" else {"energy_unit": args.energy_unit}
+        structures = read_structures(args.data, format=args.format, **kwargs)
+    pred = predict(potential, params, structures, batch_size=args.batch_size)
+    metrics = compute_metrics(pred)
+    print(f"{args.model} on {args.data} ({len(structures)} structures):")
+    for k, v in metrics.items():
+        print(f"  {k:28s} {v:12.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2))
+    if args.parity:
+        parity_plot(pred, args.parity, title=f"{Path(args.model).name} on {Path(args.data).name}")
+        print(f"parity plot written to {args.parity}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from equiforce.potentials.model_io import read_header
+
+    header = read_header(args.model)
+    print(json.dumps(header, indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="equiforce", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a potential from a YAML config")
+    p.add_argument("config", help="YAML config (see README, 'Configuration reference')")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.max_epochs=10")
+    p.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/last.ckpt")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="energy/force errors of a model on a labelled data file")
+    p.add_argument("model", help="model file (.eqf)")
+    p.add_argument("data", help="data file (npz, extxyz, h5, ...) or sample:train / sample:test")
+    p.add_argument("--format", default=None, help="force a reader (rmd17, md17, nequip, hdf5, or an ase format)")
+    p.add_argument("--energy-unit", default="eV", help="energy unit of the file where the format does not fix it")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--parity", default=None, help="write a parity plot PNG here")
+    p.add_argument("--json", default=None, help="write the metrics as JSON here")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("info", help="print a model file's header (config, species, E0s, metrics)")
+    p.add_argument("model")
+    p.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError) as err:
+        # Our errors (DataError, ConfigError, ModelFileError, UnknownSpeciesError) are ValueErrors
+        # with a message meant for the user.
+        print(f"equiforce {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

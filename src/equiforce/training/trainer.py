@@ -1,0 +1,488 @@
+"""The training loop: data → statistics → potential → optax steps with EMA → validation, checkpoints,
+early stopping, wall-clock budget, exact resume, final E0 re-fit, test metrics and the model file.
+
+Everything a CLI run does is callable from Python: ``train(load_config("config.yaml"))``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from equiforce.data.graph import Batch, batch_iterator, estimate_budget
+from equiforce.data.neighbours import NeighbourGraph, average_num_neighbours, build_neighbour_graphs
+from equiforce.data.readers import load_sample, read_structures
+from equiforce.data.splits import random_split
+from equiforce.data.statistics import compute_statistics, fit_atomic_energies
+from equiforce.data.structures import StructureSet
+from equiforce.potentials.model_io import atomic_write_bytes, save_model
+from equiforce.potentials.potential import Potential
+from equiforce.potentials.registry import config_from_dict
+from equiforce.training.checkpoint import load_checkpoint, save_checkpoint
+from equiforce.training.config import ConfigError, TrainConfig
+from equiforce.training.evaluate import Predictions, _predict_fn, compute_metrics, e0_sum, predict
+from equiforce.training.optim import PlateauState, make_optimizer, plateau_update, set_lr_factor
+
+__all__ = ["Datasets", "TrainResult", "TrainState", "build_potential", "load_datasets", "make_train_step", "train"]
+
+
+class TrainState(NamedTuple):
+    """Device-side training state (a pytree)."""
+
+    params: Any
+    opt_state: Any
+    ema_params: Any
+    step: jnp.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Datasets:
+    train: StructureSet
+    valid: StructureSet
+    test: StructureSet | None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What a run produced: the model file, final metrics and the per-epoch history."""
+
+    model_path: Path
+    potential: Potential
+    params: Any
+    valid_metrics: dict[str, float]
+    test_metrics: dict[str, float] | None
+    history: list[dict[str, Any]]
+    stopped_because: str
+
+
+# ---------------------------------------------------------------------------------------------- data
+def _read(cfg: TrainConfig, spec: str, size: int | None) -> StructureSet:
+    if spec.startswith("sample:"):
+        s = load_sample(spec.split(":", 1)[1])
+    else:
+        kwargs = {} if cfg.data.energy_unit == "eV" else {"energy_unit": cfg.data.energy_unit}
+        s = read_structures(cfg.resolve_path(spec), format=cfg.data.format, **kwargs)
+    if size is not None:
+        if size > len(s):
+            raise ConfigError(f"asked for {size} structures from {spec}, which has only {len(s)}")
+        s = s.subset(np.arange(size))
+    return s
+
+
+def load_datasets(cfg: TrainConfig) -> Datasets:
+    """Read train/validation/test sets as the config says.
+
+    Without ``data.valid`` the validation set is a seeded random ``data.valid_fraction`` of the train
+    file, taken from the first ``data.train_size`` structures when that is set (e.g. 950 + 50 of the
+    1000 frames of an rMD17 split file: ``train_size: null, valid_fraction: 0.05``).
+    """
+    d = cfg.data
+    full = _read(cfg, d.train, None)
+    if d.valid is None:
+        n_valid = max(1, round(d.valid_fraction * len(full)))
+        train_idx, valid_idx = random_split(len(full), sizes=(len(full) - n_valid, n_valid), seed=d.split_seed)
+        train, valid = full.subset(train_idx), full.subset(valid_idx)
+    else:
+        train, valid = full, _read(cfg, d.valid, None)
+    if d.train_size is not None:
+        if d.train_size > len(train):
+            raise ConfigError(f"data.train_size={d.train_size} but only {len(train)} training structures")
+        train = train.subset(np.arange(d.train_size))
+    test = _read(cfg, d.test, d.test_size) if d.test else None
+    for name, s in (("train", train), ("valid", valid)):
+        if s.energy is None or s.forces is None:
+            raise ConfigError(f"the {name} set needs energy and forces labels")
+    return Datasets(train=train, valid=valid, test=test)
+
+
+def _with_energy(s: StructureSet, energy: np.ndarray) -> StructureSet:
+    return StructureSet(
+        atomic_numbers=s.atomic_numbers,
+        positions=s.positions,
+        n_atoms=s.n_atoms,
+        cell=s.cell,
+        pbc=s.pbc,
+        energy=energy,
+        forces=s.forces,
+        stress=s.stress,
+    )
+
+
+def build_potential(cfg: TrainConfig, train: StructureSet, graphs: list[NeighbourGraph]) -> tuple[Potential, dict]:
+    """The Potential for a training set: E0s (fitted or given), scale = force RMS, avg neighbours."""
+    m = cfg.model
+    model_cfg = config_from_dict({"name": m.name, **m.hyperparameters})
+    e0s = m.atomic_energies
+    if isinstance(e0s, dict):
+        e0s = {int(k): float(v) for k, v in e0s.items()}
+    stats = compute_statistics(train, e0s)
+    avg_nn = average_num_neighbours(train, graphs)
+    stats = dataclasses.replace(stats, avg_num_neighbours=avg_nn)
+    potential = Potential(
+        model=model_cfg,
+        species=stats.species,
+        r_max=m.r_max,
+        atomic_energies=tuple(stats.atomic_energies[z] for z in stats.species),
+        scale=float(stats.force_rms or 1.0),
+        shift=float(stats.energy_per_atom_residual_mean),
+        avg_num_neighbours=max(avg_nn, 1.0),
+        dtype=m.dtype,
+    )
+    return potential, stats.to_dict()
+
+
+# ---------------------------------------------------------------------------------------------- steps
+def _rho(kind: str, delta: float) -> Callable[[jnp.ndarray], jnp.ndarray]:
+    if kind == "huber":
+        return lambda x: optax.huber_loss(x, delta=delta)
+    return lambda x: x * x
+
+
+def make_loss_fn(potential: Potential, cfg: TrainConfig, use_stress: bool):
+    """``loss(params, batch) -> (scalar, aux)``; energies are compared without E0s (see Potential)."""
+    lc = cfg.loss
+    rho = _rho(lc.kind, lc.huber_delta)
+
+    def loss_fn(params: Any, batch: Batch):
+        g = batch.graph
+        out = potential(params, g, compute_forces=True, compute_stress=use_stress, include_e0=False)
+        dtype = out.energy.dtype
+        gm = g.graph_mask.astype(dtype)
+        nm = g.node_mask.astype(dtype)
+        n_atoms = jnp.maximum(g.n_node, 1).astype(dtype)
+        de = (out.energy - batch.energy) / n_atoms
+        loss_e = jnp.sum(rho(de) * gm) / jnp.maximum(jnp.sum(gm), 1.0)
+        df = out.forces - batch.forces
+        loss_f = jnp.sum(rho(df) * nm[:, None]) / jnp.maximum(3.0 * jnp.sum(nm), 1.0)
+        total = lc.energy_weight * loss_e + lc.forces_weight * loss_f
+        if use_stress:
+            sm = batch.stress_mask.astype(dtype)
+            loss_s = jnp.sum(rho(out.stress - batch.stress) * sm[:, None]) / jnp.maximum(6.0 * jnp.sum(sm), 1.0)
+            total = total + lc.stress_weight * loss_s
+        return total, (loss_e, loss_f)
+
+    return loss_fn
+
+
+def make_train_step(potential: Potential, cfg: TrainConfig, optimizer: optax.GradientTransformation, use_stress: bool):
+    """The jitted step ``(state, batch) -> (state, (loss, loss_e, loss_f))``; the state buffer is donated."""
+    loss_fn = make_loss_fn(potential, cfg, use_stress)
+    ema_decay = cfg.optim.ema_decay
+
+    def step(state: TrainState, batch: Batch):
+        (loss, (le, lf)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        if ema_decay:
+            t = state.step.astype(jnp.float32)
+            d = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
+            ema = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(p.dtype), state.ema_params, params)
+        else:
+            ema = params
+        return TrainState(params, opt_state, ema, state.step + 1), (loss, le, lf)
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+# ---------------------------------------------------------------------------------------------- loop
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def _val_loss(cfg: TrainConfig, m: dict[str, float]) -> float:
+    """Validation objective: the training loss's weighting of per-atom energy and force RMSEs (eV units)."""
+    return (
+        cfg.loss.energy_weight * (m["energy_per_atom_rmse_meV"] * 1e-3) ** 2
+        + cfg.loss.forces_weight * (m["forces_rmse_meV_per_A"] * 1e-3) ** 2
+    )
+
+
+def refit_atomic_energies(potential: Potential, params: Any, train: StructureSet, **kw: Any) -> Potential:
+    """Fold the network's remaining per-composition energy offset on the training set into the E0s.
+
+    Least squares of the residuals ``E_ref − E_pred`` on composition (well-posed for single-composition
+    sets, see :func:`~equiforce.data.statistics.fit_atomic_energies`), added to the E0s. Forces do not
+    change; the energy offset that a force-dominated loss leaves behind is removed.
+    """
+    pred = predict(potential, params, train, **kw)
+    residual = _with_energy(train, train.energy - pred.energy)
+    delta = fit_atomic_energies(residual, potential.species, warn=False)
+    e0 = tuple(e + delta[z] for z, e in zip(potential.species, potential.atomic_energies, strict=False))
+    return potential.replace(atomic_energies=e0)
+
+
+def _write_parity(path: Path, pred: Predictions, title: str) -> None:
+    from equiforce.training.plots import parity_plot
+
+    parity_plot(pred, path, title=title)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] | None = None) -> TrainResult:
+    """Train a potential as ``cfg`` says; write checkpoints, metrics log and model files to ``cfg.output_dir``.
+
+    Files written (atomically): ``checkpoints/last.ckpt`` (every epoch and on interruption),
+    ``best.eqf`` (best validation, EMA weights), ``model.eqf`` (final: best weights, E0s re-fitted,
+    test metrics in its metadata), ``metrics.jsonl`` (one line per epoch), ``config.yaml``,
+    ``parity_test.png``.
+
+    Args:
+      cfg: the configuration.
+      resume: continue from ``checkpoints/last.ckpt`` (same config required); the loss curve continues
+        exactly as an uninterrupted run's would.
+      log: receives one line per event (default: ``tqdm.write``).
+    """
+    log = log or tqdm.write
+    out = cfg.resolve_path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoints" / "last.ckpt"
+    if resume and not ckpt_path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    t_start = time.perf_counter()
+
+    data = load_datasets(cfg)
+    r_max = cfg.model.r_max
+    train_graphs = build_neighbour_graphs(data.train, r_max)
+    valid_graphs = build_neighbour_graphs(data.valid, r_max)
+    bs = cfg.optim.batch_size
+    budget = estimate_budget(
+        np.concatenate([data.train.n_atoms, data.valid.n_atoms]),
+        [g.n_edges for g in train_graphs + valid_graphs],
+        bs,
+    )
+    potential, stats = build_potential(cfg, data.train, train_graphs)
+    potential.check_species(data.valid.atomic_numbers)
+    if data.test is not None:
+        potential.check_species(data.test.atomic_numbers)
+    use_stress = cfg.loss.stress_weight > 0 and bool(np.any(data.train.has_stress))
+
+    steps_per_epoch = math.ceil(len(data.train) / bs)
+    optimizer = make_optimizer(cfg.optim, steps_per_epoch)
+    params = potential.init(jax.random.PRNGKey(cfg.seed))
+    ema_params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)  # distinct buffers (donation)
+    state = TrainState(params, optimizer.init(params), ema_params, jnp.zeros((), jnp.int32))
+    host = {
+        "epoch": 0,
+        "batch_in_epoch": 0,
+        "epoch_loss_sum": [0.0, 0.0, 0.0],
+        "plateau": dataclasses.asdict(PlateauState()),
+        "best_val": None,
+        "best_epoch": None,
+        "bad_epochs": 0,
+        "history": [],
+        "elapsed_s": 0.0,
+        "potential": potential.to_dict(),
+    }
+    if resume:
+        state, host = load_checkpoint(ckpt_path, state)
+        if host["potential"] != potential.to_dict():
+            raise ConfigError(f"{ckpt_path} was written for another potential/config; cannot resume")
+        log(f"resumed from {ckpt_path}: epoch {host['epoch']}, batch {host['batch_in_epoch']}")
+    state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
+
+    (out / "config.yaml").write_text(_yaml_dump(cfg.to_dict()))
+    metrics_path = out / "metrics.jsonl"
+    if not resume and metrics_path.exists():
+        metrics_path.unlink()
+
+    n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+    log(
+        f"equiforce train: {cfg.model.name} ({n_params:,} parameters, {cfg.model.dtype}), "
+        f"{len(data.train)} train / {len(data.valid)} valid structures, species {list(potential.species)}, "
+        f"avg neighbours {stats['avg_num_neighbours']:.2f}, force RMS {stats['force_rms']:.3f} eV/Å, "
+        f"budget {budget.n_nodes} nodes / {budget.n_edges} edges / {budget.n_graphs} graphs"
+    )
+
+    step_fn = make_train_step(potential, cfg, optimizer, use_stress)
+    train_res = _with_energy(data.train, data.train.energy - e0_sum(potential, data.train))
+    dtype = np.dtype(cfg.model.dtype)
+    predict_fn = None
+    budget_s = None if cfg.optim.time_budget_minutes is None else 60.0 * cfg.optim.time_budget_minutes
+    elapsed_before = float(host["elapsed_s"])
+    stopped = "max_epochs"
+    compile_s = None
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - t_start
+
+    def checkpoint() -> None:
+        host["elapsed_s"] = elapsed()
+        save_checkpoint(ckpt_path, state, host)
+
+    try:
+        while host["epoch"] < cfg.optim.max_epochs:
+            epoch = host["epoch"]
+            batches = batch_iterator(
+                train_res, train_graphs, bs, budget, shuffle=True, seed=_epoch_seed(cfg.seed, epoch), dtype=dtype
+            )
+            skip = host["batch_in_epoch"]
+            bar = tqdm(
+                total=steps_per_epoch,
+                initial=skip,
+                desc=f"epoch {epoch + 1}/{cfg.optim.max_epochs}",
+                disable=not cfg.progress_bar,
+                leave=False,
+                dynamic_ncols=True,
+            )
+            sums = [
+                jnp.asarray(v, jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+                for v in host["epoch_loss_sum"]
+            ]
+            out_of_time = False
+            t_epoch = time.perf_counter()
+            for i, batch in enumerate(batches):
+                if i < skip:
+                    continue
+                t0 = time.perf_counter()
+                state, losses = step_fn(state, jax.tree.map(jnp.asarray, batch))
+                if compile_s is None:
+                    jax.block_until_ready(losses)
+                    compile_s = time.perf_counter() - t0
+                    log(f"first training step (compilation included): {compile_s:.1f} s")
+                sums = [s + v for s, v in zip(sums, losses, strict=False)]
+                host["batch_in_epoch"] = i + 1
+                bar.update(1)
+                if (i + 1) % 10 == 0:
+                    bar.set_postfix(loss=f"{float(losses[0]):.4g}")
+                if budget_s is not None and elapsed() > budget_s:
+                    out_of_time = True
+                    break
+            bar.close()
+            host["epoch_loss_sum"] = [float(s) for s in sums]
+            if out_of_time and host["batch_in_epoch"] < steps_per_epoch:
+                checkpoint()
+                stopped = "time_budget"
+                log(f"time budget of {cfg.optim.time_budget_minutes} min reached during epoch {epoch + 1}")
+                break
+            n_batches = max(host["batch_in_epoch"], 1)
+            train_loss = [s / n_batches for s in host["epoch_loss_sum"]]
+            epoch_s = time.perf_counter() - t_epoch
+
+            eval_params = state.ema_params
+            if predict_fn is None:
+                predict_fn = _predict_fn(potential, False)
+            vm = compute_metrics(
+                predict(
+                    potential,
+                    eval_params,
+                    data.valid,
+                    batch_size=bs,
+                    graphs=valid_graphs,
+                    budget=budget,
+                    predict_fn=predict_fn,
+                )
+            )
+            vloss = _val_loss(cfg, vm)
+            plateau = PlateauState(**host["plateau"])
+            if cfg.optim.schedule == "plateau":
+                plateau = plateau_update(plateau, vloss, cfg.optim)
+                state = state._replace(opt_state=set_lr_factor(state.opt_state, plateau.factor))
+            host["plateau"] = dataclasses.asdict(plateau)
+            improved = host["best_val"] is None or vloss < host["best_val"]
+            if improved:
+                host["best_val"], host["best_epoch"], host["bad_epochs"] = vloss, epoch + 1, 0
+                save_model(
+                    out / "best.eqf",
+                    potential,
+                    eval_params,
+                    {"epoch": epoch + 1, "valid_metrics": vm, "dataset_statistics": stats},
+                )
+            else:
+                host["bad_epochs"] += 1
+            record = {
+                "epoch": epoch + 1,
+                "step": int(state.step),
+                "time_s": round(elapsed(), 3),
+                "epoch_time_s": round(epoch_s, 3),
+                "lr_factor": plateau.factor,
+                "train_loss": train_loss[0],
+                "train_loss_energy": train_loss[1],
+                "train_loss_forces": train_loss[2],
+                "valid_loss": vloss,
+                **{f"valid_{k}": v for k, v in vm.items()},
+            }
+            host["history"].append(record)
+            with metrics_path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            log(
+                f"epoch {epoch + 1:4d}  loss {train_loss[0]:.4g}  valid E MAE {vm['energy_mae_meV']:.1f} meV "
+                f"({vm['energy_per_atom_mae_meV']:.2f} meV/atom)  F MAE {vm['forces_mae_meV_per_A']:.1f} meV/Å  "
+                f"lr×{plateau.factor:.3g}  {epoch_s:.1f} s{'  *' if improved else ''}"
+            )
+            host["epoch"] = epoch + 1
+            host["batch_in_epoch"] = 0
+            host["epoch_loss_sum"] = [0.0, 0.0, 0.0]
+            checkpoint()
+            patience = cfg.optim.early_stopping_patience
+            if patience is not None and host["bad_epochs"] >= patience:
+                stopped = "early_stopping"
+                log(f"early stopping: no improvement for {patience} epochs")
+                break
+            if out_of_time:
+                stopped = "time_budget"
+                log(f"time budget of {cfg.optim.time_budget_minutes} min reached")
+                break
+    except KeyboardInterrupt:
+        checkpoint()
+        log(f"interrupted: checkpoint saved to {ckpt_path}; continue with --resume")
+        raise
+
+    # ------------------------------------------------------------------ finish
+    if (out / "best.eqf").is_file():
+        from equiforce.potentials.model_io import load_model
+
+        _, best_params, _ = load_model(out / "best.eqf")
+    else:  # no epoch finished (e.g. a tiny time budget): use the current EMA weights
+        best_params = jax.tree.map(np.asarray, state.ema_params)
+    final = refit_atomic_energies(potential, best_params, data.train, batch_size=bs, graphs=train_graphs, budget=budget)
+    vm = compute_metrics(predict(final, best_params, data.valid, batch_size=bs, graphs=valid_graphs, budget=budget))
+    tm = None
+    if data.test is not None:
+        tpred = predict(final, best_params, data.test, batch_size=bs)
+        tm = compute_metrics(tpred)
+        _write_parity(out / "parity_test.png", tpred, f"{cfg.model.name} test set")
+    metadata = {
+        "trained_epochs": host["epoch"],
+        "best_epoch": host["best_epoch"],
+        "stopped_because": stopped,
+        "training_time_s": elapsed(),
+        "first_step_s": compile_s,
+        "valid_metrics": vm,
+        "test_metrics": tm,
+        "dataset_statistics": stats,
+        "n_train": len(data.train),
+        "n_valid": len(data.valid),
+        "n_test": None if data.test is None else len(data.test),
+        "config": cfg.to_dict(),
+    }
+    model_path = save_model(out / "model.eqf", final, best_params, metadata)
+    atomic_write_bytes(out / "final_metrics.json", json.dumps(metadata, indent=2, default=str).encode())
+    log(f"valid: {_fmt(vm)}")
+    if tm is not None:
+        log(f"test:  {_fmt(tm)}")
+    log(f"model saved to {model_path}")
+    return TrainResult(model_path, final, best_params, vm, tm, host["history"], stopped)
+
+
+def _fmt(m: dict[str, float]) -> str:
+    return (
+        f"energy MAE {m['energy_mae_meV']:.1f} meV ({m['energy_per_atom_mae_meV']:.2f} meV/atom), "
+        f"RMSE {m['energy_rmse_meV']:.1f} meV; forces MAE {m['forces_mae_meV_per_A']:.1f} meV/Å, "
+        f"RMSE {m['forces_rmse_meV_per_A']:.1f} meV/Å"
+    )
+
+
+def _yaml_dump(d: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(json.loads(json.dumps(d, default=str)), sort_keys=False)
