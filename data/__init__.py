@@ -4,11 +4,14 @@ Units are ASE's everywhere (Å, eV, eV/Å, eV/Å³); readers convert at the edge
 """
 
 from equiforce.data.errors import DataError
-from equiforce.data.structures import StructureSet, full_3x3_to_voigt, voigt_to_full_3x3
-
-__all__ = ["DataError", "StructureSet", "full_3x3_to_voigt", "voigt_to_full_3x3"]
-
+from equiforce.data.graph import Batch, Graph, PaddingBudget, batch_iterator, collate, estimate_budget
 from equiforce.data.hdf5 import HDF5Dataset, append_hdf5, read_hdf5, write_hdf5
+from equiforce.data.neighbours import (
+    NeighbourGraph,
+    average_num_neighbours,
+    build_neighbour_graph,
+    build_neighbour_graphs,
+)
 from equiforce.data.readers import (
     load_sample,
     read_ase,
@@ -22,22 +25,38 @@ from equiforce.data.splits import check_indices, random_split, read_index_file, 
 from equiforce.data.statistics import (
     DatasetStatistics,
     check_atomic_energies,
+    composition_matrix,
     compute_statistics,
     energy_per_atom_residual_stats,
     fit_atomic_energies,
     force_rms,
 )
+from equiforce.data.structures import StructureSet, full_3x3_to_voigt, voigt_to_full_3x3
 
-__all__ += [
+__all__ = [
+    "Batch",
+    "DataError",
     "DatasetStatistics",
+    "Graph",
     "HDF5Dataset",
+    "NeighbourGraph",
+    "PaddingBudget",
+    "StructureSet",
     "append_hdf5",
+    "average_num_neighbours",
+    "batch_iterator",
+    "build_neighbour_graph",
+    "build_neighbour_graphs",
     "check_atomic_energies",
     "check_indices",
+    "collate",
+    "composition_matrix",
     "compute_statistics",
     "energy_per_atom_residual_stats",
+    "estimate_budget",
     "fit_atomic_energies",
     "force_rms",
+    "full_3x3_to_voigt",
     "load_sample",
     "random_split",
     "read_ase",
@@ -49,5 +68,6 @@ __all__ += [
     "read_structures",
     "sample_path",
     "split_by_indices",
+    "voigt_to_full_3x3",
     "write_hdf5",
 ]

@@ -190,6 +190,7 @@ class Potential:
         """``[n_nodes]`` per-atom energies in eV (zero on padding; NaN on an unknown species)."""
         vectors, species, senders, receivers, edge_mask = self._prepare(graph, strain, positions)
         out = self.module.apply(params, vectors, species, senders, receivers, edge_mask)
+        out = out - self._isolated_outputs(params)[species]
         dtype = self.jnp_dtype
         e = jnp.asarray(self.scale, dtype) * out + jnp.asarray(self.shift, dtype)
         if include_e0:
@@ -198,6 +199,25 @@ class Potential:
         known = jnp.asarray(self._species_table)[jnp.asarray(graph.atomic_numbers)] >= 0
         e = jnp.where(node_mask & ~known, jnp.nan, e)
         return jnp.where(node_mask, e, jnp.zeros_like(e))
+
+    def _isolated_outputs(self, params: Any) -> jnp.ndarray:
+        """``[n_species]`` network output of each species' atom without neighbours.
+
+        It is subtracted from every atom's output, so an isolated atom has exactly ``E0 + shift``
+        (self-connections and gates of message-passing models are otherwise non-zero there). This is a
+        per-species constant: it changes no force and only re-defines what the network's E0 means.
+        """
+        n = len(self.species)
+        dtype = self.jnp_dtype
+        one_edge = jnp.zeros((1,), jnp.int32)
+        return self.module.apply(
+            params,
+            jnp.zeros((1, 3), dtype),
+            jnp.arange(n, dtype=jnp.int32),
+            one_edge,
+            one_edge,
+            jnp.zeros((1,), bool),
+        )
 
     def energy(self, params: Any, graph: Graph, *, include_e0: bool = True) -> jnp.ndarray:
         """``[n_graphs]`` total energies in eV."""

@@ -6,6 +6,7 @@ Every key is documented in the README ("Configuration reference"). Unknown keys 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -170,8 +171,23 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, which reads ``1e-3`` and ``5.0e3`` as strings; read them as floats (YAML 1.2)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
+    return _yaml_load(text)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -202,7 +218,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = _yaml_load(path.read_text())
         except (OSError, yaml.YAMLError) as err:
             raise ConfigError(f"cannot read config {path}: {err}") from err
         data = loaded or {}

@@ -135,7 +135,7 @@ def build_potential(cfg: TrainConfig, train: StructureSet, graphs: list[Neighbou
         r_max=m.r_max,
         atomic_energies=tuple(stats.atomic_energies[z] for z in stats.species),
         scale=float(stats.force_rms or 1.0),
-        shift=float(stats.energy_per_atom_residual_mean),
+        shift=0.0,  # the fitted E0s already carry the mean energy: an isolated atom gets exactly E0
         avg_num_neighbours=max(avg_nn, 1.0),
         dtype=m.dtype,
     )
@@ -315,8 +315,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - t_start
 
+    sums: list | None = None  # running loss sums of the epoch in progress; None outside the batch loop
+
     def checkpoint() -> None:
         host["elapsed_s"] = elapsed()
+        if sums is not None:  # interrupted mid-epoch: keep the partial sums so the epoch's loss stays exact
+            host["epoch_loss_sum"] = [float(s) for s in sums]
         save_checkpoint(ckpt_path, state, host)
 
     try:
@@ -359,6 +363,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
                     break
             bar.close()
             host["epoch_loss_sum"] = [float(s) for s in sums]
+            sums = None
             if out_of_time and host["batch_in_epoch"] < steps_per_epoch:
                 checkpoint()
                 stopped = "time_budget"

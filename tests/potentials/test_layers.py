@@ -1,0 +1,91 @@
+"""Shared layers: cutoff envelope, radial basis and NaN-safe edge geometry."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from equiforce.potentials.layers import (
+    bessel_basis,
+    edge_lengths,
+    polynomial_envelope,
+    radial_embedding,
+    safe_unit_vectors,
+)
+
+
+@pytest.mark.parametrize("p", [2, 5, 6, 9])
+def test_polynomial_envelope_values(p):
+    x = jnp.linspace(0.0, 1.5, 301)
+    u = np.asarray(polynomial_envelope(x, p))
+    assert float(polynomial_envelope(jnp.asarray(0.0), p)) == 1.0
+    assert float(polynomial_envelope(jnp.asarray(1.0), p)) == 0.0
+    assert np.all(u[np.asarray(x) >= 1.0] == 0.0)
+    inside = u[np.asarray(x) < 1.0]
+    assert np.all(np.diff(inside) <= 1e-15)  # monotonically decreasing from 1 to 0
+    assert np.all((inside > 0.0) & (inside <= 1.0))
+    # u(1 - d) vanishes as d^3 (value, first and second derivative are zero at 1)
+    d = 1e-3
+    assert abs(float(polynomial_envelope(jnp.asarray(1.0 - d), p))) < 1e-6 * p**3
+
+
+@pytest.mark.parametrize("p", [2, 6])
+def test_polynomial_envelope_derivatives_vanish_at_one(p):
+    u1 = jax.grad(lambda x: polynomial_envelope(x, p))
+    u2 = jax.grad(u1)
+    for x in (1.0 - 1e-9, 1.0, 1.0 + 1e-9):
+        assert abs(float(u1(jnp.asarray(x)))) < 1e-7
+        assert abs(float(u2(jnp.asarray(x)))) < 1e-6
+    # ... but not identically zero inside (the test could fail)
+    assert abs(float(u1(jnp.asarray(0.7)))) > 0.1
+    # derivative at 0 vanishes too (p >= 2): the envelope is flat at short range
+    assert float(u1(jnp.asarray(0.0))) == 0.0
+
+
+def test_bessel_basis_formula():
+    r = jnp.array([0.3, 1.0, 2.5, 4.9])
+    r_max, n = 5.0, 6
+    b = np.asarray(bessel_basis(r, n, r_max))
+    k = np.arange(1, n + 1)
+    expected = np.sqrt(2 / r_max) * np.sin(k * np.pi * np.asarray(r)[:, None] / r_max) / np.asarray(r)[:, None]
+    np.testing.assert_allclose(b, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_radial_embedding_zero_beyond_cutoff_and_on_masked_edges():
+    r_max = 3.0
+    r = jnp.array([0.5, 1.5, 2.999, 3.0, 3.5, 7.0, 1.2, 1.0])
+    mask = jnp.array([True, True, True, True, True, True, False, False])
+    emb = np.asarray(radial_embedding(r, mask, r_max=r_max, num_basis=8))
+    assert emb.shape == (8, 8)
+    assert emb.dtype == np.float64
+    assert np.all(np.abs(emb[:2]) > 0.0) and np.max(np.abs(emb[:2])) > 1e-2
+    assert np.max(np.abs(emb[2])) < 1e-9
+    assert np.all(emb[3:] == 0.0)
+    emb32 = radial_embedding(r.astype(jnp.float32), mask, r_max=r_max)
+    assert emb32.dtype == jnp.float32
+
+
+def test_edge_lengths_and_unit_vectors_nan_safe_on_padding():
+    vectors = jnp.array([[1.0, 2.0, 2.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [-0.6, 0.0, 0.8]])
+    mask = jnp.array([True, False, False, True])
+    lengths = np.asarray(edge_lengths(vectors, mask))
+    np.testing.assert_allclose(lengths, [3.0, 1.0, 1.0, 1.0])
+    units = np.asarray(safe_unit_vectors(vectors, mask))
+    np.testing.assert_array_equal(units[1], [0.0, 0.0, 1.0])
+    np.testing.assert_array_equal(units[0], np.asarray(vectors[0]))
+
+    def loss(v):
+        r = edge_lengths(v, mask)
+        emb = radial_embedding(r, mask, r_max=4.0, num_basis=4)
+        u = safe_unit_vectors(v, mask)
+        u = u / jnp.linalg.norm(u, axis=-1, keepdims=True)
+        return jnp.sum(emb) + jnp.sum(r) + jnp.sum(u**3)
+
+    grad = np.asarray(jax.grad(loss)(vectors))  # jax_debug_nans would raise on a NaN
+    assert np.all(np.isfinite(grad))
+    np.testing.assert_array_equal(grad[~np.asarray(mask)], 0.0)
+    assert np.all(np.abs(grad[0]) > 0.0)
+    # gradient of a real edge length is the unit vector
+    g_len = np.asarray(jax.grad(lambda v: jnp.sum(edge_lengths(v, mask)))(vectors))
+    np.testing.assert_allclose(g_len[0], [1 / 3, 2 / 3, 2 / 3], rtol=1e-12)
+    np.testing.assert_array_equal(g_len[1:3], 0.0)

@@ -1,0 +1,247 @@
+"""The model file: round trips for every registered model, and every way a file can be bad."""
+
+import json
+import os
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from equiforce.potentials import MODELS
+from equiforce.potentials.model_io import (
+    FORMAT,
+    FORMAT_VERSION,
+    ModelFileError,
+    load_model,
+    read_header,
+    save_model,
+)
+from tests.potentials.property_suite import crystal, get_harness, molecule
+
+
+def _tree_equal_bitwise(a, b) -> None:
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    assert ta == tb
+    for x, y in zip(la, lb, strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert x.tobytes() == y.tobytes()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_round_trip_is_bit_exact(name, tmp_path):
+    harness = get_harness(name)
+    metadata = {"rmse": np.float64(0.125), "epochs": np.int64(3), "curve": np.arange(3.0), "note": "ok"}
+    path = save_model(tmp_path / "sub" / "model.eqf", harness.potential, harness.params, metadata)
+    assert path.is_file()
+    assert [p.name for p in path.parent.iterdir()] == ["model.eqf"]  # no temporary file left behind
+    potential, params, header = load_model(path)
+    assert potential == harness.potential
+    _tree_equal_bitwise(params, harness.params)
+    assert header["format"] == FORMAT and header["format_version"] == FORMAT_VERSION
+    assert header["metadata"] == {"rmse": 0.125, "epochs": 3, "curve": [0.0, 1.0, 2.0], "note": "ok"}
+    assert header["units"]["energy"] == "eV"
+    assert read_header(path) == header
+    for s in (molecule(0), crystal(0)):
+        a, b = harness.evaluate(s), harness.evaluate(s, params=params)
+        np.testing.assert_array_equal(a.energy, b.energy)
+        np.testing.assert_array_equal(a.forces, b.forces)
+        np.testing.assert_array_equal(a.stress, b.stress)
+
+
+def test_float32_round_trip_and_overwrite(tmp_path):
+    harness = get_harness("nequip")
+    p32 = harness.potential.replace(dtype="float32")
+    params32 = jax.tree.map(lambda x: x.astype(jnp.float32), harness.params)
+    path = tmp_path / "m.eqf"
+    save_model(path, harness.potential, harness.params)
+    save_model(path, p32, params32)  # atomic replace of an existing file
+    potential, params, _ = load_model(path)
+    assert potential.dtype == "float32"
+    assert {np.asarray(x).dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+    _tree_equal_bitwise(params, params32)
+
+
+# ------------------------------------------------------------------------------- bad files
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(path, raw bytes, decoded document) of a valid model file."""
+    harness = get_harness("nequip")
+    path = save_model(tmp_path_factory.mktemp("model") / "good.eqf", harness.potential, harness.params)
+    raw = path.read_bytes()
+    return path, raw, flax.serialization.msgpack_restore(raw)
+
+
+def _write_doc(path, header, params) -> None:
+    path.write_bytes(flax.serialization.msgpack_serialize({"header": json.dumps(header), "params": params}))
+
+
+def _edit_header(doc, **changes):
+    header = json.loads(doc["header"])
+    header.update(changes)
+    return header
+
+
+def _load_fails(path, match: str | None = None) -> None:
+    with pytest.raises(ModelFileError, match=match):
+        load_model(path)
+
+
+def test_missing_file(tmp_path):
+    _load_fails(tmp_path / "nope.eqf", "cannot read")
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5, 0.99])
+def test_truncated_file(saved, tmp_path, fraction):
+    _, raw, _ = saved
+    path = tmp_path / "truncated.eqf"
+    path.write_bytes(raw[: int(len(raw) * fraction)])
+    _load_fails(path)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_bytes(tmp_path, seed):
+    path = tmp_path / "random.eqf"
+    path.write_bytes(np.random.default_rng(seed).bytes(4096))
+    _load_fails(path)
+
+
+def test_json_file(saved, tmp_path):
+    _, _, doc = saved
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps({"header": doc["header"], "params": {}}))
+    _load_fails(path)
+
+
+def test_msgpack_of_wrong_shape(tmp_path):
+    path = tmp_path / "list.eqf"
+    path.write_bytes(flax.serialization.msgpack_serialize([1, 2, 3]))
+    _load_fails(path, "not an equiforce model file")
+    path.write_bytes(flax.serialization.msgpack_serialize({"header": "{not json", "params": {}}))
+    _load_fails(path, "header")
+
+
+def test_other_format(saved, tmp_path):
+    _, _, doc = saved
+    path = tmp_path / "other.eqf"
+    _write_doc(path, _edit_header(doc, format="someone-elses-model"), doc["params"])
+    _load_fails(path, "format")
+
+
+@pytest.mark.parametrize("version", [FORMAT_VERSION + 1, 0, "1", None])
+def test_unsupported_format_version(saved, tmp_path, version):
+    _, _, doc = saved
+    path = tmp_path / "version.eqf"
+    _write_doc(path, _edit_header(doc, format_version=version), doc["params"])
+    _load_fails(path, "version")
+
+
+def test_newer_version_message_asks_to_upgrade(saved, tmp_path):
+    _, _, doc = saved
+    path = tmp_path / "newer.eqf"
+    _write_doc(path, _edit_header(doc, format_version=FORMAT_VERSION + 1), doc["params"])
+    _load_fails(path, "upgrade")
+
+
+def _params_with(doc, edit):
+    params = jax.tree.map(np.array, doc["params"])
+    edit(params["params"])
+    return params
+
+
+def test_wrong_parameter_shape(saved, tmp_path):
+    _, _, doc = saved
+
+    def edit(p):
+        w = p["embedding"]
+        (k,) = list(w)
+        w[k] = np.zeros((w[k].shape[0] + 1, *w[k].shape[1:]), w[k].dtype)
+
+    path = tmp_path / "shape.eqf"
+    _write_doc(path, json.loads(doc["header"]), _params_with(doc, edit))
+    _load_fails(path, "shape")
+
+
+def test_wrong_parameter_dtype(saved, tmp_path):
+    _, _, doc = saved
+
+    def edit(p):
+        w = p["output"]
+        (k,) = list(w)
+        w[k] = w[k].astype(np.float32)
+
+    path = tmp_path / "dtype.eqf"
+    _write_doc(path, json.loads(doc["header"]), _params_with(doc, edit))
+    _load_fails(path, "dtype")
+
+
+def test_missing_and_extra_parameters(saved, tmp_path):
+    _, _, doc = saved
+    path = tmp_path / "keys.eqf"
+    _write_doc(path, json.loads(doc["header"]), _params_with(doc, lambda p: p.pop("output")))
+    _load_fails(path, "missing")
+    _write_doc(path, json.loads(doc["header"]), _params_with(doc, lambda p: p.update(extra={"w": np.ones(3)})))
+    _load_fails(path, "unexpected")
+
+
+def test_config_does_not_match_weights(saved, tmp_path):
+    """A header whose hyperparameters describe another network than the saved weights."""
+    _, _, doc = saved
+    header = json.loads(doc["header"])
+    header["potential"]["model"]["num_features"] += 1
+    path = tmp_path / "mismatch.eqf"
+    _write_doc(path, header, doc["params"])
+    _load_fails(path)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda pot: pot["model"].update(name="no-such-model"),
+        lambda pot: pot["model"].update(bogus_hyperparameter=3),
+        lambda pot: pot["model"].update(num_interactions=0),  # rejected by the config itself
+        lambda pot: pot.pop("species"),
+        lambda pot: pot.update(atomic_energies=[1.0]),
+        lambda pot: pot.update(dtype="float16"),
+        lambda pot: pot.update(unknown_field=1),
+    ],
+    ids=[
+        "unknown-model",
+        "unknown-hyperparameter",
+        "invalid-hyperparameter",
+        "no-species",
+        "e0-count",
+        "dtype",
+        "unknown-field",
+    ],
+)
+def test_invalid_potential_description(saved, tmp_path, edit):
+    _, _, doc = saved
+    header = json.loads(doc["header"])
+    edit(header["potential"])
+    path = tmp_path / "bad.eqf"
+    _write_doc(path, header, doc["params"])
+    _load_fails(path, "invalid potential description")
+
+
+def test_load_executes_no_code(saved, tmp_path):
+    """A pickle payload is just bytes to the loader: it fails to parse and runs nothing."""
+    import pickle
+
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Exploit(str(marker)))
+    path = tmp_path / "pickle.eqf"
+    path.write_bytes(payload)
+    _load_fails(path)
+    assert not marker.exists()
+
+
+class _Exploit:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
