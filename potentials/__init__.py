@@ -4,8 +4,8 @@ Importing this package registers every built-in model (see :data:`MODELS`).
 """
 
 from equiforce.potentials import nequip as _nequip  # noqa: F401  (registers the model)
-from equiforce.potentials.nequip import NequIPConfig
 from equiforce.potentials.model_io import ModelFileError, load_model, read_header, save_model
+from equiforce.potentials.nequip import NequIPConfig
 from equiforce.potentials.potential import Potential, PotentialOutput, UnknownSpeciesError
 from equiforce.potentials.registry import MODELS, ModelConfig, config_from_dict, register_model
 
@@ -20,6 +20,6 @@ __all__ = [
     "config_from_dict",
     "load_model",
     "read_header",
-    "save_model",
     "register_model",
+    "save_model",
 ]

@@ -29,7 +29,15 @@ from flax.traverse_util import flatten_dict
 
 from equiforce.potentials.potential import Potential
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "ModelFileError", "atomic_write_bytes", "load_model", "read_header", "save_model"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "ModelFileError",
+    "atomic_write_bytes",
+    "load_model",
+    "read_header",
+    "save_model",
+]
 
 FORMAT = "equiforce-model"
 FORMAT_VERSION = 1
