@@ -53,8 +53,10 @@ def main() -> None:
     graphs = build_neighbour_graphs(s, args.r_max)
     pot, _ = build_potential(cfg, s, graphs)
     budget = estimate_budget(s.n_atoms, [g.n_edges for g in graphs], args.batch_size)
-    batches = [jax.tree.map(jnp.asarray, b) for b in batch_iterator(s, graphs, args.batch_size, budget,
-                                                                      dtype=np.dtype(args.dtype))]
+    batches = [
+        jax.tree.map(jnp.asarray, b)
+        for b in batch_iterator(s, graphs, args.batch_size, budget, dtype=np.dtype(args.dtype))
+    ]
     opt = make_optimizer(cfg.optim, 10)
     params = pot.init(jax.random.PRNGKey(0))
     n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -78,13 +80,21 @@ def main() -> None:
         t0 = time.perf_counter()
         jax.block_until_ready(fwd(state.params, batches[i % len(batches)].graph))
         ftimes.append(time.perf_counter() - t0)
-    print(json.dumps({
-        "model": args.model, "hp": hp, "dtype": args.dtype, "batch_size": args.batch_size,
-        "n_params": int(n_params), "first_step_s": round(first, 2),
-        "train_step_s_median": round(float(np.median(times)), 4),
-        "energy_forces_s_median": round(float(np.median(ftimes)), 4),
-        "edges_per_batch": int(sum(g.n_edges for g in graphs[: args.batch_size])),
-    }))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "hp": hp,
+                "dtype": args.dtype,
+                "batch_size": args.batch_size,
+                "n_params": int(n_params),
+                "first_step_s": round(first, 2),
+                "train_step_s_median": round(float(np.median(times)), 4),
+                "energy_forces_s_median": round(float(np.median(ftimes)), 4),
+                "edges_per_batch": int(sum(g.n_edges for g in graphs[: args.batch_size])),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ import jax
 import numpy as np
 
 from equiforce.potentials.model_io import atomic_write_bytes
+from equiforce.training.config import ConfigError
 
-__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointError", "CheckpointMismatchError", "load_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_FORMAT = "equiforce-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -26,6 +27,10 @@ CHECKPOINT_VERSION = 1
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not match the current configuration."""
+
+
+class CheckpointMismatchError(CheckpointError, ConfigError):
+    """A readable checkpoint written for another model or configuration (also a :class:`ConfigError`)."""
 
 
 def save_checkpoint(path: str | Path, state: Any, host_state: dict[str, Any]) -> None:
@@ -55,11 +60,17 @@ def load_checkpoint(path: str | Path, template: Any) -> tuple[Any, dict[str, Any
     if doc.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path}: checkpoint version {doc.get('version')} is not supported")
     try:
-        state = flax.serialization.from_state_dict(template, doc["state"])
+        saved = doc["state"]
         host = json.loads(doc["host"])
     except (KeyError, ValueError, TypeError) as err:
-        raise CheckpointError(f"{path} does not match this configuration: {err}") from err
+        raise CheckpointError(f"{path} is a corrupt checkpoint: {err}") from err
+    try:
+        state = flax.serialization.from_state_dict(template, saved)
+    except (KeyError, ValueError, TypeError) as err:
+        raise CheckpointMismatchError(f"{path} does not match this configuration: {err}") from err
     for t, s in zip(jax.tree.leaves(template), jax.tree.leaves(state), strict=False):
         if np.shape(t) != np.shape(s):
-            raise CheckpointError(f"{path} does not match this configuration (shape {np.shape(s)} vs {np.shape(t)})")
+            raise CheckpointMismatchError(
+                f"{path} does not match this configuration (shape {np.shape(s)} vs {np.shape(t)})"
+            )
     return state, host

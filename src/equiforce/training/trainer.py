@@ -265,6 +265,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
     if data.test is not None:
         potential.check_species(data.test.atomic_numbers)
     use_stress = cfg.loss.stress_weight > 0 and bool(np.any(data.train.has_stress))
+    sets = [data.train, data.valid] + ([data.test] if data.test is not None else [])
+    periodic = any(bool(np.any(np.all(s.pbc, axis=-1))) for s in sets)  # evaluate stress where it exists
 
     steps_per_epoch = math.ceil(len(data.train) / bs)
     optimizer = make_optimizer(cfg.optim, steps_per_epoch)
@@ -375,7 +377,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
 
             eval_params = state.ema_params
             if predict_fn is None:
-                predict_fn = _predict_fn(potential, False)
+                predict_fn = _predict_fn(potential, periodic)
             vm = compute_metrics(
                 predict(
                     potential,
@@ -449,11 +451,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
         _, best_params, _ = load_model(out / "best.eqf")
     else:  # no epoch finished (e.g. a tiny time budget): use the current EMA weights
         best_params = jax.tree.map(np.asarray, state.ema_params)
-    final = refit_atomic_energies(potential, best_params, data.train, batch_size=bs, graphs=train_graphs, budget=budget)
-    vm = compute_metrics(predict(final, best_params, data.valid, batch_size=bs, graphs=valid_graphs, budget=budget))
+    # One jitted prediction function serves all three sets (it leaves E0s out, so the re-fit keeps it valid).
+    predict_fn = predict_fn or _predict_fn(potential, periodic)
+    kw = {"batch_size": bs, "budget": budget, "predict_fn": predict_fn}
+    final = refit_atomic_energies(potential, best_params, data.train, graphs=train_graphs, **kw)
+    vm = compute_metrics(predict(final, best_params, data.valid, graphs=valid_graphs, **kw))
     tm = None
     if data.test is not None:
-        tpred = predict(final, best_params, data.test, batch_size=bs)
+        test_graphs = build_neighbour_graphs(data.test, r_max)
+        if all(budget.fits(int(n), g.n_edges, 1) for n, g in zip(data.test.n_atoms, test_graphs, strict=True)):
+            tpred = predict(final, best_params, data.test, graphs=test_graphs, **kw)
+        else:  # test structures larger than the training budget: a budget of their own
+            tpred = predict(final, best_params, data.test, batch_size=bs, graphs=test_graphs)
         tm = compute_metrics(tpred)
         _write_parity(out / "parity_test.png", tpred, f"{cfg.model.name} test set")
     metadata = {
