@@ -152,8 +152,16 @@ class Potential:
                 f"{[chemical_symbols[v] for v in self.species]}"
             )
 
+    def _check_precision(self) -> None:
+        if self.dtype == "float64" and not jax.config.jax_enable_x64:
+            raise RuntimeError(
+                "this potential computes in float64 but JAX runs with 64-bit types disabled (every array "
+                "would silently become float32); call jax.config.update('jax_enable_x64', True) at start-up"
+            )
+
     def init(self, key: jax.Array, graph: Graph | None = None) -> Any:
         """Random parameters in :attr:`dtype` (``graph`` only fixes the trace; a dimer is used if None)."""
+        self._check_precision()
         if graph is None:
             graph = _dimer_graph(self.species[0], self.r_max)
         g = self._prepare(graph, None)
@@ -189,15 +197,55 @@ class Potential:
     ) -> jnp.ndarray:
         """``[n_nodes]`` per-atom energies in eV (zero on padding; NaN on an unknown species)."""
         vectors, species, senders, receivers, edge_mask = self._prepare(graph, strain, positions)
+        node_mask = jnp.asarray(graph.node_mask)
+        known = jnp.asarray(self._species_table)[jnp.asarray(graph.atomic_numbers)] >= 0
+        e = self.node_energies_from_edges(
+            params, vectors, species, senders, receivers, edge_mask, node_mask, include_e0=include_e0
+        )
+        return jnp.where(node_mask & ~known, jnp.nan, e)
+
+    def species_index(self, atomic_numbers: np.ndarray) -> np.ndarray:
+        """``[n_atoms]`` int32 index of each atom's element in :attr:`species` (host side).
+
+        Raises:
+          UnknownSpeciesError: an element the potential does not know.
+        """
+        self.check_species(atomic_numbers)
+        return self._species_table[np.asarray(atomic_numbers)]
+
+    def node_energies_from_edges(
+        self,
+        params: Any,
+        vectors: jnp.ndarray,
+        species: jnp.ndarray,
+        senders: jnp.ndarray,
+        receivers: jnp.ndarray,
+        edge_mask: jnp.ndarray,
+        node_mask: jnp.ndarray,
+        *,
+        include_e0: bool = True,
+    ) -> jnp.ndarray:
+        """Per-atom energies from precomputed edge vectors (the entry point of the MD engine).
+
+        Args:
+          vectors: ``[n_edges, 3]`` Å, ``positions[senders] - positions[receivers]`` (+ image shift).
+            Edges longer than :attr:`r_max` contribute nothing (smooth cutoff), so a neighbour list
+            with a skin can be passed as is.
+          species: ``[n_nodes]`` int32 species indices (see :meth:`species_index`).
+          senders, receivers: ``[n_edges]`` int32.
+          edge_mask, node_mask: bool masks of real edges / atoms.
+
+        Returns:
+          ``[n_nodes]`` energies in eV, zero where ``node_mask`` is False.
+        """
+        self._check_precision()
+        params = jax.tree.map(jnp.asarray, params)  # NumPy weights (from a file) may be closed over
         out = self.module.apply(params, vectors, species, senders, receivers, edge_mask)
         out = out - self._isolated_outputs(params)[species]
         dtype = self.jnp_dtype
         e = jnp.asarray(self.scale, dtype) * out + jnp.asarray(self.shift, dtype)
         if include_e0:
             e = e + jnp.asarray(self.atomic_energies, dtype)[species]
-        node_mask = jnp.asarray(graph.node_mask)
-        known = jnp.asarray(self._species_table)[jnp.asarray(graph.atomic_numbers)] >= 0
-        e = jnp.where(node_mask & ~known, jnp.nan, e)
         return jnp.where(node_mask, e, jnp.zeros_like(e))
 
     def _isolated_outputs(self, params: Any) -> jnp.ndarray:

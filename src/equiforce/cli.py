@@ -30,12 +30,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _enable_x64_for(model_path: str) -> None:
+    """A float64 model needs 64-bit JAX types; the command line switches them on for it."""
+    import jax
+
+    from equiforce.potentials.model_io import read_header
+
+    if read_header(model_path)["potential"].get("dtype") == "float64":
+        jax.config.update("jax_enable_x64", True)
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from equiforce.data.readers import load_sample, read_structures
     from equiforce.potentials.model_io import load_model
     from equiforce.training.evaluate import compute_metrics, predict
     from equiforce.training.plots import parity_plot
 
+    _enable_x64_for(args.model)
     potential, params, _ = load_model(args.model)
     if args.data.startswith("sample:"):
         structures = load_sample(args.data.split(":", 1)[1])

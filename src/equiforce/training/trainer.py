@@ -243,6 +243,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
       log: receives one line per event (default: ``tqdm.write``).
     """
     log = log or tqdm.write
+    if cfg.model.dtype == "float64" and not jax.config.jax_enable_x64:
+        jax.config.update("jax_enable_x64", True)  # a float64 potential needs 64-bit JAX types
     out = cfg.resolve_path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoints" / "last.ckpt"

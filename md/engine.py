@@ -1,0 +1,239 @@
+"""The jit-compiled MD loop: jax-md integrators in chunks, overflow re-runs and blow-up detection.
+
+Each chunk of ``report_interval`` steps runs inside one jitted ``lax.fori_loop`` with the neighbour list
+updated (and rebuilt when atoms moved more than half the skin) inside the loop; nothing leaves the
+device until the chunk ends. Then the host checks
+
+* the neighbour-list overflow flag: on overflow the list is reallocated with more capacity (at least
+  1.5x, geometric) and the *same* chunk is re-run from its saved start state, so no pair is ever dropped
+  and no step is lost; every reallocation is logged and counted;
+* blow-up: NaN/inf positions or energies, or a temperature above ``max_temperature_K``, stop the run with
+  :class:`MDBlowUpError`; the last good frame is kept (and written out by :func:`run_md`).
+
+Units are ASE's: Å, eV, amu, time in ASE units internally (``timestep_fs * ase.units.fs``), reported in
+ps; temperatures in K (kT in eV inside).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ase import units
+from jax_md import quantity, simulate
+
+from equiforce.md.system import MDSystem
+
+__all__ = ["ENSEMBLES", "MDBlowUpError", "MDConfig", "MDEngine", "ThermoFrame"]
+
+logger = logging.getLogger(__name__)
+
+ENSEMBLES = ("nve", "nvt_langevin", "nvt_nose_hoover")
+
+
+class MDBlowUpError(RuntimeError):
+    """The simulation became unphysical (NaN/inf, or a temperature above the limit)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MDConfig:
+    """Settings of one MD run (units in the names).
+
+    Attributes:
+      ensemble: ``nve`` (velocity Verlet), ``nvt_langevin`` or ``nvt_nose_hoover`` (jax-md).
+      timestep_fs: integration time step, fs.
+      temperature_K: initial Maxwell–Boltzmann temperature and thermostat target, K.
+      friction_per_ps: Langevin friction γ, 1/ps.
+      thermostat_tau_fs: Nosé–Hoover chain time constant, fs (default 100 time steps).
+      report_interval: steps per jitted chunk = interval of thermo/trajectory frames.
+      skin: neighbour-list skin, Å.
+      capacity_multiplier: initial neighbour-list head-room.
+      max_temperature_K: above this the run is declared blown up.
+      seed: initial velocities and Langevin noise.
+    """
+
+    ensemble: str = "nve"
+    timestep_fs: float = 0.5
+    temperature_K: float = 300.0
+    friction_per_ps: float = 1.0
+    thermostat_tau_fs: float | None = None
+    report_interval: int = 100
+    skin: float = 1.0
+    capacity_multiplier: float = 1.25
+    max_temperature_K: float = 1.0e5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.ensemble not in ENSEMBLES:
+            raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {self.ensemble!r}")
+        if not self.timestep_fs > 0 or self.report_interval < 1 or self.temperature_K < 0 or self.skin < 0:
+            raise ValueError("timestep_fs > 0, report_interval >= 1, temperature_K >= 0 and skin >= 0 required")
+
+
+@dataclasses.dataclass(frozen=True)
+class ThermoFrame:
+    """Observables at the end of a chunk (host side, float64)."""
+
+    step: int
+    time_ps: float
+    potential_energy: float
+    kinetic_energy: float
+    temperature: float
+    conserved: float
+
+
+def _kinetic_energy(momentum: jnp.ndarray, mass: jnp.ndarray) -> jnp.ndarray:
+    return 0.5 * jnp.sum(momentum**2 / mass[:, None])
+
+
+class MDEngine:
+    """Runs an :class:`MDSystem` with a jax-md integrator in jitted chunks.
+
+    Typical use::
+
+        engine = MDEngine(system, config)
+        state = engine.init(positions)            # Maxwell–Boltzmann velocities, zero total momentum
+        state, frame = engine.run_chunk(state)     # report_interval steps
+    """
+
+    def __init__(self, system: MDSystem, config: MDConfig, log: Callable[[str], None] | None = None) -> None:
+        self.system = system
+        self.config = config
+        self.log = log or logger.info
+        self.dt = config.timestep_fs * units.fs
+        self.kT = config.temperature_K * units.kB
+        self.n_atoms = int(system.masses.shape[0])
+        self.reallocations = 0
+        self.step = 0
+        energy_fn = system.energy_fn
+        if config.ensemble == "nve":
+            self._init_fn, self._apply_fn = simulate.nve(energy_fn, system.shift_fn, self.dt)
+        elif config.ensemble == "nvt_langevin":
+            gamma = config.friction_per_ps / (1000.0 * units.fs)
+            self._init_fn, self._apply_fn = simulate.nvt_langevin(
+                energy_fn, system.shift_fn, self.dt, self.kT, gamma=gamma
+            )
+        else:
+            tau = (config.thermostat_tau_fs or 100.0 * config.timestep_fs) * units.fs
+            self._init_fn, self._apply_fn = simulate.nvt_nose_hoover(
+                energy_fn, system.shift_fn, self.dt, self.kT, tau=tau
+            )
+        self.neighbor = None
+        self._chunk = jax.jit(self._chunk_impl, static_argnums=(2,))
+
+    # ------------------------------------------------------------------ state
+    def init(self, positions: np.ndarray, velocities: np.ndarray | None = None) -> Any:
+        """Initial integrator state at ``positions`` (Å).
+
+        Velocities (Å per ASE time unit) are drawn from Maxwell–Boltzmann at ``temperature_K`` with the
+        seed, with zero total momentum, unless given.
+        """
+        pos = jnp.asarray(positions, self.system.dtype)
+        self.neighbor = self.system.neighbor_fn.allocate(pos)
+        key = jax.random.PRNGKey(self.config.seed)
+        state = self._init_fn(key, pos, kT=self.kT, mass=self.system.masses, neighbor=self.neighbor)
+        if velocities is not None:
+            momentum = jnp.asarray(velocities, self.system.dtype) * self.system.masses[:, None]
+        else:
+            # jax-md draws MB momenta; remove the centre-of-mass motion and rescale to the exact temperature
+            momentum = state.momentum - jnp.mean(state.momentum, axis=0)
+            dof = max(3 * self.n_atoms - 3, 1)
+            ke = _kinetic_energy(momentum, self.system.masses)
+            target = 0.5 * dof * self.kT
+            momentum = jnp.where(ke > 0, momentum * jnp.sqrt(target / jnp.maximum(ke, 1e-30)), momentum)
+        return dataclasses.replace(state, momentum=momentum.astype(self.system.dtype))
+
+    # ------------------------------------------------------------------ chunks
+    def _chunk_impl(self, state: Any, neighbor: Any, n_steps: int):
+        def body(_, carry):
+            state, neighbor = carry
+            state = self._apply_fn(state, neighbor=neighbor)
+            neighbor = neighbor.update(state.position)
+            return state, neighbor
+
+        state, neighbor = jax.lax.fori_loop(0, n_steps, body, (state, neighbor))
+        epot = self.system.energy_fn(state.position, neighbor)
+        ekin = _kinetic_energy(state.momentum, state.mass if state.mass.ndim == 1 else state.mass[:, 0])
+        return state, neighbor, epot, ekin
+
+    def _temperature(self, ekin: float) -> float:
+        dof = max(3 * self.n_atoms - 3, 1)
+        return 2.0 * ekin / (dof * units.kB)
+
+    def conserved_quantity(self, state: Any, epot: float, ekin: float) -> float:
+        """Total energy (NVE) or the thermostat's conserved quantity (Nosé–Hoover), eV; NaN for Langevin."""
+        if self.config.ensemble == "nve":
+            return epot + ekin
+        if self.config.ensemble == "nvt_nose_hoover":
+            invariant = simulate.nvt_nose_hoover_invariant(
+                self.system.energy_fn, state, self.kT, neighbor=self.neighbor
+            )
+            return float(invariant) + self.system.e0_total
+        return float("nan")
+
+    def run_chunk(self, state: Any, n_steps: int | None = None) -> tuple[Any, ThermoFrame]:
+        """Advance ``n_steps`` (default ``report_interval``) steps; re-run on neighbour-list overflow.
+
+        Raises:
+          MDBlowUpError: NaN/inf or temperature above the limit at the end of the chunk; the returned
+            state is never a blown-up one (the caller keeps the previous state).
+        """
+        n = n_steps or self.config.report_interval
+        start_state, start_neighbor = state, self.neighbor
+        while True:
+            new_state, neighbor, epot, ekin = self._chunk(start_state, start_neighbor, n)
+            if not bool(neighbor.did_buffer_overflow):
+                break
+            old = int(start_neighbor.idx.shape[-1])
+            extra = max(1, int(np.ceil(0.5 * old / self.n_atoms)))
+            start_neighbor = self.system.neighbor_fn.allocate(start_state.position, extra_capacity=extra)
+            self.reallocations += 1
+            self.log(
+                f"neighbour list overflow at step {self.step}: capacity {old} -> {int(start_neighbor.idx.shape[-1])}"
+                f" (reallocation {self.reallocations}); re-running the chunk"
+            )
+        epot, ekin = float(epot) + self.system.e0_total, float(ekin)
+        temperature = self._temperature(ekin)
+        finite = np.isfinite(epot) and np.isfinite(ekin) and bool(jnp.all(jnp.isfinite(new_state.position)))
+        if not finite or temperature > self.config.max_temperature_K:
+            raise MDBlowUpError(
+                f"simulation blew up between steps {self.step} and {self.step + n}: E_pot={epot:.6g} eV, "
+                f"T={temperature:.6g} K (limit {self.config.max_temperature_K:g} K)"
+            )
+        self.neighbor = neighbor
+        self.step += n
+        frame = ThermoFrame(
+            step=self.step,
+            time_ps=self.step * self.config.timestep_fs / 1000.0,
+            potential_energy=epot,
+            kinetic_energy=ekin,
+            temperature=temperature,
+            conserved=self.conserved_quantity(new_state, epot, ekin),
+        )
+        return new_state, frame
+
+    def positions(self, state: Any) -> np.ndarray:
+        return np.asarray(state.position, np.float64)
+
+    def velocities(self, state: Any) -> np.ndarray:
+        """Å per ASE time unit."""
+        return np.asarray(state.momentum / state.mass.reshape(-1, 1), np.float64)
+
+    def forces(self, state: Any) -> np.ndarray:
+        return np.asarray(quantity.force(self.system.energy_fn)(state.position, self.neighbor), np.float64)
+
+
+def run_timed(engine: MDEngine, state: Any, n_chunks: int) -> tuple[Any, list[ThermoFrame], float]:
+    """Run ``n_chunks`` chunks and return the final state, frames and wall time (s)."""
+    frames = []
+    t0 = time.perf_counter()
+    for _ in range(n_chunks):
+        state, frame = engine.run_chunk(state)
+        frames.append(frame)
+    return state, frames, time.perf_counter() - t0

@@ -1,0 +1,885 @@
+"""Trajectory and thermodynamic output of the MD engine: a CSV thermo log and an H5MD 1.1 trajectory.
+
+Both writers are called from the host once per chunk of MD steps with NumPy arrays of ``F`` frames.
+They take exactly the frames they are given: **striding is the engine's job** (it hands in every
+k-th frame). Units are ASE's, except time (ps) and velocities (Å/ps, converted by the engine):
+
+=================  ==========================  ====================================================
+quantity           unit                        notes
+=================  ==========================  ====================================================
+positions, box     Å                           box: lattice vectors as rows, ``[3, 3]``
+velocities         Å/ps                        ASE velocity × ``1000 * ase.units.fs``
+forces             eV/Å
+energies           eV                          potential, kinetic, total, conserved
+temperature        K
+pressure           eV/Å³ in, GPa in the CSV    H5MD stores eV/Å³ (``unit="eV Angstrom-3"``)
+volume             Å³
+time               ps
+masses             amu (H5MD unit ``"u"``)
+=================  ==========================  ====================================================
+
+:class:`ThermoLog`
+    One CSV row per frame; each :meth:`ThermoLog.write` is one ``write`` + ``flush`` + ``os.fsync``,
+    so everything handed in before a kill is on disk and the file can be read (``pandas``,
+    ``numpy.loadtxt``) while the run goes on. A kill in the middle of a write can leave a partial
+    last line; ``append=True`` drops it.
+
+:class:`H5MDWriter` — H5MD 1.1 layout (https://www.nongnu.org/h5md/h5md.html)::
+
+    /h5md                      attrs version=[1, 1]
+    /h5md/author               attrs name
+    /h5md/creator              attrs name="equiforce", version
+    /h5md/modules/units        attrs version=[1, 0]
+    /particles/all/species     int32 [N]      atomic numbers (time-independent)
+    /particles/all/mass        float64 [N]    amu, attr unit="u"
+    /particles/all/box         attrs dimension=3, boundary=[b"periodic" | b"none"] * 3
+    /particles/all/box/edges   time-dependent [F, 3, 3], Å  (only when any(pbc))
+    /particles/all/position    time-dependent [F, N, 3], Å
+    /particles/all/velocity    time-dependent [F, N, 3], Å/ps
+    /particles/all/force       time-dependent [F, N, 3], eV/Å  (only with forces=True)
+    /observables/<name>        time-dependent [F]  (potential_energy, kinetic_energy, total_energy,
+                               temperature, [pressure, volume], [conserved_energy], ...)
+    /equiforce                 attrs format="equiforce-h5md", format_version=1
+    /equiforce/committed_frames  int64 scalar: number of committed frames
+    /equiforce/restart/active    int64 scalar: slot holding the latest restart state (-1: none)
+    /equiforce/restart/slot0|1   one dataset per state array + ``meta_json`` (uint8, JSON padded
+                                 with spaces)
+
+A time-dependent element is a group holding ``step`` (int64 ``[F]``), ``time`` (float64 ``[F]``,
+attr ``unit="ps"``) and ``value`` (float64, attr ``unit``), all chunked and resizable along the frame
+axis. Box ``edges`` follow H5MD's triclinic convention: the *rows* of the ``[3, 3]`` matrix are the
+edge (lattice) vectors, exactly ASE's ``atoms.cell[:]``. H5MD ``boundary`` is per Cartesian
+dimension; we write ASE's per-lattice-vector ``pbc`` there (the same thing for orthorhombic cells).
+
+Crash safety (what is guaranteed)
+---------------------------------
+* The file is written with ``libver="latest"`` in SWMR mode (``swmr=True``, the default) once all
+  datasets exist. HDF5 then orders its metadata writes so that the file on disk is always a valid
+  HDF5 file, also after the writer is killed, and other processes can read it while it is written
+  (``read_h5md`` does this).
+* :meth:`H5MDWriter.write` appends the frames, flushes, then sets ``committed_frames`` and flushes
+  again. Readers use only the first ``committed_frames`` frames; datasets may be longer after a kill
+  mid-write. A kill therefore loses at most the chunk being written.
+* :meth:`H5MDWriter.write_restart_state` writes the state into the inactive one of two slots,
+  flushes, then flips ``restart/active`` and flushes: a kill mid-write keeps the previous state.
+  The first call (or a call whose arrays change shape/dtype/keys) briefly leaves SWMR mode to create
+  datasets (SWMR forbids creating objects); a kill in that window leaves a file HDF5 refuses to
+  open until ``h5clear -s`` is run on it.
+* A file killed while open (consistency flags set) can be read by :func:`read_h5md` (it falls back
+  to an SWMR read) but plain ``h5py.File(path)`` refuses it; ``H5MDWriter(..., mode="a")`` recovers
+  it by copying it to a fresh file (cost: one copy of the file) and continues.
+* With ``swmr=False`` the file uses h5py's default (oldest compatible) format, which has no
+  consistency flags: it opens anywhere after a kill, but a kill during a flush can corrupt it.
+* Never open a file with ``mode="a"`` (or ``"w"``) while another process is writing it.
+
+Errors: bad or inconsistent input and corrupt, foreign or mismatched files raise
+:class:`~equiforce.data.errors.DataError` (a ``ValueError``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from ase import units
+
+from equiforce import __version__
+from equiforce.data.errors import DataError
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "OBSERVABLE_UNITS",
+    "H5MDWriter",
+    "ThermoLog",
+    "read_h5md",
+    "read_restart_state",
+]
+
+PathLike = str | os.PathLike
+
+FORMAT_NAME = "equiforce-h5md"
+FORMAT_VERSION = 1
+H5MD_VERSION = (1, 1)
+
+#: H5MD unit strings of the known observables (values are stored as handed in, in these units).
+OBSERVABLE_UNITS: dict[str, str] = {
+    "potential_energy": "eV",
+    "kinetic_energy": "eV",
+    "total_energy": "eV",
+    "temperature": "K",
+    "pressure": "eV Angstrom-3",
+    "volume": "Angstrom3",
+    "conserved_energy": "eV",
+}
+_BASE_OBSERVABLES = ("potential_energy", "kinetic_energy", "total_energy", "temperature")
+_PERIODIC_OBSERVABLES = ("pressure", "volume")
+_PARTICLE_UNITS = {"position": "Angstrom", "velocity": "Angstrom ps-1", "force": "eV Angstrom-1"}
+_RESERVED_META_KEY = "committed_frames"
+_EQ_UNITS = {
+    "length": "Å",
+    "time": "ps",
+    "velocity": "Å/ps",
+    "force": "eV/Å",
+    "energy": "eV",
+    "mass": "amu",
+    "temperature": "K",
+    "pressure": "eV/Å^3",
+    "box": "lattice vectors as rows",
+}
+
+
+# ============================================================================ CSV thermo log
+
+
+# column name -> (keyword of ThermoLog.write, divisor applied to the value)
+_THERMO_BASE: tuple[tuple[str, str, float], ...] = (
+    ("potential_energy_eV", "potential_energy", 1.0),
+    ("kinetic_energy_eV", "kinetic_energy", 1.0),
+    ("total_energy_eV", "total_energy", 1.0),
+    ("temperature_K", "temperature", 1.0),
+)
+_THERMO_PERIODIC: tuple[tuple[str, str, float], ...] = (
+    ("pressure_GPa", "pressure", units.GPa),  # eV/Å³ -> GPa
+    ("volume_A3", "volume", 1.0),
+)
+
+
+def _fmt(x: float) -> str:
+    return repr(float(x))
+
+
+class ThermoLog:
+    """CSV log of thermodynamic quantities, one row per frame, fsync'd after every write.
+
+    Header: ``step,time_ps,potential_energy_eV,kinetic_energy_eV,total_energy_eV,temperature_K``,
+    then ``,pressure_GPa,volume_A3`` when ``periodic``, then the ``extra_columns``. Floats are written
+    with Python's shortest round-trip ``repr`` (reading them back gives the same float64).
+
+    Args:
+      path: CSV file; its folder must exist.
+      periodic: add the pressure and volume columns.
+      append: continue an existing file (its header must equal this log's header; a partial last
+        line left by a kill is dropped). A missing or empty file is created. With False an existing
+        file is overwritten.
+      extra_columns: further column names, e.g. ``("conserved_eV",)`` for the conserved quantity of
+        a thermostat/barostat; written verbatim (no unit conversion).
+
+    Raises:
+      DataError: bad column names, a missing folder, or (append) a header mismatch.
+    """
+
+    def __init__(
+        self, path: PathLike, *, periodic: bool, append: bool = False, extra_columns: tuple[str, ...] = ()
+    ) -> None:
+        self.path = Path(path)
+        self.periodic = bool(periodic)
+        spec = list(_THERMO_BASE) + (list(_THERMO_PERIODIC) if self.periodic else [])
+        for name in extra_columns:
+            if not isinstance(name, str) or not name or any(c in name for c in ",\n\r\"' "):
+                raise DataError(f"invalid extra column name {name!r}")
+        spec += [(name, name, 1.0) for name in extra_columns]
+        self._spec = spec
+        self.columns: tuple[str, ...] = ("step", "time_ps", *(c for c, _, _ in spec))
+        if len(set(self.columns)) != len(self.columns):
+            raise DataError(f"duplicate column names in {self.columns}")
+        self.header = ",".join(self.columns)
+        if not self.path.parent.is_dir():
+            raise DataError(f"{self.path}: directory {self.path.parent} does not exist")
+        if append and self.path.is_file() and self.path.stat().st_size > 0:
+            self._fh = open(self.path, "r+b")
+            try:
+                self._prepare_append()
+            except BaseException:
+                self._fh.close()
+                raise
+        else:
+            self._fh = open(self.path, "wb")
+            self._write_bytes((self.header + "\n").encode())
+
+    def _prepare_append(self) -> None:
+        fh = self._fh
+        first = fh.readline().decode("utf-8", errors="replace").rstrip("\r\n")
+        if first != self.header:
+            raise DataError(
+                f"{self.path}: cannot append, the header differs.\n  file:     {first}\n  expected: {self.header}"
+            )
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(size - 1)
+        if fh.read(1) != b"\n":  # partial last line from a kill: drop it
+            fh.seek(0)
+            data = fh.read()
+            keep = data.rfind(b"\n") + 1
+            fh.truncate(keep)
+            os.fsync(fh.fileno())
+        fh.seek(0, os.SEEK_END)
+
+    def _write_bytes(self, data: bytes) -> None:
+        self._fh.write(data)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def write(self, step: np.ndarray, time_ps: np.ndarray, **columns: np.ndarray) -> None:
+        """Append one row per frame.
+
+        Args:
+          step: int ``[F]`` MD step numbers (a scalar is one frame).
+          time_ps: float ``[F]`` simulation time, ps.
+          **columns: ``[F]`` arrays by keyword: ``potential_energy``, ``kinetic_energy``,
+            ``total_energy`` (eV), ``temperature`` (K), and when periodic ``pressure`` (eV/Å³,
+            written as GPa) and ``volume`` (Å³), plus each extra column by its column name.
+
+        Raises:
+          DataError: a missing or unexpected column, a length mismatch, non-integer steps, or a
+            closed log.
+        """
+        if self._fh.closed:
+            raise DataError(f"{self.path}: ThermoLog is closed")
+        steps = np.atleast_1d(np.asarray(step))
+        if steps.ndim != 1 or (steps.size and not np.issubdtype(steps.dtype, np.integer)):
+            raise DataError(f"step must be a 1-D integer array, got dtype {steps.dtype} shape {steps.shape}")
+        n = steps.shape[0]
+        wanted = {kw for _, kw, _ in self._spec}
+        missing = sorted(wanted - set(columns))
+        extra = sorted(set(columns) - wanted)
+        if missing or extra:
+            raise DataError(f"{self.path}: missing columns {missing}, unexpected columns {extra}")
+        arrays = [("time_ps", np.atleast_1d(np.asarray(time_ps, dtype=np.float64)), 1.0)]
+        arrays += [(kw, np.atleast_1d(np.asarray(columns[kw], dtype=np.float64)), f) for _, kw, f in self._spec]
+        for name, arr, _ in arrays:
+            if arr.shape != (n,):
+                raise DataError(f"{self.path}: column {name!r} has shape {arr.shape}, expected ({n},)")
+        scaled = [arr / f if f != 1.0 else arr for _, arr, f in arrays]
+        lines = [",".join([str(int(steps[i])), *(_fmt(a[i]) for a in scaled)]) for i in range(n)]
+        if lines:
+            self._write_bytes(("\n".join(lines) + "\n").encode())
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if not self._fh.closed:
+            self._fh.close()
+
+    def __enter__(self) -> ThermoLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ============================================================================ H5MD helpers
+
+
+@contextmanager
+def _h5_errors(path: PathLike, what: str) -> Iterator[None]:
+    """Turn h5py/OS errors into a DataError naming the file."""
+    try:
+        yield
+    except DataError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise DataError(f"{path}: cannot {what} H5MD file ({type(err).__name__}: {err})") from err
+
+
+def _flags_set(err: OSError) -> bool:
+    msg = str(err)
+    return "already open for" in msg or "consistency flags" in msg
+
+
+def _open_read(path: Path) -> h5py.File:
+    """Open for reading; fall back to an SWMR read for a file being written or left by a killed writer."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        if not _flags_set(err):
+            raise DataError(f"{path}: not a readable HDF5 file ({err})") from err
+        try:
+            return h5py.File(path, "r", libver="latest", swmr=True)
+        except OSError as err2:
+            raise DataError(
+                f"{path}: the file is open for writing (or was left so by a killed process outside SWMR "
+                f"mode) and cannot be read; if no process is writing it, run `h5clear -s {path}` ({err2})"
+            ) from err2
+
+
+def _decode(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _check_format(f: h5py.File, path: PathLike) -> int:
+    """Validate an equiforce H5MD file; return the committed frame count."""
+    if "h5md" not in f or "particles" not in f:
+        raise DataError(f"{path}: not an H5MD file (no /h5md or /particles group)")
+    version = np.asarray(f["h5md"].attrs.get("version", [])).tolist()
+    if len(version) != 2 or version[0] != H5MD_VERSION[0]:
+        raise DataError(f"{path}: unsupported H5MD version {version}, expected {list(H5MD_VERSION)}")
+    eq = f.get("equiforce")
+    fmt = _decode(eq.attrs.get("format")) if isinstance(eq, h5py.Group) else None
+    if fmt != FORMAT_NAME:
+        raise DataError(f"{path}: H5MD file not written by equiforce (no /equiforce group with format={FORMAT_NAME!r})")
+    fv = int(eq.attrs.get("format_version", -1))
+    if fv > FORMAT_VERSION or fv < 1:
+        raise DataError(f"{path}: equiforce H5MD format_version {fv} not supported (this equiforce: {FORMAT_VERSION})")
+    if "committed_frames" not in eq or "all" not in f["particles"]:
+        raise DataError(f"{path}: corrupt equiforce H5MD file (missing committed_frames or particles/all)")
+    n = int(eq["committed_frames"][()])
+    if n < 0:
+        raise DataError(f"{path}: corrupt committed_frames {n}")
+    return n
+
+
+def _td_groups(f: h5py.File) -> dict[str, h5py.Group]:
+    """All time-dependent element groups of the file, by path."""
+    out: dict[str, h5py.Group] = {}
+    allp = f["particles/all"]
+    for name in ("position", "velocity", "force"):
+        if name in allp:
+            out[f"particles/all/{name}"] = allp[name]
+    if "edges" in allp["box"]:
+        out["particles/all/box/edges"] = allp["box/edges"]
+    for name, g in f["observables"].items():
+        out[f"observables/{name}"] = g
+    return out
+
+
+def _check_td(g: h5py.Group, path: PathLike, n: int, tail: tuple[int, ...] | None = None) -> None:
+    for ds in ("step", "time", "value"):
+        if not isinstance(g.get(ds), h5py.Dataset):
+            raise DataError(f"{path}: time-dependent element {g.name} lacks dataset {ds!r}")
+        if g[ds].shape[0] < n:
+            raise DataError(f"{path}: {g.name}/{ds} has {g[ds].shape[0]} frames, fewer than committed {n}")
+    if tail is not None and tuple(g["value"].shape[1:]) != tail:
+        raise DataError(f"{path}: {g.name}/value has shape {g['value'].shape}, expected (frames, *{tail})")
+
+
+def _frame_chunk(frame_shape: tuple[int, ...]) -> int:
+    """Frames per chunk: about 1 MiB of float64, at least 1, at most 1024."""
+    per_frame = 8 * int(np.prod(frame_shape, dtype=np.int64)) if frame_shape else 8
+    return int(min(1024, max(1, (1 << 20) // max(per_frame, 1))))
+
+
+def _create_td(parent: h5py.Group, name: str, frame_shape: tuple[int, ...], unit: str | None) -> None:
+    g = parent.create_group(name)
+    c = _frame_chunk(frame_shape)
+    g.create_dataset("step", shape=(0,), maxshape=(None,), chunks=(1024,), dtype=np.int64)
+    t = g.create_dataset("time", shape=(0,), maxshape=(None,), chunks=(1024,), dtype=np.float64)
+    t.attrs["unit"] = "ps"
+    v = g.create_dataset(
+        "value", shape=(0, *frame_shape), maxshape=(None, *frame_shape), chunks=(c, *frame_shape), dtype=np.float64
+    )
+    if unit is not None:
+        v.attrs["unit"] = unit
+
+
+def _check_key(key: Any) -> str:
+    if not isinstance(key, str) or not key or "/" in key or key in (".", "..") or key == "meta_json":
+        raise DataError(f"invalid restart state key {key!r} (non-empty str without '/', not 'meta_json')")
+    return key
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _tmp_path(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _recover_copy(path: Path) -> None:
+    """Rewrite a file left with consistency flags (killed writer) as a clean file, atomically."""
+    src = _open_read(path)
+    tmp = _tmp_path(path)
+    try:
+        with src, h5py.File(tmp, "w", libver="latest") as dst:
+            for key, value in src.attrs.items():
+                dst.attrs[key] = value
+            for name in src:
+                src.copy(src[name], dst, name=name)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ============================================================================ H5MD writer
+
+
+class H5MDWriter:
+    """Write an MD trajectory as an H5MD 1.1 file (layout and crash guarantees: module docstring).
+
+    Args:
+      path: the ``.h5``/``.h5md`` file; its folder must exist.
+      atomic_numbers: int ``[N]`` atomic numbers (stored as ``particles/all/species``).
+      masses: float ``[N]`` masses, amu.
+      pbc: bool ``[3]`` periodicity (a bool broadcasts); any True makes the box time-dependent data
+        and requires ``box`` in :meth:`write`.
+      forces: also store forces (then :meth:`write` requires them).
+      observables: names of the scalar observables to store; default the four energies/temperature
+        plus ``pressure`` and ``volume`` when periodic. Known names get an H5MD ``unit``
+        (:data:`OBSERVABLE_UNITS`); other names are stored without unit.
+      mode: ``"w"`` creates (overwriting any file); ``"a"`` continues an existing file after its
+        committed frames (dropping any uncommitted tail) or creates a missing one. Appending checks
+        that species, masses, pbc, force presence and observable names match the file.
+      author: ``h5md/author`` name (default: ``$USER`` or ``"unknown"``).
+      swmr: write in SWMR mode with ``libver="latest"`` (see module docstring).
+
+    Raises:
+      DataError: bad arguments, a missing folder, a foreign/corrupt file or a mismatch on append.
+    """
+
+    def __init__(
+        self,
+        path: PathLike,
+        atomic_numbers: np.ndarray,
+        masses: np.ndarray,
+        pbc: np.ndarray | bool,
+        *,
+        forces: bool = False,
+        observables: tuple[str, ...] | None = None,
+        mode: str = "w",
+        author: str | None = None,
+        swmr: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        if mode not in ("w", "a"):
+            raise DataError(f"mode must be 'w' or 'a', got {mode!r}")
+        z = np.asarray(atomic_numbers)
+        if z.ndim != 1 or z.size == 0 or not np.issubdtype(z.dtype, np.integer):
+            raise DataError(f"atomic_numbers must be a non-empty 1-D integer array, got {z.dtype} {z.shape}")
+        m = np.asarray(masses, dtype=np.float64)
+        if m.shape != z.shape or not np.all(np.isfinite(m)) or np.any(m <= 0):
+            raise DataError(f"masses must be {z.shape} positive finite floats, got shape {m.shape}")
+        p = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,)).copy()
+        self.atomic_numbers = z.astype(np.int32)
+        self.masses = m
+        self.pbc = p
+        self.periodic = bool(p.any())
+        self.n_atoms = int(z.size)
+        self.forces = bool(forces)
+        if observables is None:
+            observables = _BASE_OBSERVABLES + (_PERIODIC_OBSERVABLES if self.periodic else ())
+        for name in observables:
+            if not isinstance(name, str) or not name.isidentifier():
+                raise DataError(f"invalid observable name {name!r}")
+        if len(set(observables)) != len(observables):
+            raise DataError(f"duplicate observable names in {observables}")
+        self.observables: tuple[str, ...] = tuple(observables)
+        self.author = author if author is not None else os.environ.get("USER", "unknown")
+        self.swmr = bool(swmr)
+        self._libver = "latest" if self.swmr else None
+        if not self.path.parent.is_dir():
+            raise DataError(f"{self.path}: directory {self.path.parent} does not exist")
+        self._f: h5py.File | None = None
+        if mode == "a" and self.path.exists():
+            self._open_append()
+        else:
+            with _h5_errors(self.path, "create"):
+                self._f = h5py.File(self.path, "w", libver=self._libver)
+                try:
+                    self._create_layout()
+                    self._f.flush()
+                except BaseException:
+                    self._f.close()
+                    raise
+        self._start_swmr()
+
+    # ------------------------------------------------------------------ layout
+    def _td_paths(self) -> dict[str, tuple[int, ...]]:
+        out: dict[str, tuple[int, ...]] = {
+            "particles/all/position": (self.n_atoms, 3),
+            "particles/all/velocity": (self.n_atoms, 3),
+        }
+        if self.forces:
+            out["particles/all/force"] = (self.n_atoms, 3)
+        if self.periodic:
+            out["particles/all/box/edges"] = (3, 3)
+        for name in self.observables:
+            out[f"observables/{name}"] = ()
+        return out
+
+    def _create_layout(self) -> None:
+        f = self._f
+        h5 = f.create_group("h5md")
+        h5.attrs["version"] = np.array(H5MD_VERSION, dtype=np.int32)
+        h5.create_group("author").attrs["name"] = self.author
+        creator = h5.create_group("creator")
+        creator.attrs["name"] = "equiforce"
+        creator.attrs["version"] = __version__
+        h5.create_group("modules/units").attrs["version"] = np.array([1, 0], dtype=np.int32)
+        allp = f.create_group("particles/all")
+        allp.create_dataset("species", data=self.atomic_numbers, dtype=np.int32)
+        allp.create_dataset("mass", data=self.masses, dtype=np.float64).attrs["unit"] = "u"
+        box = allp.create_group("box")
+        box.attrs["dimension"] = np.int32(3)
+        box.attrs["boundary"] = np.array([b"periodic" if x else b"none" for x in self.pbc], dtype="S8")
+        f.create_group("observables")
+        for p, shape in self._td_paths().items():
+            parent, name = p.rsplit("/", 1)
+            if p.startswith("observables/"):
+                unit = OBSERVABLE_UNITS.get(name)
+            elif name == "edges":
+                unit = "Angstrom"
+            else:
+                unit = _PARTICLE_UNITS[name]
+            _create_td(f[parent], name, shape, unit)
+        eq = f.create_group("equiforce")
+        eq.attrs["format"] = FORMAT_NAME
+        eq.attrs["format_version"] = np.int32(FORMAT_VERSION)
+        eq.attrs["units"] = json.dumps(_EQ_UNITS, ensure_ascii=False)
+        eq.create_dataset("committed_frames", data=np.int64(0), dtype=np.int64)
+        rs = eq.create_group("restart")
+        rs.create_dataset("active", data=np.int64(-1), dtype=np.int64)
+        self.n_frames = 0
+
+    def _open_append(self) -> None:
+        path = self.path
+        try:
+            f = h5py.File(path, "r+", libver=self._libver)
+        except OSError as err:
+            if not _flags_set(err):
+                raise DataError(f"{path}: cannot open for appending ({err})") from err
+            with _h5_errors(path, "recover"):
+                _recover_copy(path)
+            with _h5_errors(path, "open"):
+                f = h5py.File(path, "r+", libver=self._libver)
+        self._f = f
+        try:
+            with _h5_errors(path, "append to"):
+                self._check_append_match()
+        except BaseException:
+            f.close()
+            raise
+
+    def _check_append_match(self) -> None:
+        f, path = self._f, self.path
+        n = _check_format(f, path)
+        allp = f["particles/all"]
+        z = np.asarray(allp["species"][()])
+        m = np.asarray(allp["mass"][()])
+        boundary = [_decode(b) for b in np.asarray(allp["box"].attrs.get("boundary", [])).tolist()]
+        pbc = np.array([b == "periodic" for b in boundary], dtype=bool)
+        problems = []
+        if z.shape != self.atomic_numbers.shape or not np.array_equal(z, self.atomic_numbers):
+            problems.append(f"species differ (file {z.shape[0]} atoms, run {self.n_atoms})")
+        elif not np.array_equal(m, self.masses):
+            problems.append("masses differ")
+        if pbc.shape != (3,) or not np.array_equal(pbc, self.pbc):
+            problems.append(f"pbc differ (file {boundary}, run {self.pbc.tolist()})")
+        has_force = "force" in allp
+        if has_force != self.forces:
+            problems.append(f"force presence differs (file {has_force}, run {self.forces})")
+        file_obs = tuple(f["observables"].keys())
+        if set(file_obs) != set(self.observables):
+            problems.append(f"observables differ (file {sorted(file_obs)}, run {sorted(self.observables)})")
+        if problems:
+            raise DataError(f"{path}: cannot append: " + "; ".join(problems))
+        for p, shape in self._td_paths().items():
+            _check_td(f[p], path, n, shape)
+        # drop an uncommitted tail left by a kill mid-write
+        for p in self._td_paths():
+            for ds in ("step", "time", "value"):
+                if f[p][ds].shape[0] != n:
+                    f[p][ds].resize(n, axis=0)
+        self.n_frames = n
+        f.flush()
+
+    def _start_swmr(self) -> None:
+        if self.swmr and self._f is not None and not self._f.swmr_mode:
+            self._f.swmr_mode = True
+
+    @contextmanager
+    def _structural(self) -> Iterator[h5py.File]:
+        """Leave SWMR mode (reopen) for changes SWMR forbids: creating/deleting objects, shrinking."""
+        if self.swmr:
+            self._f.close()
+            self._f = h5py.File(self.path, "r+", libver="latest")
+        try:
+            yield self._f
+        finally:
+            self._f.flush()
+            self._start_swmr()
+
+    def _require_open(self) -> h5py.File:
+        if self._f is None or not self._f.id.valid:
+            raise DataError(f"{self.path}: H5MDWriter is closed")
+        return self._f
+
+    # ------------------------------------------------------------------ writing
+    def write(
+        self,
+        step: np.ndarray,
+        time_ps: np.ndarray,
+        positions: np.ndarray,
+        velocities: np.ndarray,
+        box: np.ndarray | None = None,
+        forces: np.ndarray | None = None,
+        **observables: np.ndarray,
+    ) -> None:
+        """Append ``F`` frames and commit them.
+
+        Args:
+          step: int ``[F]`` MD step numbers, strictly increasing and larger than the last committed step.
+          time_ps: float ``[F]`` time, ps.
+          positions: ``[F, N, 3]`` Å (``[N, 3]`` is one frame; likewise below).
+          velocities: ``[F, N, 3]`` Å/ps.
+          box: ``[F, 3, 3]`` lattice vectors as rows, Å; required iff periodic.
+          forces: ``[F, N, 3]`` eV/Å; required iff the writer was made with ``forces=True``.
+          **observables: ``[F]`` arrays, exactly the writer's ``observables`` (units in
+            :data:`OBSERVABLE_UNITS`).
+
+        Raises:
+          DataError: missing/unexpected arrays, wrong shapes, non-increasing steps, a closed writer, or
+            a write failure.
+        """
+        f = self._require_open()
+        steps = np.atleast_1d(np.asarray(step))
+        if steps.ndim != 1 or (steps.size and not np.issubdtype(steps.dtype, np.integer)):
+            raise DataError(f"step must be a 1-D integer array, got dtype {steps.dtype} shape {steps.shape}")
+        nf = steps.shape[0]
+        single = np.asarray(positions).ndim == 2
+
+        def frames(name: str, arr: Any, shape: tuple[int, ...]) -> np.ndarray:
+            a = np.asarray(arr, dtype=np.float64)
+            if single and a.ndim == len(shape):
+                a = a[None]
+            if a.shape != (nf, *shape):
+                raise DataError(f"{name} has shape {a.shape}, expected {(nf, *shape)}")
+            return a
+
+        n3 = (self.n_atoms, 3)
+        data: dict[str, np.ndarray] = {
+            "particles/all/position": frames("positions", positions, n3),
+            "particles/all/velocity": frames("velocities", velocities, n3),
+        }
+        if self.forces != (forces is not None):
+            raise DataError(f"forces {'required' if self.forces else 'not expected'} (writer forces={self.forces})")
+        if forces is not None:
+            data["particles/all/force"] = frames("forces", forces, n3)
+        if self.periodic != (box is not None):
+            raise DataError(f"box {'required' if self.periodic else 'not expected'} (pbc={self.pbc.tolist()})")
+        if box is not None:
+            data["particles/all/box/edges"] = frames("box", box, (3, 3))
+        missing = sorted(set(self.observables) - set(observables))
+        extra = sorted(set(observables) - set(self.observables))
+        if missing or extra:
+            raise DataError(f"{self.path}: missing observables {missing}, unexpected observables {extra}")
+        for name in self.observables:
+            data[f"observables/{name}"] = frames(name, observables[name], ())
+        times = frames("time_ps", time_ps, ())
+        if nf == 0:
+            return
+        steps = steps.astype(np.int64)
+        if np.any(np.diff(steps) <= 0):
+            raise DataError(f"steps must be strictly increasing, got {steps.tolist()[:10]}...")
+        n = self.n_frames
+        with _h5_errors(self.path, "write"):
+            if n:
+                last = int(f["particles/all/position/step"][n - 1])
+                if steps[0] <= last:
+                    raise DataError(
+                        f"{self.path}: step {int(steps[0])} is not after the last committed step {last} "
+                        "(use truncate_after_step() when restarting from an earlier state)"
+                    )
+            for p, value in data.items():
+                g = f[p]
+                for ds, arr in (("step", steps), ("time", times), ("value", value)):
+                    g[ds].resize(n + nf, axis=0)
+                    g[ds][n : n + nf] = arr
+            f.flush()
+            f["equiforce/committed_frames"][()] = np.int64(n + nf)
+            f.flush()
+        self.n_frames = n + nf
+
+    def truncate_after_step(self, step: int) -> int:
+        """Drop committed frames with step > ``step`` (e.g. when restarting from an earlier restart state).
+
+        Returns:
+          The number of frames kept.
+        """
+        f = self._require_open()
+        with _h5_errors(self.path, "truncate"):
+            steps = np.asarray(f["particles/all/position/step"][: self.n_frames])
+            keep = int(np.searchsorted(steps, int(step), side="right"))
+            if keep == self.n_frames:
+                return keep
+            with self._structural() as f:
+                f["equiforce/committed_frames"][()] = np.int64(keep)
+                f.flush()
+                for p in self._td_paths():
+                    for ds in ("step", "time", "value"):
+                        f[p][ds].resize(keep, axis=0)
+        self.n_frames = keep
+        return keep
+
+    def write_restart_state(self, state_arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+        """Store the integrator's full state for an exact restart (double-buffered, see module docstring).
+
+        Call it right after :meth:`write` with the state of the last written frame.
+
+        Args:
+          state_arrays: name -> numeric/bool array (any shape, dtype kept; e.g. positions, momenta,
+            forces, masses, thermostat chains, box, RNG key, step). Names: non-empty, no ``'/'``.
+          meta: JSON-serialisable dict (integrator name, dt, temperature, ...); NumPy scalars/arrays
+            are converted to lists. The key ``"committed_frames"`` is reserved.
+
+        Raises:
+          DataError: bad names, non-numeric arrays, non-JSON meta, or a write failure.
+        """
+        f = self._require_open()
+        arrays = {_check_key(k): np.asarray(v) for k, v in state_arrays.items()}
+        for k, a in arrays.items():
+            if a.dtype.kind not in "biufc":
+                raise DataError(f"restart state {k!r} has non-numeric dtype {a.dtype}")
+        if _RESERVED_META_KEY in meta:
+            raise DataError(f"restart meta key {_RESERVED_META_KEY!r} is reserved")
+        try:
+            text = json.dumps({"meta": _jsonable(dict(meta)), _RESERVED_META_KEY: self.n_frames}, allow_nan=True)
+        except (TypeError, ValueError) as err:
+            raise DataError(f"restart meta is not JSON-serialisable: {err}") from err
+        blob = np.frombuffer(text.encode(), dtype=np.uint8)
+        with _h5_errors(self.path, "write restart state to"):
+            rs = f["equiforce/restart"]
+            active = int(rs["active"][()])
+            slot = f"slot{1 - active if active in (0, 1) else 0}"
+            g = rs.get(slot)
+            fits = (
+                isinstance(g, h5py.Group)
+                and set(g.keys()) == {*arrays, "meta_json"}
+                and all(g[k].shape == a.shape and g[k].dtype == a.dtype for k, a in arrays.items())
+            )
+            if not fits:
+                with self._structural() as f:
+                    rs = f["equiforce/restart"]
+                    if slot in rs:
+                        del rs[slot]
+                    g = rs.create_group(slot)
+                    for k, a in arrays.items():
+                        g.create_dataset(k, data=a, dtype=a.dtype)
+                    g.create_dataset("meta_json", data=blob, maxshape=(None,), chunks=(4096,), dtype=np.uint8)
+            else:
+                for k, a in arrays.items():
+                    g[k][()] = a
+                mj = g["meta_json"]
+                if mj.shape[0] < blob.size:
+                    mj.resize(blob.size, axis=0)
+                padded = np.full(mj.shape[0], ord(" "), dtype=np.uint8)
+                padded[: blob.size] = blob
+                mj[:] = padded
+            f.flush()
+            f["equiforce/restart/active"][()] = np.int64(int(slot[-1]))
+            f.flush()
+
+    def close(self) -> None:
+        """Flush and close the file (idempotent); a cleanly closed file opens with plain h5py."""
+        if self._f is not None and self._f.id.valid:
+            with suppress(Exception):
+                self._f.flush()
+            self._f.close()
+        self._f = None
+
+    def __enter__(self) -> H5MDWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ============================================================================ readers
+
+
+def read_h5md(path: PathLike) -> dict[str, Any]:
+    """Read the committed frames of an equiforce H5MD file (also while it is being written, or after a kill).
+
+    Returns:
+      dict with ``species`` (int32 ``[N]``), ``masses`` (float64 ``[N]``, amu), ``pbc`` (bool ``[3]``),
+      ``step`` (int64 ``[F]``), ``time`` (float64 ``[F]``, ps), ``positions`` (``[F, N, 3]``, Å),
+      ``velocities`` (``[F, N, 3]``, Å/ps), ``forces`` (``[F, N, 3]``, eV/Å, only if stored),
+      ``box`` (``[F, 3, 3]``, lattice vectors as rows, Å, only if periodic) and ``observables``
+      (name -> float64 ``[F]``, units in :data:`OBSERVABLE_UNITS`). Values are bit-identical to
+      those written.
+
+    Raises:
+      DataError: missing, corrupt or foreign file.
+    """
+    path = Path(path)
+    f = _open_read(path)
+    with f, _h5_errors(path, "read"):
+        n = _check_format(f, path)
+        allp = f["particles/all"]
+        if not isinstance(allp.get("species"), h5py.Dataset) or not isinstance(allp.get("box"), h5py.Group):
+            raise DataError(f"{path}: corrupt file (missing particles/all/species or box)")
+        species = np.asarray(allp["species"][()], dtype=np.int32)
+        n_atoms = species.shape[0]
+        out: dict[str, Any] = {"species": species, "masses": np.asarray(allp["mass"][()], dtype=np.float64)}
+        boundary = [_decode(b) for b in np.asarray(allp["box"].attrs.get("boundary", [])).tolist()]
+        out["pbc"] = np.array([b == "periodic" for b in boundary], dtype=bool)
+        if "observables" not in f:
+            raise DataError(f"{path}: corrupt file (missing observables group)")
+        for p, g in _td_groups(f).items():
+            tail = (3, 3) if p.endswith("edges") else () if p.startswith("observables/") else (n_atoms, 3)
+            _check_td(g, path, n, tail)
+        for name in ("position", "velocity"):
+            if name not in allp:
+                raise DataError(f"{path}: corrupt file (missing particles/all/{name})")
+        pos = allp["position"]
+        out["step"] = np.asarray(pos["step"][:n], dtype=np.int64)
+        out["time"] = np.asarray(pos["time"][:n], dtype=np.float64)
+        out["positions"] = np.asarray(pos["value"][:n])
+        out["velocities"] = np.asarray(allp["velocity/value"][:n])
+        if "force" in allp:
+            out["forces"] = np.asarray(allp["force/value"][:n])
+        if "edges" in allp["box"]:
+            out["box"] = np.asarray(allp["box/edges/value"][:n])
+        out["observables"] = {name: np.asarray(g["value"][:n]) for name, g in f["observables"].items()}
+    return out
+
+
+def read_restart_state(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read the latest restart state stored by :meth:`H5MDWriter.write_restart_state`.
+
+    Returns:
+      ``(arrays, meta)``: the state arrays (dtype and shape as written, bit-exact) and the meta dict
+      as written (JSON round trip) plus ``meta["committed_frames"]``, the number of trajectory frames
+      committed when the state was stored (the state belongs to frame ``committed_frames - 1``).
+
+    Raises:
+      DataError: missing, corrupt or foreign file, or no restart state stored.
+    """
+    path = Path(path)
+    f = _open_read(path)
+    with f, _h5_errors(path, "read restart state from"):
+        _check_format(f, path)
+        rs = f.get("equiforce/restart")
+        if not isinstance(rs, h5py.Group) or "active" not in rs:
+            raise DataError(f"{path}: corrupt file (missing equiforce/restart/active)")
+        active = int(rs["active"][()])
+        if active not in (0, 1):
+            raise DataError(f"{path}: no restart state stored")
+        g = rs.get(f"slot{active}")
+        if not isinstance(g, h5py.Group) or "meta_json" not in g:
+            raise DataError(f"{path}: corrupt restart slot {active}")
+        arrays = {k: np.asarray(ds[()]) for k, ds in g.items() if k != "meta_json"}
+        try:
+            payload = json.loads(bytes(np.asarray(g["meta_json"][()], dtype=np.uint8)).decode())
+            meta = dict(payload["meta"])
+            meta[_RESERVED_META_KEY] = int(payload[_RESERVED_META_KEY])
+        except (ValueError, KeyError, TypeError) as err:
+            raise DataError(f"{path}: corrupt restart meta ({err})") from err
+    return arrays, meta

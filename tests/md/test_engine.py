@@ -1,0 +1,127 @@
+"""The jax-md engine: energy conservation, neighbour-list exactness, thermostat, overflow re-runs, bad input."""
+
+import numpy as np
+import pytest
+from ase import Atoms
+
+from equiforce.data import DataError, load_sample
+from equiforce.md.engine import MDBlowUpError, MDConfig, MDEngine
+from equiforce.md.system import make_system
+from equiforce.potentials import UnknownSpeciesError
+
+
+@pytest.fixture(scope="module")
+def aspirin():
+    return load_sample("test").to_atoms(0)
+
+
+def _run(potential, params, atoms, config, n_chunks, **system_kw):
+    system = make_system(potential, params, atoms, **system_kw)
+    engine = MDEngine(system, config, log=lambda _: None)
+    state = engine.init(atoms.get_positions())
+    frames, positions = [], []
+    for _ in range(n_chunks):
+        state, frame = engine.run_chunk(state)
+        frames.append(frame)
+        positions.append(engine.positions(state))
+    return engine, frames, np.array(positions)
+
+
+def test_nve_conserves_energy_float64(aspirin_potential, aspirin):
+    """Velocity Verlet at 0.25 fs for 0.5 ps: |drift| < 1 meV/atom/ps, fluctuation < 1 meV/atom."""
+    potential, params = aspirin_potential
+    cfg = MDConfig(ensemble="nve", timestep_fs=0.25, temperature_K=300.0, report_interval=100)
+    _, frames, _ = _run(potential, params, aspirin, cfg, 20)
+    t = np.array([f.time_ps for f in frames])
+    e = np.array([f.conserved for f in frames]) / len(aspirin)
+    drift = np.polyfit(t, e, 1)[0]  # eV/atom/ps
+    assert abs(drift) < 1e-3, f"drift {drift * 1e3:.3f} meV/atom/ps"
+    assert np.ptp(e) < 1e-3
+    temperatures = np.array([f.temperature for f in frames])
+    assert np.all((temperatures > 50) & (temperatures < 2000)), "the molecule stayed bound"
+
+
+def test_neighbour_list_trajectory_equals_all_pairs(aspirin_potential, aspirin):
+    """A 1 Å-skin neighbour list (rebuilt inside the loop) gives the all-pairs trajectory (skin 50 Å)."""
+    potential, params = aspirin_potential
+    cfg = MDConfig(ensemble="nve", timestep_fs=0.5, report_interval=50)
+    _, _, pos_nl = _run(potential, params, aspirin, cfg, 4, skin=0.2)
+    _, _, pos_all = _run(potential, params, aspirin, cfg, 4, skin=50.0)
+    np.testing.assert_allclose(pos_nl, pos_all, rtol=0, atol=1e-9)
+
+
+def test_langevin_holds_temperature(aspirin_potential, aspirin):
+    """Mean temperature of a Langevin run within 15 % of the 500 K target (21 atoms fluctuate ~18 %)."""
+    potential, params = aspirin_potential
+    cfg = MDConfig(
+        ensemble="nvt_langevin", timestep_fs=0.5, temperature_K=500.0, friction_per_ps=20.0, report_interval=20
+    )
+    _, frames, _ = _run(potential, params, aspirin, cfg, 100)
+    mean_t = np.mean([f.temperature for f in frames[30:]])
+    assert abs(mean_t - 500.0) < 75.0, mean_t
+
+
+def test_nose_hoover_conserves_its_invariant(aspirin_potential, aspirin):
+    potential, params = aspirin_potential
+    cfg = MDConfig(ensemble="nvt_nose_hoover", timestep_fs=0.25, temperature_K=300.0, report_interval=50)
+    _, frames, _ = _run(potential, params, aspirin, cfg, 10)
+    conserved = np.array([f.conserved for f in frames])
+    assert np.all(np.isfinite(conserved))
+    assert np.ptp(conserved) / len(aspirin) < 2e-3
+
+
+def test_overflow_is_reallocated_and_chunk_rerun(aspirin_potential, aspirin):
+    """Allocate the list on an expanded molecule (few pairs), then run the real one: the list overflows,
+    is reallocated, the chunk re-run, and the trajectory equals a run with ample capacity."""
+    potential, params = aspirin_potential
+    cfg = MDConfig(ensemble="nve", timestep_fs=0.5, report_interval=50, capacity_multiplier=1.0)
+    system = make_system(potential, params, aspirin, capacity_multiplier=1.0)
+    engine = MDEngine(system, cfg, log=lambda _: None)
+    expanded = engine.init(aspirin.get_positions() * 2.0)
+    small_capacity = int(engine.neighbor.idx.shape[-1])
+    state = engine.init(aspirin.get_positions())
+    engine.neighbor = system.neighbor_fn.allocate(expanded.position)  # too small for the real molecule
+    assert int(engine.neighbor.idx.shape[-1]) == small_capacity
+    positions = []
+    for _ in range(3):
+        state, _ = engine.run_chunk(state)
+        positions.append(engine.positions(state))
+    assert engine.reallocations >= 1
+    assert int(engine.neighbor.idx.shape[-1]) > small_capacity
+    _, _, reference = _run(potential, params, aspirin, cfg, 3, skin=1.0, capacity_multiplier=3.0)
+    np.testing.assert_allclose(np.array(positions), reference, rtol=0, atol=1e-9)
+
+
+def test_blow_up_is_detected(aspirin_potential, aspirin):
+    potential, params = aspirin_potential
+    cfg = MDConfig(ensemble="nve", timestep_fs=20.0, temperature_K=3000.0, report_interval=50, max_temperature_K=1e4)
+    system = make_system(potential, params, aspirin)
+    engine = MDEngine(system, cfg, log=lambda _: None)
+    state = engine.init(aspirin.get_positions())
+    with pytest.raises(MDBlowUpError, match="blew up"):
+        for _ in range(20):
+            state, _ = engine.run_chunk(state)
+    assert np.all(np.isfinite(engine.positions(state))), "the last good state is kept"
+
+
+def test_bad_input(aspirin_potential, aspirin):
+    potential, params = aspirin_potential
+    with pytest.raises(DataError, match="empty"):
+        make_system(potential, params, Atoms())
+    nan = aspirin.copy()
+    nan.positions[3] = np.nan
+    with pytest.raises(DataError, match="NaN"):
+        make_system(potential, params, nan)
+    overlap = aspirin.copy()
+    overlap.positions[1] = overlap.positions[0] + 0.1
+    with pytest.raises(DataError, match="overlap"):
+        make_system(potential, params, overlap)
+    with pytest.raises(UnknownSpeciesError, match="Fe"):
+        make_system(potential, params, Atoms("FeH", positions=[[0, 0, 0], [1.5, 0, 0]]))
+    small_box = Atoms("CH", positions=[[0, 0, 0], [1.1, 0, 0]], cell=[6.0, 6.0, 6.0], pbc=True)
+    with pytest.raises(DataError, match="half the shortest cell height"):
+        make_system(potential, params, small_box)
+    with pytest.raises(DataError, match="fully periodic"):
+        make_system(
+            potential, params, Atoms("CH", positions=[[0, 0, 0], [1.1, 0, 0]], cell=[20] * 3, pbc=[True, False, False])
+        )
