@@ -1,5 +1,34 @@
-"""equiforce.md: molecular dynamics with a trained potential (jax-md engine) and the ASE calculator."""
+"""equiforce.md: molecular dynamics with a trained potential (jax-md engine) and the ASE calculator.
+
+* :func:`run_md` — one call: model file + structure → jit-compiled NVE/NVT run, H5MD trajectory,
+  thermo CSV, exact restart.
+* :class:`MDEngine`, :func:`make_system` — the lower-level pieces (jax-md space, neighbour list, chunks).
+* :class:`EquiforceCalculator` — an ASE calculator for any ASE workflow.
+"""
 
 from equiforce.md.calculator import EquiforceCalculator, bucket_size
+from equiforce.md.engine import ENSEMBLES, MDBlowUpError, MDConfig, MDEngine, ThermoFrame
+from equiforce.md.reporters import H5MDWriter, ThermoLog, read_h5md, read_restart_state
+from equiforce.md.run import MDResult, energy_drift, load_structure, run_md
+from equiforce.md.system import MDSystem, check_structure, make_system
 
-__all__ = ["EquiforceCalculator", "bucket_size"]
+__all__ = [
+    "ENSEMBLES",
+    "EquiforceCalculator",
+    "H5MDWriter",
+    "MDBlowUpError",
+    "MDConfig",
+    "MDEngine",
+    "MDResult",
+    "MDSystem",
+    "ThermoFrame",
+    "ThermoLog",
+    "bucket_size",
+    "check_structure",
+    "energy_drift",
+    "load_structure",
+    "make_system",
+    "read_h5md",
+    "read_restart_state",
+    "run_md",
+]

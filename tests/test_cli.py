@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import yaml
 
@@ -27,6 +28,7 @@ def trained_run(tmp_path_factory):
                 "model": {"hyperparameters": {"num_interactions": 1, "num_features": 4, "l_max": 1}},
                 "data": {"train_size": 20, "valid_fraction": 0.01, "test_size": 10},
                 "optim": {"max_epochs": 5, "batch_size": 5},
+                "md_check": {"steps": 100, "report_interval": 50},
             }
         )
     )
@@ -70,6 +72,11 @@ def test_info_prints_json(trained_run, capsys):
     meta = header["metadata"]
     assert meta["trained_epochs"] == 1 and meta["n_train"] == 20 and meta["n_test"] == 10
     assert meta["test_metrics"]["forces_mae_meV_per_A"] > 0
+    # the energy-conservation gate ran after training and its figures sit next to the MAE
+    nve = meta["nve_check"]
+    assert nve["steps"] == 100 and isinstance(nve["blew_up"], bool)
+    if not nve["blew_up"]:
+        assert np.isfinite(nve["drift_meV_per_atom_per_ps"]) and nve["fluctuation_meV_per_atom"] >= 0
 
 
 def test_resume_of_finished_run_extends_it(trained_run, tmp_path):

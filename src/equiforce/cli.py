@@ -2,6 +2,8 @@
 
     equiforce train CONFIG.yaml [key.sub=value ...] [--resume]
     equiforce evaluate MODEL.eqf DATA [--parity parity.png] [--batch-size 16] [--energy-unit eV]
+    equiforce md MODEL.eqf STRUCTURE [--ensemble nvt_langevin] [--temperature 300] [--timestep 0.5]
+                 [--steps N] [--out traj.h5] [--thermo thermo.csv] [--restart]
     equiforce info MODEL.eqf
 
 Nothing imports this module; every command calls the same functions a Python user calls.
@@ -66,6 +68,43 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_md(args: argparse.Namespace) -> int:
+    from equiforce.md.run import run_md
+
+    _enable_x64_for(args.model)
+    result = run_md(
+        args.model,
+        args.structure,
+        ensemble=args.ensemble,
+        temperature_K=args.temperature,
+        timestep_fs=args.timestep,
+        steps=args.steps,
+        report_interval=args.report_interval,
+        friction_per_ps=args.friction,
+        skin=args.skin,
+        seed=args.seed,
+        trajectory=args.out,
+        thermo=args.thermo,
+        write_forces=args.forces,
+        restart=args.restart,
+    )
+    last = result.frames[-1]
+    print(
+        f"{result.steps} steps ({last.time_ps:.3f} ps) of {args.ensemble}: final T {last.temperature:.1f} K, "
+        f"{result.steps_per_s:.1f} steps/s = {result.ns_per_day:.3f} ns/day "
+        f"(first chunk with compilation {result.first_chunk_s:.1f} s), {result.reallocations} neighbour-list "
+        "reallocations"
+    )
+    if args.ensemble != "nvt_langevin":
+        print(
+            f"conserved-energy drift {result.drift_meV_per_atom_per_ps:.3f} meV/atom/ps, "
+            f"fluctuation {result.fluctuation_meV_per_atom:.3f} meV/atom"
+        )
+    if args.out:
+        print(f"trajectory (H5MD) written to {args.out}")
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from equiforce.potentials.model_io import read_header
 
@@ -94,6 +133,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the metrics as JSON here")
     p.set_defaults(func=_cmd_evaluate)
 
+    p = sub.add_parser("md", help="molecular dynamics with a trained model (jax-md, jit-compiled)")
+    p.add_argument("model", help="model file (.eqf)")
+    p.add_argument("structure", help="structure file ase reads (path or path@index) or sample:test:K")
+    p.add_argument("--ensemble", default="nvt_langevin", choices=["nve", "nvt_langevin", "nvt_nose_hoover"])
+    p.add_argument("--temperature", type=float, default=300.0, help="K (initial velocities and thermostat)")
+    p.add_argument("--timestep", type=float, default=0.5, help="fs")
+    p.add_argument("--steps", type=int, default=10000)
+    p.add_argument("--report-interval", type=int, default=100, help="steps per frame (and per jitted chunk)")
+    p.add_argument("--friction", type=float, default=1.0, help="Langevin friction, 1/ps")
+    p.add_argument("--skin", type=float, default=1.0, help="neighbour-list skin, Å")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="H5MD trajectory file (.h5)")
+    p.add_argument("--thermo", default=None, help="thermo CSV file")
+    p.add_argument("--forces", action="store_true", help="also store forces in the trajectory")
+    p.add_argument("--restart", action="store_true", help="continue the run stored in --out exactly")
+    p.set_defaults(func=_cmd_md)
+
     p = sub.add_parser("info", help="print a model file's header (config, species, E0s, metrics)")
     p.add_argument("model")
     p.set_defaults(func=_cmd_info)
@@ -105,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
         # Our errors (DataError, ConfigError, ModelFileError, UnknownSpeciesError) are ValueErrors
         # with a message meant for the user.
         print(f"equiforce {args.command}: error: {err}", file=sys.stderr)

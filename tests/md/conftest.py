@@ -23,6 +23,8 @@ def trained_aspirin_model(tmp_path_factory) -> str:
             "optim.max_epochs=6",
             "optim.learning_rate=0.01",
             "optim.batch_size=5",
+            "md_check.steps=400",
+            "md_check.timestep_fs=0.25",
         ],
     )
     result = train(cfg, log=lambda _: None)

@@ -38,6 +38,7 @@ def _cfg(out, *overrides: str):
         "data.test_size=10",
         "optim.batch_size=5",
         "optim.max_epochs=3",
+        "md_check.steps=0",  # the NVE gate is exercised by tests/test_cli.py and tests/md
     ]
     return load_config(None, base + list(overrides))
 

@@ -18,6 +18,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "LossConfig",
+    "MDCheckConfig",
     "ModelSection",
     "OptimConfig",
     "TrainConfig",
@@ -91,6 +92,20 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MDCheckConfig:
+    """The energy-conservation gate run after training: NVE from a validation structure.
+
+    ``steps: 0`` switches it off. The drift (meV/atom/ps) and fluctuation (meV/atom) of the total energy
+    go into the final report and the model file's metadata next to the MAE.
+    """
+
+    steps: int = 2000
+    timestep_fs: float = 0.5
+    temperature_K: float = 300.0
+    report_interval: int = 50
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The whole training run."""
 
@@ -100,6 +115,7 @@ class TrainConfig:
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    md_check: MDCheckConfig = dataclasses.field(default_factory=MDCheckConfig)
     progress_bar: bool = True
     base_dir: str = "."
 

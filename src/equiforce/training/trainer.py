@@ -467,6 +467,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
             tpred = predict(final, best_params, data.test, batch_size=bs, graphs=test_graphs)
         tm = compute_metrics(tpred)
         _write_parity(out / "parity_test.png", tpred, f"{cfg.model.name} test set")
+    md_check = None
+    if cfg.md_check.steps > 0:
+        md_check = energy_conservation_check(final, best_params, data.valid, cfg, log)
     metadata = {
         "trained_epochs": host["epoch"],
         "best_epoch": host["best_epoch"],
@@ -475,6 +478,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
         "first_step_s": compile_s,
         "valid_metrics": vm,
         "test_metrics": tm,
+        "nve_check": md_check,
         "dataset_statistics": stats,
         "n_train": len(data.train),
         "n_valid": len(data.valid),
@@ -486,8 +490,62 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
     log(f"valid: {_fmt(vm)}")
     if tm is not None:
         log(f"test:  {_fmt(tm)}")
+    if md_check is not None and not md_check["blew_up"]:
+        log(
+            f"NVE:   drift {md_check['drift_meV_per_atom_per_ps']:.3f} meV/atom/ps, "
+            f"fluctuation {md_check['fluctuation_meV_per_atom']:.3f} meV/atom"
+        )
+    elif md_check is not None:
+        log("NVE:   the model blew up in the energy-conservation check (see above)")
     log(f"model saved to {model_path}")
     return TrainResult(model_path, final, best_params, vm, tm, host["history"], stopped)
+
+
+def energy_conservation_check(
+    potential: Potential, params: Any, structures: StructureSet, cfg: TrainConfig, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """NVE from the first structure of ``structures``: total-energy drift and fluctuation per atom.
+
+    A low-MAE model can still be unstable in MD; this puts both numbers side by side. A blow-up is
+    reported (``"blew_up": True``), not raised.
+    """
+    from equiforce.md.engine import MDBlowUpError
+    from equiforce.md.run import run_md
+
+    c = cfg.md_check
+    atoms = structures.to_atoms(0)
+    atoms.calc = None
+    try:
+        r = run_md(
+            (potential, params),
+            atoms,
+            ensemble="nve",
+            temperature_K=c.temperature_K,
+            timestep_fs=c.timestep_fs,
+            steps=c.steps,
+            report_interval=c.report_interval,
+            progress=False,
+            log=log,
+        )
+    except MDBlowUpError as err:
+        log(f"NVE check: {err}")
+        return {"blew_up": True, "message": str(err), "steps": c.steps, "timestep_fs": c.timestep_fs}
+    result = {
+        "blew_up": False,
+        "steps": r.steps,
+        "timestep_fs": c.timestep_fs,
+        "temperature_K": c.temperature_K,
+        "drift_meV_per_atom_per_ps": r.drift_meV_per_atom_per_ps,
+        "fluctuation_meV_per_atom": r.fluctuation_meV_per_atom,
+        "mean_temperature_K": float(np.mean([f.temperature for f in r.frames])),
+        "steps_per_s": r.steps_per_s,
+    }
+    log(
+        f"NVE check ({r.steps} steps of {c.timestep_fs} fs, {potential.dtype}): energy drift "
+        f"{r.drift_meV_per_atom_per_ps:.3f} meV/atom/ps, fluctuation {r.fluctuation_meV_per_atom:.3f} meV/atom, "
+        f"{r.steps_per_s:.1f} steps/s"
+    )
+    return result
 
 
 def _fmt(m: dict[str, float]) -> str:

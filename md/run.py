@@ -1,0 +1,305 @@
+"""One call to run MD with a trained potential: set up, run in chunks, report, restart.
+
+    from equiforce.md import run_md
+    result = run_md("model.eqf", atoms, ensemble="nvt_langevin", temperature_K=300, timestep_fs=0.5,
+                    steps=10_000, trajectory="traj.h5", thermo="thermo.csv")
+
+Trajectory frames (H5MD, positions Å, velocities Å/ps) and thermo rows are written once per chunk of
+``report_interval`` steps; the integrator's full state is stored with each frame so ``restart=True``
+continues the run exactly from the last committed frame.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ase import units
+from tqdm.auto import tqdm
+
+from equiforce.md.engine import MDBlowUpError, MDConfig, MDEngine, ThermoFrame
+from equiforce.md.reporters import H5MDWriter, ThermoLog, read_restart_state
+from equiforce.md.system import make_system
+from equiforce.potentials.model_io import load_model
+from equiforce.potentials.potential import Potential
+
+__all__ = ["MDResult", "energy_drift", "load_structure", "run_md"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MDResult:
+    """Summary of a run.
+
+    Attributes:
+      frames: thermo frames at the end of every chunk.
+      steps: steps run in this call.
+      wall_s: wall time of the stepping (compilation excluded: the first chunk is timed separately).
+      first_chunk_s: wall time of the first chunk, compilation included.
+      steps_per_s, ns_per_day: throughput after the first chunk.
+      drift_meV_per_atom_per_ps: slope of the conserved quantity (NaN for Langevin).
+      fluctuation_meV_per_atom: standard deviation of the conserved quantity around its linear fit.
+      reallocations: neighbour-list reallocations.
+      final_atoms: the last state as ``ase.Atoms`` (velocities set).
+    """
+
+    frames: list[ThermoFrame]
+    steps: int
+    wall_s: float
+    first_chunk_s: float
+    steps_per_s: float
+    ns_per_day: float
+    drift_meV_per_atom_per_ps: float
+    fluctuation_meV_per_atom: float
+    reallocations: int
+    final_atoms: Any
+
+
+def load_structure(spec: str | Path) -> Any:
+    """An ``ase.Atoms`` from a file ase reads (``path`` or ``path@index``, default the last frame) or from
+    the shipped sample (``sample:train:K`` / ``sample:test:K``, default frame 0)."""
+    spec = str(spec)
+    if spec.startswith("sample:"):
+        from equiforce.data.readers import load_sample
+
+        parts = spec.split(":")
+        index = int(parts[2]) if len(parts) > 2 else 0
+        return load_sample(parts[1]).to_atoms(index)
+    import ase.io
+
+    path, _, index = spec.partition("@")
+    return ase.io.read(path, index=index or -1)
+
+
+def energy_drift(frames: list[ThermoFrame], n_atoms: int) -> tuple[float, float]:
+    """(drift in meV/atom/ps, fluctuation in meV/atom) of the conserved quantity over ``frames``."""
+    t = np.array([f.time_ps for f in frames])
+    e = np.array([f.conserved for f in frames]) / n_atoms
+    if len(frames) < 2 or not np.all(np.isfinite(e)):
+        return float("nan"), float("nan")
+    slope, intercept = np.polyfit(t, e, 1)
+    residual = e - (slope * t + intercept)
+    return 1e3 * float(slope), 1e3 * float(np.std(residual))
+
+
+def _state_arrays(state: Any) -> dict[str, np.ndarray]:
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    return {jax.tree_util.keystr(path).strip(".").replace("/", "_") or "leaf": np.asarray(x) for path, x in leaves}
+
+
+def _restore_state(template: Any, arrays: dict[str, np.ndarray]) -> Any:
+    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+    leaves = []
+    for path, leaf in paths:
+        key = jax.tree_util.keystr(path).strip(".").replace("/", "_") or "leaf"
+        if key not in arrays:
+            raise ValueError(f"restart state lacks {key!r}: written by another ensemble or version?")
+        value = arrays[key]
+        if value.shape != np.shape(leaf):
+            raise ValueError(f"restart state {key!r} has shape {value.shape}, expected {np.shape(leaf)}")
+        leaves.append(jnp.asarray(value, dtype=leaf.dtype))
+    return jax.tree_util.tree_unflatten(treedef, [x for x in leaves])
+
+
+def run_md(
+    model: str | Path | tuple[Potential, Any],
+    atoms: Any,
+    *,
+    ensemble: str = "nvt_langevin",
+    temperature_K: float = 300.0,
+    timestep_fs: float = 0.5,
+    steps: int = 1000,
+    report_interval: int = 100,
+    friction_per_ps: float = 1.0,
+    thermostat_tau_fs: float | None = None,
+    skin: float = 1.0,
+    seed: int = 0,
+    trajectory: str | Path | None = None,
+    thermo: str | Path | None = None,
+    write_forces: bool = False,
+    restart: bool = False,
+    progress: bool = True,
+    max_temperature_K: float = 1.0e5,
+    log: Callable[[str], None] | None = None,
+) -> MDResult:
+    """Run MD of ``atoms`` with a trained potential.
+
+    Args:
+      model: a model file path, or ``(potential, params)``.
+      atoms: an ``ase.Atoms`` (or a spec for :func:`load_structure`); atoms outside the cell are wrapped.
+      ensemble: ``nve``, ``nvt_langevin`` or ``nvt_nose_hoover``.
+      temperature_K, timestep_fs, friction_per_ps, thermostat_tau_fs, skin, seed: see :class:`MDConfig`.
+      steps: total steps (rounded up to whole chunks of ``report_interval``).
+      trajectory: H5MD output (``.h5``); thermo: CSV output.
+      restart: continue from the restart state in ``trajectory`` (exactly, from its last committed frame).
+      progress: show a progress bar with ns/day and ETA.
+
+    Returns:
+      An :class:`MDResult`.
+
+    Raises:
+      MDBlowUpError: the run became unphysical; the trajectory up to the last good chunk is kept and
+        the last good frame is written to ``<trajectory or thermo stem>_last_good.extxyz``.
+      DataError / UnknownSpeciesError: bad structure (see :func:`equiforce.md.system.check_structure`).
+    """
+    log = log or tqdm.write
+    if isinstance(model, tuple):
+        potential, params = model
+    else:
+        from equiforce.potentials.model_io import read_header
+
+        if read_header(model)["potential"].get("dtype") == "float64":
+            jax.config.update("jax_enable_x64", True)
+        potential, params, _ = load_model(model)
+    if not hasattr(atoms, "get_positions"):
+        atoms = load_structure(atoms)
+    atoms = atoms.copy()
+    if np.all(atoms.get_pbc()):
+        atoms.wrap()
+    config = MDConfig(
+        ensemble=ensemble,
+        timestep_fs=timestep_fs,
+        temperature_K=temperature_K,
+        friction_per_ps=friction_per_ps,
+        thermostat_tau_fs=thermostat_tau_fs,
+        report_interval=report_interval,
+        skin=skin,
+        max_temperature_K=max_temperature_K,
+        seed=seed,
+    )
+    system = make_system(potential, params, atoms, skin=skin)
+    engine = MDEngine(system, config, log=log)
+    state = engine.init(atoms.get_positions())
+    if restart:
+        if trajectory is None or not Path(trajectory).is_file():
+            raise FileNotFoundError(f"restart=True needs an existing trajectory file, got {trajectory}")
+        arrays, meta = read_restart_state(trajectory)
+        if meta.get("ensemble") != ensemble:
+            raise ValueError(f"{trajectory} was written by a {meta.get('ensemble')} run, not {ensemble}")
+        state = _restore_state(state, arrays)
+        engine.step = int(meta["step"])
+        engine.neighbor = system.neighbor_fn.allocate(state.position)
+        log(f"restarting from {trajectory} at step {engine.step}")
+
+    periodic = system.periodic
+    n = len(atoms)
+    writer = None
+    thermo_log = None
+    extra = ("conserved_eV",)
+    if trajectory is not None:
+        obs = ("potential_energy", "kinetic_energy", "total_energy", "temperature", "conserved_energy")
+        if periodic:
+            obs = (*obs, "volume")
+        writer = H5MDWriter(
+            trajectory,
+            atoms.get_atomic_numbers(),
+            atoms.get_masses(),
+            atoms.get_pbc(),
+            forces=write_forces,
+            observables=obs,
+            mode="a" if restart else "w",
+        )
+        if restart:
+            writer.truncate_after_step(engine.step)
+    if thermo is not None:
+        thermo_log = ThermoLog(thermo, periodic=False, append=restart, extra_columns=extra)
+
+    n_chunks = max(1, int(np.ceil(steps / report_interval)))
+    to_ps_velocity = 1.0 / (units.fs * 1000.0)  # Å per ASE time unit -> Å/ps
+    frames: list[ThermoFrame] = []
+    box = np.asarray(atoms.get_cell()[:])
+    bar = tqdm(total=n_chunks * report_interval, disable=not progress, unit="step", dynamic_ncols=True)
+    t_first = t_start = time.perf_counter()
+    first_chunk_s = float("nan")
+    try:
+        for k in range(n_chunks):
+            try:
+                new_state, frame = engine.run_chunk(state)
+            except MDBlowUpError:
+                _write_last_good(engine, state, atoms, trajectory or thermo or "md")
+                raise
+            state = new_state
+            if k == 0:
+                first_chunk_s = time.perf_counter() - t_first
+                t_start = time.perf_counter()
+            frames.append(frame)
+            total = frame.potential_energy + frame.kinetic_energy
+            if writer is not None:
+                observables = {
+                    "potential_energy": frame.potential_energy,
+                    "kinetic_energy": frame.kinetic_energy,
+                    "total_energy": total,
+                    "temperature": frame.temperature,
+                    "conserved_energy": frame.conserved,
+                }
+                if periodic:
+                    observables["volume"] = abs(float(np.linalg.det(box)))
+                writer.write(
+                    frame.step,
+                    frame.time_ps,
+                    engine.positions(state),
+                    engine.velocities(state) * to_ps_velocity,
+                    box=box if np.any(atoms.get_pbc()) else None,
+                    forces=engine.forces(state) if write_forces else None,
+                    **observables,
+                )
+                writer.write_restart_state(
+                    _state_arrays(state), {"step": frame.step, "ensemble": ensemble, "time_ps": frame.time_ps}
+                )
+            if thermo_log is not None:
+                thermo_log.write(
+                    np.array([frame.step]),
+                    np.array([frame.time_ps]),
+                    potential_energy=np.array([frame.potential_energy]),
+                    kinetic_energy=np.array([frame.kinetic_energy]),
+                    total_energy=np.array([total]),
+                    temperature=np.array([frame.temperature]),
+                    conserved_eV=np.array([frame.conserved]),
+                )
+            bar.update(report_interval)
+            if k > 0:
+                rate = k * report_interval / (time.perf_counter() - t_start)
+                bar.set_postfix(T=f"{frame.temperature:.0f}K", ns_day=f"{rate * timestep_fs * 86400 / 1e6:.3g}")
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+        if thermo_log is not None:
+            thermo_log.close()
+
+    wall = time.perf_counter() - t_start
+    timed_steps = (n_chunks - 1) * report_interval
+    steps_per_s = timed_steps / wall if timed_steps and wall > 0 else float("nan")
+    drift, fluct = energy_drift(frames, n) if ensemble != "nvt_langevin" else (float("nan"), float("nan"))
+    final = atoms.copy()
+    final.set_positions(engine.positions(state))
+    final.set_velocities(engine.velocities(state))
+    return MDResult(
+        frames=frames,
+        steps=n_chunks * report_interval,
+        wall_s=wall,
+        first_chunk_s=first_chunk_s,
+        steps_per_s=steps_per_s,
+        ns_per_day=steps_per_s * timestep_fs * 86400.0 / 1e6,
+        drift_meV_per_atom_per_ps=drift,
+        fluctuation_meV_per_atom=fluct,
+        reallocations=engine.reallocations,
+        final_atoms=final,
+    )
+
+
+def _write_last_good(engine: MDEngine, state: Any, atoms: Any, stem: str | Path) -> Path:
+    import ase.io
+
+    path = Path(stem).with_name(Path(stem).stem + "_last_good.extxyz")
+    good = atoms.copy()
+    good.set_positions(engine.positions(state))
+    good.set_velocities(engine.velocities(state))
+    ase.io.write(path, good)
+    engine.log(f"last good frame (step {engine.step}) written to {path}")
+    return path
