@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import jax
@@ -28,13 +29,13 @@ import numpy as np
 from ase import units
 from jax_md import quantity, simulate
 
-from equiforce.md.system import MDSystem
+from equiforce.md.system import MDSystem, cell_heights
 
 __all__ = ["ENSEMBLES", "MDBlowUpError", "MDConfig", "MDEngine", "ThermoFrame"]
 
 logger = logging.getLogger(__name__)
 
-ENSEMBLES = ("nve", "nvt_langevin", "nvt_nose_hoover")
+ENSEMBLES = ("nve", "nvt_langevin", "nvt_nose_hoover", "npt_nose_hoover")
 
 
 class MDBlowUpError(RuntimeError):
@@ -46,11 +47,14 @@ class MDConfig:
     """Settings of one MD run (units in the names).
 
     Attributes:
-      ensemble: ``nve`` (velocity Verlet), ``nvt_langevin`` or ``nvt_nose_hoover`` (jax-md).
+      ensemble: ``nve`` (velocity Verlet), ``nvt_langevin``, ``nvt_nose_hoover`` or ``npt_nose_hoover``
+        (jax-md; NPT needs a periodic system built with ``fractional=True``).
       timestep_fs: integration time step, fs.
       temperature_K: initial Maxwell–Boltzmann temperature and thermostat target, K.
       friction_per_ps: Langevin friction γ, 1/ps.
       thermostat_tau_fs: Nosé–Hoover chain time constant, fs (default 100 time steps).
+      pressure_GPa: NPT target pressure, GPa.
+      barostat_tau_fs: NPT barostat time constant, fs (default 1000 time steps).
       report_interval: steps per jitted chunk = interval of thermo/trajectory frames.
       skin: neighbour-list skin, Å.
       capacity_multiplier: initial neighbour-list head-room.
@@ -63,6 +67,8 @@ class MDConfig:
     temperature_K: float = 300.0
     friction_per_ps: float = 1.0
     thermostat_tau_fs: float | None = None
+    pressure_GPa: float = 0.0
+    barostat_tau_fs: float | None = None
     report_interval: int = 100
     skin: float = 1.0
     capacity_multiplier: float = 1.25
@@ -78,7 +84,8 @@ class MDConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ThermoFrame:
-    """Observables at the end of a chunk (host side, float64)."""
+    """Observables at the end of a chunk (host side, float64): energies eV, temperature K,
+    pressure eV/Å³ (instantaneous, kinetic part included; NaN when not periodic), volume Å³."""
 
     step: int
     time_ps: float
@@ -86,6 +93,8 @@ class ThermoFrame:
     kinetic_energy: float
     temperature: float
     conserved: float
+    pressure: float = float("nan")
+    volume: float = float("nan")
 
 
 def _kinetic_energy(momentum: jnp.ndarray, mass: jnp.ndarray) -> jnp.ndarray:
@@ -109,6 +118,8 @@ class MDEngine:
         self.dt = config.timestep_fs * units.fs
         self.kT = config.temperature_K * units.kB
         self.n_atoms = int(system.masses.shape[0])
+        self.npt = config.ensemble == "npt_nose_hoover"
+        self.pressure = config.pressure_GPa * units.GPa
         self.reallocations = 0
         self.step = 0
         energy_fn = system.energy_fn
@@ -119,10 +130,24 @@ class MDEngine:
             self._init_fn, self._apply_fn = simulate.nvt_langevin(
                 energy_fn, system.shift_fn, self.dt, self.kT, gamma=gamma
             )
-        else:
+        elif config.ensemble == "nvt_nose_hoover":
             tau = (config.thermostat_tau_fs or 100.0 * config.timestep_fs) * units.fs
             self._init_fn, self._apply_fn = simulate.nvt_nose_hoover(
                 energy_fn, system.shift_fn, self.dt, self.kT, tau=tau
+            )
+        else:
+            if not system.fractional:
+                raise ValueError("NPT needs a periodic system built with make_system(..., fractional=True)")
+            tau_t = (config.thermostat_tau_fs or 100.0 * config.timestep_fs) * units.fs
+            tau_b = (config.barostat_tau_fs or 1000.0 * config.timestep_fs) * units.fs
+            self._init_fn, self._apply_fn = simulate.npt_nose_hoover(
+                energy_fn,
+                system.shift_fn,
+                self.dt,
+                self.pressure,
+                self.kT,
+                barostat_kwargs={"tau": tau_b},
+                thermostat_kwargs={"tau": tau_t},
             )
         self.neighbor = None
         self._chunk = jax.jit(self._chunk_impl, static_argnums=(2,))
@@ -135,9 +160,17 @@ class MDEngine:
         seed, with zero total momentum, unless given.
         """
         pos = jnp.asarray(positions, self.system.dtype)
-        self.neighbor = self.system.neighbor_fn.allocate(pos)
         key = jax.random.PRNGKey(self.config.seed)
-        state = self._init_fn(key, pos, kT=self.kT, mass=self.system.masses, neighbor=self.neighbor)
+        if self.system.fractional:
+            box = self.system.box
+            pos = jnp.mod(jnp.linalg.solve(box, pos.T).T, 1.0)  # x = box @ u  ->  u in [0, 1)
+            self.neighbor = self.system.neighbor_fn.allocate(pos, box=box)
+        else:
+            self.neighbor = self.system.neighbor_fn.allocate(pos)
+        if self.npt:
+            state = self._init_fn(key, pos, box, mass=self.system.masses, kT=self.kT, neighbor=self.neighbor)
+        else:
+            state = self._init_fn(key, pos, kT=self.kT, mass=self.system.masses, neighbor=self.neighbor)
         if velocities is not None:
             momentum = jnp.asarray(velocities, self.system.dtype) * self.system.masses[:, None]
         else:
@@ -150,17 +183,32 @@ class MDEngine:
         return dataclasses.replace(state, momentum=momentum.astype(self.system.dtype))
 
     # ------------------------------------------------------------------ chunks
+    def box(self, state: Any) -> jnp.ndarray | None:
+        """The current jax-md box (lattice vectors as columns), None for free space."""
+        return simulate.npt_box(state) if self.npt else self.system.box
+
+    def _space_kwargs(self, state: Any) -> dict[str, Any]:
+        return {"box": simulate.npt_box(state)} if self.npt else {}
+
     def _chunk_impl(self, state: Any, neighbor: Any, n_steps: int):
         def body(_, carry):
             state, neighbor = carry
             state = self._apply_fn(state, neighbor=neighbor)
-            neighbor = neighbor.update(state.position)
+            neighbor = neighbor.update(state.position, **self._space_kwargs(state))
             return state, neighbor
 
         state, neighbor = jax.lax.fori_loop(0, n_steps, body, (state, neighbor))
-        epot = self.system.energy_fn(state.position, neighbor)
-        ekin = _kinetic_energy(state.momentum, state.mass if state.mass.ndim == 1 else state.mass[:, 0])
-        return state, neighbor, epot, ekin
+        kw = self._space_kwargs(state)
+        epot = self.system.energy_fn(state.position, neighbor, **kw)
+        ekin = _kinetic_energy(state.momentum, state.mass.reshape(-1))
+        if self.system.periodic:
+            box = self.box(state)
+            energy_at_box = partial(self.system.energy_fn, **kw)  # NPT: the current box goes to the energy
+            pressure = quantity.pressure(energy_at_box, state.position, box, ekin, neighbor=neighbor)
+            volume = jnp.abs(jnp.linalg.det(box))
+        else:
+            pressure = volume = jnp.zeros((), epot.dtype)  # set to NaN on the host (no NaN inside jit)
+        return state, neighbor, epot, ekin, pressure, volume
 
     def _temperature(self, ekin: float) -> float:
         dof = max(3 * self.n_atoms - 3, 1)
@@ -175,6 +223,11 @@ class MDEngine:
                 self.system.energy_fn, state, self.kT, neighbor=self.neighbor
             )
             return float(invariant) + self.system.e0_total
+        if self.npt:
+            invariant = simulate.npt_nose_hoover_invariant(
+                self.system.energy_fn, state, self.pressure, self.kT, neighbor=self.neighbor
+            )
+            return float(invariant) + self.system.e0_total
         return float("nan")
 
     def run_chunk(self, state: Any, n_steps: int | None = None) -> tuple[Any, ThermoFrame]:
@@ -187,12 +240,14 @@ class MDEngine:
         n = n_steps or self.config.report_interval
         start_state, start_neighbor = state, self.neighbor
         while True:
-            new_state, neighbor, epot, ekin = self._chunk(start_state, start_neighbor, n)
+            new_state, neighbor, epot, ekin, pressure, volume = self._chunk(start_state, start_neighbor, n)
             if not bool(neighbor.did_buffer_overflow):
                 break
             old = int(start_neighbor.idx.shape[-1])
             extra = max(1, int(np.ceil(0.5 * old / self.n_atoms)))
-            start_neighbor = self.system.neighbor_fn.allocate(start_state.position, extra_capacity=extra)
+            start_neighbor = self.system.neighbor_fn.allocate(
+                start_state.position, extra_capacity=extra, **self._space_kwargs(start_state)
+            )
             self.reallocations += 1
             self.log(
                 f"neighbour list overflow at step {self.step}: capacity {old} -> {int(start_neighbor.idx.shape[-1])}"
@@ -206,6 +261,14 @@ class MDEngine:
                 f"simulation blew up between steps {self.step} and {self.step + n}: E_pot={epot:.6g} eV, "
                 f"T={temperature:.6g} K (limit {self.config.max_temperature_K:g} K)"
             )
+        if self.npt:
+            heights = cell_heights(self.cell(new_state))
+            if 2.0 * self.system.r_max >= heights.min():
+                raise MDBlowUpError(
+                    f"the NPT box shrank below twice the cutoff between steps {self.step} and {self.step + n} "
+                    f"(shortest cell height {heights.min():.3f} Å, r_max {self.system.r_max} Å): the minimum-image "
+                    "neighbour list would miss images; start from a larger supercell"
+                )
         self.neighbor = neighbor
         self.step += n
         frame = ThermoFrame(
@@ -215,18 +278,29 @@ class MDEngine:
             kinetic_energy=ekin,
             temperature=temperature,
             conserved=self.conserved_quantity(new_state, epot, ekin),
+            pressure=float(pressure) if self.system.periodic else float("nan"),
+            volume=float(volume) if self.system.periodic else float("nan"),
         )
         return new_state, frame
 
     def positions(self, state: Any) -> np.ndarray:
+        """Cartesian positions, Å (converted from fractional coordinates for NPT)."""
+        if self.system.fractional:
+            return np.asarray(state.position @ self.box(state).T, np.float64)
         return np.asarray(state.position, np.float64)
+
+    def cell(self, state: Any) -> np.ndarray | None:
+        """ASE cell (lattice vectors as rows), Å; None for free space."""
+        box = self.box(state)
+        return None if box is None else np.asarray(box, np.float64).T
 
     def velocities(self, state: Any) -> np.ndarray:
         """Å per ASE time unit."""
         return np.asarray(state.momentum / state.mass.reshape(-1, 1), np.float64)
 
     def forces(self, state: Any) -> np.ndarray:
-        return np.asarray(quantity.force(self.system.energy_fn)(state.position, self.neighbor), np.float64)
+        force = quantity.force(self.system.energy_fn)(state.position, self.neighbor, **self._space_kwargs(state))
+        return np.asarray(force, np.float64)
 
 
 def run_timed(engine: MDEngine, state: Any, n_chunks: int) -> tuple[Any, list[ThermoFrame], float]:

@@ -117,6 +117,8 @@ def run_md(
     report_interval: int = 100,
     friction_per_ps: float = 1.0,
     thermostat_tau_fs: float | None = None,
+    pressure_GPa: float = 0.0,
+    barostat_tau_fs: float | None = None,
     skin: float = 1.0,
     seed: int = 0,
     trajectory: str | Path | None = None,
@@ -132,8 +134,9 @@ def run_md(
     Args:
       model: a model file path, or ``(potential, params)``.
       atoms: an ``ase.Atoms`` (or a spec for :func:`load_structure`); atoms outside the cell are wrapped.
-      ensemble: ``nve``, ``nvt_langevin`` or ``nvt_nose_hoover``.
-      temperature_K, timestep_fs, friction_per_ps, thermostat_tau_fs, skin, seed: see :class:`MDConfig`.
+      ensemble: ``nve``, ``nvt_langevin``, ``nvt_nose_hoover`` or ``npt_nose_hoover`` (periodic only).
+      temperature_K, timestep_fs, friction_per_ps, thermostat_tau_fs, pressure_GPa, barostat_tau_fs, skin,
+        seed: see :class:`MDConfig`.
       steps: total steps (rounded up to whole chunks of ``report_interval``).
       trajectory: H5MD output (``.h5``); thermo: CSV output.
       restart: continue from the restart state in ``trajectory`` (exactly, from its last committed frame).
@@ -143,8 +146,9 @@ def run_md(
       An :class:`MDResult`.
 
     Raises:
-      MDBlowUpError: the run became unphysical; the trajectory up to the last good chunk is kept and
-        the last good frame is written to ``<trajectory or thermo stem>_last_good.extxyz``.
+      MDBlowUpError: the run became unphysical; the trajectory up to the last good chunk is kept, the
+        last good frame is attached as ``err.last_good_atoms`` and, when an output file was given, written
+        to ``<trajectory or thermo stem>_last_good.extxyz``.
       DataError / UnknownSpeciesError: bad structure (see :func:`equiforce.md.system.check_structure`).
     """
     log = log or tqdm.write
@@ -167,12 +171,14 @@ def run_md(
         temperature_K=temperature_K,
         friction_per_ps=friction_per_ps,
         thermostat_tau_fs=thermostat_tau_fs,
+        pressure_GPa=pressure_GPa,
+        barostat_tau_fs=barostat_tau_fs,
         report_interval=report_interval,
         skin=skin,
         max_temperature_K=max_temperature_K,
         seed=seed,
     )
-    system = make_system(potential, params, atoms, skin=skin)
+    system = make_system(potential, params, atoms, skin=skin, fractional=ensemble == "npt_nose_hoover")
     engine = MDEngine(system, config, log=log)
     state = engine.init(atoms.get_positions())
     if restart:
@@ -183,7 +189,9 @@ def run_md(
             raise ValueError(f"{trajectory} was written by a {meta.get('ensemble')} run, not {ensemble}")
         state = _restore_state(state, arrays)
         engine.step = int(meta["step"])
-        engine.neighbor = system.neighbor_fn.allocate(state.position)
+        engine.neighbor = system.neighbor_fn.allocate(
+            state.position, **({"box": engine.box(state)} if system.fractional else {})
+        )
         log(f"restarting from {trajectory} at step {engine.step}")
 
     periodic = system.periodic
@@ -194,7 +202,7 @@ def run_md(
     if trajectory is not None:
         obs = ("potential_energy", "kinetic_energy", "total_energy", "temperature", "conserved_energy")
         if periodic:
-            obs = (*obs, "volume")
+            obs = (*obs, "pressure", "volume")
         writer = H5MDWriter(
             trajectory,
             atoms.get_atomic_numbers(),
@@ -207,12 +215,11 @@ def run_md(
         if restart:
             writer.truncate_after_step(engine.step)
     if thermo is not None:
-        thermo_log = ThermoLog(thermo, periodic=False, append=restart, extra_columns=extra)
+        thermo_log = ThermoLog(thermo, periodic=periodic, append=restart, extra_columns=extra)
 
     n_chunks = max(1, int(np.ceil(steps / report_interval)))
     to_ps_velocity = 1.0 / (units.fs * 1000.0)  # Å per ASE time unit -> Å/ps
     frames: list[ThermoFrame] = []
-    box = np.asarray(atoms.get_cell()[:])
     bar = tqdm(total=n_chunks * report_interval, disable=not progress, unit="step", dynamic_ncols=True)
     t_first = t_start = time.perf_counter()
     first_chunk_s = float("nan")
@@ -220,8 +227,10 @@ def run_md(
         for k in range(n_chunks):
             try:
                 new_state, frame = engine.run_chunk(state)
-            except MDBlowUpError:
-                _write_last_good(engine, state, atoms, trajectory or thermo or "md")
+            except MDBlowUpError as err:
+                err.last_good_atoms = _last_good(engine, state, atoms)
+                if trajectory is not None or thermo is not None:
+                    _write_last_good(engine, err.last_good_atoms, trajectory or thermo)
                 raise
             state = new_state
             if k == 0:
@@ -238,13 +247,14 @@ def run_md(
                     "conserved_energy": frame.conserved,
                 }
                 if periodic:
-                    observables["volume"] = abs(float(np.linalg.det(box)))
+                    observables["pressure"] = frame.pressure
+                    observables["volume"] = frame.volume
                 writer.write(
                     frame.step,
                     frame.time_ps,
                     engine.positions(state),
                     engine.velocities(state) * to_ps_velocity,
-                    box=box if np.any(atoms.get_pbc()) else None,
+                    box=engine.cell(state) if periodic else None,
                     forces=engine.forces(state) if write_forces else None,
                     **observables,
                 )
@@ -252,6 +262,9 @@ def run_md(
                     _state_arrays(state), {"step": frame.step, "ensemble": ensemble, "time_ps": frame.time_ps}
                 )
             if thermo_log is not None:
+                periodic_columns = (
+                    {"pressure": np.array([frame.pressure]), "volume": np.array([frame.volume])} if periodic else {}
+                )
                 thermo_log.write(
                     np.array([frame.step]),
                     np.array([frame.time_ps]),
@@ -260,6 +273,7 @@ def run_md(
                     total_energy=np.array([total]),
                     temperature=np.array([frame.temperature]),
                     conserved_eV=np.array([frame.conserved]),
+                    **periodic_columns,
                 )
             bar.update(report_interval)
             if k > 0:
@@ -277,6 +291,8 @@ def run_md(
     steps_per_s = timed_steps / wall if timed_steps and wall > 0 else float("nan")
     drift, fluct = energy_drift(frames, n) if ensemble != "nvt_langevin" else (float("nan"), float("nan"))
     final = atoms.copy()
+    if periodic:
+        final.set_cell(engine.cell(state))
     final.set_positions(engine.positions(state))
     final.set_velocities(engine.velocities(state))
     return MDResult(
@@ -293,13 +309,19 @@ def run_md(
     )
 
 
-def _write_last_good(engine: MDEngine, state: Any, atoms: Any, stem: str | Path) -> Path:
+def _last_good(engine: MDEngine, state: Any, atoms: Any) -> Any:
+    good = atoms.copy()
+    if engine.cell(state) is not None:
+        good.set_cell(engine.cell(state))
+    good.set_positions(engine.positions(state))
+    good.set_velocities(engine.velocities(state))
+    return good
+
+
+def _write_last_good(engine: MDEngine, good: Any, stem: str | Path) -> Path:
     import ase.io
 
     path = Path(stem).with_name(Path(stem).stem + "_last_good.extxyz")
-    good = atoms.copy()
-    good.set_positions(engine.positions(state))
-    good.set_velocities(engine.velocities(state))
     ase.io.write(path, good)
     engine.log(f"last good frame (step {engine.step}) written to {path}")
     return path

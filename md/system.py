@@ -7,6 +7,7 @@ convert with ``ase.units.fs``), temperatures as kT in eV.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import jax
@@ -17,7 +18,14 @@ from jax_md import partition, space
 from equiforce.data.errors import DataError
 from equiforce.potentials.potential import Potential
 
-__all__ = ["MDSystem", "check_structure", "make_system"]
+__all__ = ["MDSystem", "cell_heights", "check_structure", "make_system"]
+
+
+def cell_heights(cell: np.ndarray) -> np.ndarray:
+    """``[3]`` distances between opposite faces of a cell given by lattice vectors as rows, Å."""
+    cell = np.asarray(cell, np.float64)
+    volume = abs(np.linalg.det(cell))
+    return volume / np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=-1)
 
 
 def check_structure(atoms: Any, potential: Potential, *, min_distance: float = 0.5) -> None:
@@ -42,7 +50,7 @@ def check_structure(atoms: Any, potential: Potential, *, min_distance: float = 0
         volume = abs(np.linalg.det(cell))
         if volume < 1e-9:
             raise DataError("periodic structure with a singular cell")
-        heights = volume / np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=-1)
+        heights = cell_heights(cell)
         if 2.0 * potential.r_max >= heights.min():
             raise DataError(
                 f"r_max = {potential.r_max} Å is longer than half the shortest cell height "
@@ -86,6 +94,8 @@ class MDSystem:
     skin: float
     dtype: Any
     e0_total: float
+    r_max: float = 0.0
+    fractional: bool = False
 
 
 def make_system(
@@ -95,12 +105,16 @@ def make_system(
     *,
     skin: float = 1.0,
     capacity_multiplier: float = 1.25,
+    fractional: bool = False,
 ) -> MDSystem:
     """Build the jax-md space, Sparse neighbour list and energy function for ``atoms``.
 
     The neighbour list holds all pairs within ``r_max + skin`` and is rebuilt (inside jit) whenever an
     atom moved more than ``skin / 2``. Edges between ``r_max`` and ``r_max + skin`` contribute nothing
     (smooth cutoff envelope), so the energy is exactly the Potential's.
+
+    With ``fractional`` (periodic only; needed for NPT) positions live in the unit cube and the energy
+    takes the current ``box`` as a keyword (jax-md's convention: ``x = box @ u``).
 
     Raises:
       DataError / UnknownSpeciesError: see :func:`check_structure`.
@@ -114,7 +128,7 @@ def make_system(
     cutoff = float(potential.r_max)
     if periodic:
         box = jnp.asarray(np.asarray(atoms.get_cell()[:]).T, dtype)  # jax-md: lattice vectors as columns
-        displacement_fn, shift_fn = space.periodic_general(box, fractional_coordinates=False)
+        displacement_fn, shift_fn = space.periodic_general(box, fractional_coordinates=fractional)
         neighbor_fn = partition.neighbor_list(
             displacement_fn,
             box,
@@ -123,8 +137,11 @@ def make_system(
             capacity_multiplier=capacity_multiplier,
             format=partition.NeighborListFormat.Sparse,
             disable_cell_list=True,
+            fractional_coordinates=fractional,
         )
     else:
+        if fractional:
+            raise DataError("fractional coordinates (NPT) need a periodic structure")
         box = None
         displacement_fn, shift_fn = space.free()
         neighbor_fn = partition.neighbor_list(
@@ -137,21 +154,22 @@ def make_system(
             disable_cell_list=True,
         )
     node_mask = jnp.ones((n,), bool)
-    pair_displacement = jax.vmap(displacement_fn)
 
     def node_energy_fn(positions: jnp.ndarray, neighbor: Any, **kwargs: Any) -> jnp.ndarray:
+        # kwargs reach the displacement: `box` (NPT), `perturbation` (jax-md's pressure/stress)
+        space_kwargs = {k: v for k, v in kwargs.items() if k in ("box", "perturbation", "new_box")}
         receivers, senders = neighbor.idx[0], neighbor.idx[1]
         edge_mask = receivers < n
         receivers = jnp.where(edge_mask, receivers, 0)
         senders = jnp.where(edge_mask, senders, 0)
-        vectors = pair_displacement(positions[senders], positions[receivers])
+        vectors = jax.vmap(partial(displacement_fn, **space_kwargs))(positions[senders], positions[receivers])
         vectors = jnp.where(edge_mask[:, None], vectors, 0.0)
         return potential.node_energies_from_edges(
             params, vectors.astype(dtype), species, senders, receivers, edge_mask, node_mask, include_e0=False
         )
 
     def energy_fn(positions: jnp.ndarray, neighbor: Any, **kwargs: Any) -> jnp.ndarray:
-        return jnp.sum(node_energy_fn(positions, neighbor))
+        return jnp.sum(node_energy_fn(positions, neighbor, **kwargs))
 
     return MDSystem(
         displacement_fn=displacement_fn,
@@ -166,4 +184,6 @@ def make_system(
         skin=skin,
         dtype=dtype,
         e0_total=float(np.sum(np.asarray(potential.atomic_energies)[np.asarray(species)])),
+        r_max=cutoff,
+        fractional=fractional,
     )

@@ -81,6 +81,8 @@ def _cmd_md(args: argparse.Namespace) -> int:
         steps=args.steps,
         report_interval=args.report_interval,
         friction_per_ps=args.friction,
+        pressure_GPa=args.pressure,
+        barostat_tau_fs=args.barostat_tau,
         skin=args.skin,
         seed=args.seed,
         trajectory=args.out,
@@ -136,12 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("md", help="molecular dynamics with a trained model (jax-md, jit-compiled)")
     p.add_argument("model", help="model file (.eqf)")
     p.add_argument("structure", help="structure file ase reads (path or path@index) or sample:test:K")
-    p.add_argument("--ensemble", default="nvt_langevin", choices=["nve", "nvt_langevin", "nvt_nose_hoover"])
+    p.add_argument(
+        "--ensemble", default="nvt_langevin", choices=["nve", "nvt_langevin", "nvt_nose_hoover", "npt_nose_hoover"]
+    )
     p.add_argument("--temperature", type=float, default=300.0, help="K (initial velocities and thermostat)")
     p.add_argument("--timestep", type=float, default=0.5, help="fs")
     p.add_argument("--steps", type=int, default=10000)
     p.add_argument("--report-interval", type=int, default=100, help="steps per frame (and per jitted chunk)")
     p.add_argument("--friction", type=float, default=1.0, help="Langevin friction, 1/ps")
+    p.add_argument("--pressure", type=float, default=0.0, help="NPT target pressure, GPa")
+    p.add_argument("--barostat-tau", type=float, default=None, help="NPT barostat time constant, fs")
     p.add_argument("--skin", type=float, default=1.0, help="neighbour-list skin, Å")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="H5MD trajectory file (.h5)")

@@ -84,3 +84,33 @@ def test_load_structure_specs(tmp_path):
     assert len(load_structure(f"{path}@0")) == 21
     with pytest.raises(FileNotFoundError):
         load_structure(tmp_path / "missing.xyz")
+
+
+def test_blow_up_keeps_trajectory_and_writes_last_good_frame(trained_aspirin_model, tmp_path):
+    import ase.io
+
+    from equiforce.md import MDBlowUpError
+
+    traj = tmp_path / "hot.h5"
+    with pytest.raises(MDBlowUpError) as info:
+        run_md(
+            trained_aspirin_model,
+            "sample:test:0",
+            ensemble="nve",
+            timestep_fs=20.0,
+            temperature_K=3000.0,
+            steps=2000,
+            report_interval=20,
+            max_temperature_K=1e4,
+            trajectory=traj,
+            progress=False,
+            log=lambda _: None,
+        )
+    good = info.value.last_good_atoms
+    assert np.all(np.isfinite(good.get_positions()))
+    written = ase.io.read(tmp_path / "hot_last_good.extxyz")
+    np.testing.assert_allclose(written.get_positions(), good.get_positions(), atol=1e-8)
+    frames = read_h5md(traj)
+    assert np.all(np.isfinite(frames["positions"]))  # only good chunks were committed
+    if len(frames["step"]):
+        np.testing.assert_allclose(frames["positions"][-1], good.get_positions(), atol=1e-8)
