@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("jax").setLevel(logging.WARNING)  # backend probing (no TPU, ...) is not news to a user
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
