@@ -92,6 +92,7 @@ from ase import units
 
 from equiforce import __version__
 from equiforce.data.errors import DataError
+from equiforce.potentials.model_io import to_jsonable
 
 __all__ = [
     "FORMAT_NAME",
@@ -383,18 +384,6 @@ def _check_key(key: Any) -> str:
     if not isinstance(key, str) or not key or "/" in key or key in (".", "..") or key == "meta_json":
         raise DataError(f"invalid restart state key {key!r} (non-empty str without '/', not 'meta_json')")
     return key
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
 
 
 def _tmp_path(path: Path) -> Path:
@@ -750,7 +739,7 @@ class H5MDWriter:
         if _RESERVED_META_KEY in meta:
             raise DataError(f"restart meta key {_RESERVED_META_KEY!r} is reserved")
         try:
-            text = json.dumps({"meta": _jsonable(dict(meta)), _RESERVED_META_KEY: self.n_frames}, allow_nan=True)
+            text = json.dumps({"meta": to_jsonable(dict(meta)), _RESERVED_META_KEY: self.n_frames}, allow_nan=True)
         except (TypeError, ValueError) as err:
             raise DataError(f"restart meta is not JSON-serialisable: {err}") from err
         blob = np.frombuffer(text.encode(), dtype=np.uint8)

@@ -37,6 +37,7 @@ __all__ = [
     "load_model",
     "read_header",
     "save_model",
+    "to_jsonable",
 ]
 
 FORMAT = "equiforce-model"
@@ -71,11 +72,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def _jsonable(value: Any) -> Any:
+def to_jsonable(value: Any) -> Any:
+    """Nested dicts/lists/tuples with NumPy scalars and arrays → plain JSON-serialisable Python values."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [to_jsonable(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
@@ -103,7 +105,7 @@ def save_model(
         "equiforce_version": _package_version(),
         "potential": potential.to_dict(),
         "units": UNITS,
-        "metadata": _jsonable(metadata or {}),
+        "metadata": to_jsonable(metadata or {}),
     }
     state = flax.serialization.to_state_dict(jax.tree.map(np.asarray, params))
     data = flax.serialization.msgpack_serialize({"header": json.dumps(header), "params": state})
