@@ -130,11 +130,7 @@ class EquiforceCalculator(Calculator):
             self.header = {}
         if not edge_headroom >= 1.0:
             raise ValueError(f"edge_headroom must be >= 1, got {edge_headroom}")
-        if potential.dtype == "float64" and not jax.config.jax_enable_x64:
-            raise RuntimeError(
-                "this potential computes in float64, but JAX's 64-bit mode is off (it would silently run in "
-                "float32); call jax.config.update('jax_enable_x64', True) before creating the calculator"
-            )
+        potential.check_precision()
         self.potential: Potential = potential
         self.params = jax.tree.map(lambda x: jnp.asarray(x, potential.jnp_dtype), params)
         self.edge_headroom = float(edge_headroom)

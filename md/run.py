@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from equiforce.md.engine import MDBlowUpError, MDConfig, MDEngine, ThermoFrame
 from equiforce.md.reporters import H5MDWriter, ThermoLog, read_restart_state
 from equiforce.md.system import make_system
-from equiforce.potentials.model_io import load_model
+from equiforce.potentials.model_io import enable_x64_for, load_model
 from equiforce.potentials.potential import Potential
 
 __all__ = ["MDResult", "energy_drift", "load_structure", "run_md"]
@@ -155,10 +155,7 @@ def run_md(
     if isinstance(model, tuple):
         potential, params = model
     else:
-        from equiforce.potentials.model_io import read_header
-
-        if read_header(model)["potential"].get("dtype") == "float64":
-            jax.config.update("jax_enable_x64", True)
+        enable_x64_for(model)
         potential, params, _ = load_model(model)
     if not hasattr(atoms, "get_positions"):
         atoms = load_structure(atoms)

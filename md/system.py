@@ -60,10 +60,10 @@ def check_structure(atoms: Any, potential: Potential, *, min_distance: float = 0
     if len(atoms) > 1:
         from ase.neighborlist import neighbor_list
 
-        d = neighbor_list("d", atoms, min_distance)
+        i, j, d = neighbor_list("ijd", atoms, min_distance)
         if d.size:
-            i, j, dmin = *neighbor_list("ij", atoms, min_distance), d.min()
-            raise DataError(f"atoms {int(i[0])} and {int(j[0])} overlap (closest pair {dmin:.3f} Å < {min_distance} Å)")
+            k = int(np.argmin(d))
+            raise DataError(f"atoms {int(i[k])} and {int(j[k])} overlap (closest pair {d[k]:.3f} Å < {min_distance} Å)")
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ __all__ = [
     "FORMAT_VERSION",
     "ModelFileError",
     "atomic_write_bytes",
+    "enable_x64_for",
     "load_model",
     "read_header",
     "save_model",
@@ -143,6 +144,13 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, Any], Any]:
             f"({_package_version()}, reads versions 1..{FORMAT_VERSION}); upgrade equiforce"
         )
     return header, doc["params"]
+
+
+def enable_x64_for(path: str | os.PathLike) -> None:
+    """Switch on JAX's 64-bit types if the model file holds a float64 potential (an application-level
+    choice: call it at start-up, before any array is created)."""
+    if read_header(path)["potential"].get("dtype") == "float64":
+        jax.config.update("jax_enable_x64", True)
 
 
 def load_model(path: str | os.PathLike) -> tuple[Potential, Any, dict[str, Any]]:

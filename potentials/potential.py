@@ -152,7 +152,8 @@ class Potential:
                 f"{[chemical_symbols[v] for v in self.species]}"
             )
 
-    def _check_precision(self) -> None:
+    def check_precision(self) -> None:
+        """Raise RuntimeError if this is a float64 potential while JAX's 64-bit types are off."""
         if self.dtype == "float64" and not jax.config.jax_enable_x64:
             raise RuntimeError(
                 "this potential computes in float64 but JAX runs with 64-bit types disabled (every array "
@@ -161,7 +162,7 @@ class Potential:
 
     def init(self, key: jax.Array, graph: Graph | None = None) -> Any:
         """Random parameters in :attr:`dtype` (``graph`` only fixes the trace; a dimer is used if None)."""
-        self._check_precision()
+        self.check_precision()
         if graph is None:
             graph = _dimer_graph(self.species[0], self.r_max)
         g = self._prepare(graph, None)
@@ -238,7 +239,7 @@ class Potential:
         Returns:
           ``[n_nodes]`` energies in eV, zero where ``node_mask`` is False.
         """
-        self._check_precision()
+        self.check_precision()
         params = jax.tree.map(jnp.asarray, params)  # NumPy weights (from a file) may be closed over
         out = self.module.apply(params, vectors, species, senders, receivers, edge_mask)
         out = out - self._isolated_outputs(params)[species]

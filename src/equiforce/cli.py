@@ -34,12 +34,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _enable_x64_for(model_path: str) -> None:
     """A float64 model needs 64-bit JAX types; the command line switches them on for it."""
-    import jax
+    from equiforce.potentials.model_io import enable_x64_for
 
-    from equiforce.potentials.model_io import read_header
-
-    if read_header(model_path)["potential"].get("dtype") == "float64":
-        jax.config.update("jax_enable_x64", True)
+    enable_x64_for(model_path)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
