@@ -115,3 +115,13 @@ def test_ase_relax_and_md(tiny_run, tmp_path, capsys):
 def test_missing_model_is_a_clear_error(name, tmp_path, capsys):
     assert load_example(name).main(["--model", str(tmp_path / "none.eqf"), "--out", str(tmp_path)]) == 2
     assert "train one first" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_load_and_name_a_valid_model(path):
+    from equiforce.potentials import config_from_dict
+
+    cfg = load_config(path)
+    model = config_from_dict({"name": cfg.model.name, **cfg.model.hyperparameters})
+    assert model.name == cfg.model.name
+    assert cfg.model.r_max > 0 and cfg.optim.batch_size >= 1

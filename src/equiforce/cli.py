@@ -5,6 +5,8 @@
     equiforce md MODEL.eqf STRUCTURE [--ensemble nvt_langevin] [--temperature 300] [--timestep 0.5]
                  [--steps N] [--out traj.h5] [--thermo thermo.csv] [--restart]
     equiforce info MODEL.eqf
+    equiforce benchmark rmd17 [--molecules aspirin ethanol] [--models mace nequip ...] [--split 1]
+                 [--budget-minutes 30] [--size cpu|paper] [--data-dir DIR] [--out DIR]
 
 Nothing imports this module; every command calls the same functions a Python user calls.
 """
@@ -112,6 +114,40 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_benchmark_rmd17(args: argparse.Namespace) -> int:
+    from equiforce.benchmark.rmd17 import BenchmarkSettings, run_benchmark
+
+    settings = BenchmarkSettings(
+        molecules=tuple(args.molecules),
+        models=tuple(args.models),
+        split=args.split,
+        budget_minutes=args.budget_minutes,
+        size=args.size,
+        dtype=args.dtype,
+        out_dir=args.out,
+        data_dir=args.data_dir,
+        cache=args.cache,
+        seed=args.seed,
+        max_epochs=args.max_epochs,
+        train_frames=args.train_frames,
+        test_frames=args.test_frames,
+        md_check_steps=args.md_check_steps,
+        force=args.force,
+        progress_bar=not args.no_progress,
+    )
+    if settings.dtype == "float64":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+    try:
+        run_benchmark(settings)
+    except KeyboardInterrupt:
+        print(f"interrupted; run the same command again to resume (results so far in {args.out})", file=sys.stderr)
+        return 130
+    print((Path(args.out) / "results.md").read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="equiforce", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +192,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print a model file's header (config, species, E0s, metrics)")
     p.add_argument("model")
     p.set_defaults(func=_cmd_info)
+
+    bench = sub.add_parser("benchmark", help="reproducible accuracy benchmarks").add_subparsers(
+        dest="benchmark", required=True
+    )
+    p = bench.add_parser(
+        "rmd17",
+        help="train models on an rMD17 split (950/50), test on its 1,000 test frames, write a Markdown table",
+    )
+    p.add_argument("--molecules", nargs="+", default=["aspirin", "ethanol"])
+    p.add_argument("--models", nargs="+", default=["mace", "allegro", "nequip", "painn", "schnet"])
+    p.add_argument("--split", type=int, default=1, help="official split 1..5")
+    p.add_argument("--budget-minutes", type=float, default=30.0, help="wall-clock training budget per model")
+    p.add_argument("--size", default="cpu", choices=["cpu", "paper"], help="model size preset")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument(
+        "--data-dir", default=None, help="folder of rmd17_<mol>_{train,test}_<kk>.npz files (default: full archive)"
+    )
+    p.add_argument("--cache", default=None, help="download cache of the full rMD17 archive")
+    p.add_argument("--out", default="runs/benchmark_rmd17", help="output folder (runs, results.md, results.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-epochs", type=int, default=100_000)
+    p.add_argument("--train-frames", type=int, default=None, help="fewer training frames (quick checks only)")
+    p.add_argument("--test-frames", type=int, default=None, help="fewer test frames (quick checks only)")
+    p.add_argument("--md-check-steps", type=int, default=1000, help="NVE steps after training (0: off)")
+    p.add_argument("--force", action="store_true", help="retrain even where a finished run exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_benchmark_rmd17)
     return parser
 
 

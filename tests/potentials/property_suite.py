@@ -37,6 +37,10 @@ from equiforce.data import StructureSet, voigt_to_full_3x3
 from equiforce.data.graph import PaddingBudget, collate
 from equiforce.data.neighbours import NeighbourGraph, build_neighbour_graphs
 from equiforce.potentials import MODELS, ModelConfig, NequIPConfig, Potential, UnknownSpeciesError
+from equiforce.potentials.allegro import AllegroConfig
+from equiforce.potentials.mace import MACEConfig
+from equiforce.potentials.painn import PaiNNConfig
+from equiforce.potentials.schnet import SchNetConfig
 
 __all__ = [
     "BATCH_BUDGET",
@@ -72,7 +76,23 @@ class ModelTestCase:
 
 
 MODEL_TEST_CASES: dict[str, ModelTestCase] = {
+    "allegro": ModelTestCase(
+        AllegroConfig(
+            num_layers=2,
+            l_max=2,
+            num_tensor_features=4,
+            latent_dim=16,
+            two_body_mlp_hidden=(16,),
+            latent_mlp_hidden=(16,),
+            edge_energy_mlp_hidden=(16,),
+        )
+    ),
+    "mace": ModelTestCase(
+        MACEConfig(num_interactions=2, num_features=4, l_max=2, hidden_l_max=1, correlation=3, radial_mlp_hidden=8)
+    ),
     "nequip": ModelTestCase(NequIPConfig(num_interactions=2, num_features=4, l_max=2, radial_mlp_hidden=16)),
+    "painn": ModelTestCase(PaiNNConfig(num_interactions=2, num_features=8, num_rbf=8)),
+    "schnet": ModelTestCase(SchNetConfig(num_interactions=2, num_features=8, num_filters=8, num_rbf=8)),
 }
 
 SPECIES = (1, 6, 8)
