@@ -6,8 +6,9 @@ Protocol of ../shared/BENCHMARKS.md:
   **water box** of 343 H2O = 1029 atoms, cubic 21.73 Å (1.0 g/cm³), built here on a 7×7×7 grid with seeded
   random orientations, no intermolecular pair closer than 1.7 Å (``--water-reps R`` makes a (7R)³-molecule
   box at the same density, for scaling);
-* model: NequIP at the protocol's "default" size (4 layers, l_max 2, 32 features with parity, radial MLP
-  1×128), random parameters from ``PRNGKey(0)``, E0s zero, r_max 5 Å; ``--hp`` overrides hyperparameters;
+* model (``--model``, any registered name): NequIP at the protocol's "default" size (4 layers, l_max 2, 32
+  features with parity, radial MLP 1×128) or MACE at its protocol size (2 interactions, 64x0e+64x1o, l_max 3,
+  correlation 3), random parameters from ``PRNGKey(0)``, E0s zero, r_max 5 Å; ``--hp`` overrides hyperparameters;
 * NVE velocity Verlet from a Maxwell–Boltzmann start at 300 K, neighbour list with a 1 Å skin rebuilt inside
   the jitted loop (:class:`equiforce.md.engine.MDEngine`);
 * "first call" = wall time of the first chunk, compilation included; then the median steps/s over
@@ -51,6 +52,11 @@ DEFAULT_HP = {
     "parity": True,
     "radial_mlp_hidden": 128,
     "radial_mlp_layers": 1,
+}
+#: protocol sizes per model (../shared/BENCHMARKS.md): NequIP "default"; MACE 64x0e+64x1o, l_max 3, correlation 3
+PROTOCOL_HP: dict[str, dict[str, Any]] = {
+    "nequip": DEFAULT_HP,
+    "mace": {"num_interactions": 2, "num_features": 64, "l_max": 3, "hidden_l_max": 1, "correlation": 3},
 }
 DEFAULT_CHUNK = {"aspirin": 50, "water": 5}
 WATER_DENSITY_G_CM3 = 1.0
@@ -175,7 +181,7 @@ def run_one(name: str, atoms: Any, dtype: str, hp: dict[str, Any], args: argpars
 
     from equiforce.md.engine import MDBlowUpError, MDConfig, MDEngine
     from equiforce.md.system import make_system
-    from equiforce.potentials.nequip import NequIPConfig
+    from equiforce.potentials import config_from_dict
     from equiforce.potentials.potential import Potential
 
     species = tuple(sorted({int(z) for z in atoms.get_atomic_numbers()}))
@@ -183,7 +189,7 @@ def run_one(name: str, atoms: Any, dtype: str, hp: dict[str, Any], args: argpars
     pairs_start = pair_count(atoms, args.r_max)
     avg_nn = args.avg_num_neighbours or max(pairs_start / n_atoms, 1.0)
     potential = Potential(
-        model=NequIPConfig(**hp),
+        model=config_from_dict({"name": args.model, **hp}),
         species=species,
         r_max=args.r_max,
         atomic_energies=(0.0,) * len(species),
@@ -296,7 +302,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--systems", nargs="+", default=["aspirin", "water"], choices=["aspirin", "water"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "both"])
-    ap.add_argument("--hp", default="{}", help="NequIP hyperparameters as JSON, overriding the default size")
+    ap.add_argument("--model", default="nequip", help="registered model name (default: nequip)")
+    ap.add_argument("--hp", default="{}", help="hyperparameters as JSON, overriding the protocol size of --model")
     ap.add_argument("--timestep-fs", type=float, default=0.01)
     ap.add_argument("--temperature-K", type=float, default=300.0)
     ap.add_argument("--chunks", type=int, default=3, help="timed chunks after the first (compiling) one")
@@ -318,14 +325,14 @@ def main() -> None:
     dtypes = ["float32", "float64"] if args.dtype == "both" else [args.dtype]
     if "float64" in dtypes:
         jax.config.update("jax_enable_x64", True)
-    hp = {**DEFAULT_HP, **json.loads(args.hp)}
+    hp = {**PROTOCOL_HP.get(args.model, {}), **json.loads(args.hp)}
     machine = machine_info()
     print(
         f"# machine: {machine['cpu']} ({machine['machine']}), {machine['nproc']} cores available, "
         f"python {machine['python']}, jax {machine['jax']}, devices {machine['devices']}, "
         f"git {machine['git_commit'] or '?'}, {machine['date']}"
     )
-    print(f"# model: nequip {json.dumps(hp)}; r_max {args.r_max} Å, skin {args.skin} Å; untrained (PRNGKey(0))")
+    print(f"# model: {args.model} {json.dumps(hp)}; r_max {args.r_max} Å, skin {args.skin} Å; untrained (PRNGKey(0))")
     print(f"# NVE velocity Verlet, {args.temperature_K:g} K MB start, timestep {args.timestep_fs:g} fs")
     results = []
     for name in args.systems:

@@ -387,9 +387,10 @@ def markdown_table(settings: BenchmarkSettings, results: Sequence[BenchmarkResul
         f"## rMD17 split {settings.split:02d}: {settings.size}-size models, {settings.dtype}",
         "",
         f"{frames}; wall-clock budget {settings.budget_minutes:g} min per model (compilation included); "
-        f"device: {', '.join(devices)}. Energy errors are raw (E0s re-fitted after training).",
+        f"device: {', '.join(devices)}. Run time: training (stopped by the budget or max_epochs), then the "
+        "test evaluation and the NVE check. Energy errors are raw (E0s re-fitted after training).",
         "",
-        "| Molecule | Model | Parameters | Epochs | Training time | E MAE (meV) | F MAE (meV/Å) "
+        "| Molecule | Model | Parameters | Epochs | Run time | E MAE (meV) | F MAE (meV/Å) "
         "| Published E / F | NVE drift (meV/atom/ps) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
