@@ -52,6 +52,8 @@ __all__ = [
     "Harness",
     "ModelTestCase",
     "PotentialPropertySuite",
+    "assert_o3_equivariant",
+    "bent_triatomic",
     "crystal",
     "get_harness",
     "isolated_atom",
@@ -163,6 +165,17 @@ def crystal(seed: int = 0, n_atoms: int = 5) -> StructureSet:
     return structure(z, pos, cell, pbc=True)
 
 
+def bent_triatomic(angle_deg: float) -> StructureSet:
+    """O at the origin with two H at 1.8 Å; the H–H distance (> R_MAX) changes only through the angle.
+
+    A model that sees only distances within ``R_MAX`` gives the same energy at every angle.
+    """
+    t = np.deg2rad(angle_deg)
+    pos = np.array([[0.0, 0.0, 0.0], [1.8, 0.0, 0.0], [1.8 * np.cos(t), 1.8 * np.sin(t), 0.0]])
+    assert np.linalg.norm(pos[1] - pos[2]) > R_MAX
+    return structure([8, 1, 1], pos)
+
+
 def isolated_atom(z: int = 6) -> StructureSet:
     return structure([z], np.zeros((1, 3)))
 
@@ -263,6 +276,22 @@ def assert_meaningful_forces(forces: np.ndarray) -> None:
     assert np.max(np.abs(forces)) > 1e-3, "network output too small at init: raise param_scale"
 
 
+def assert_o3_equivariant(
+    harness: Harness, s: StructureSet, rot: np.ndarray, shift: np.ndarray | float = 0.0, params=None
+) -> Result:
+    """Under ``x → rot·x + shift`` energy and per-atom energies stay, forces rotate (to 1e-10).
+
+    Returns:
+      The result at the untransformed positions.
+    """
+    ref = harness.evaluate(s, params=params)
+    out = harness.evaluate(transformed(s, s.positions @ rot.T + shift), params=params)
+    np.testing.assert_allclose(out.energy, ref.energy, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(out.forces, ref.forces @ rot.T, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(out.node_energies, ref.node_energies, rtol=0, atol=1e-10)
+    return ref
+
+
 # ---------------------------------------------------------------------------------------- the suite
 class PotentialPropertySuite:
     """Physics properties every model must have. Subclass it in a ``test_*.py`` module to collect it."""
@@ -278,17 +307,11 @@ class PotentialPropertySuite:
     # ---------------------------------------------------------------- symmetries (molecule)
     @pytest.mark.parametrize("improper", [False, True], ids=["rotation", "rotoinversion"])
     def test_molecule_o3_invariance(self, harness, improper):
-        s = molecule(0)
-        ref = harness.evaluate(s)
-        assert_meaningful_forces(ref.forces)
         rng = np.random.default_rng(1)
         rot = random_rotation(rng, improper)
         assert np.isclose(np.linalg.det(rot), -1.0 if improper else 1.0)
-        t = rng.normal(size=3) * 3.0
-        out = harness.evaluate(transformed(s, s.positions @ rot.T + t))
-        np.testing.assert_allclose(out.energy, ref.energy, rtol=0, atol=1e-10)
-        np.testing.assert_allclose(out.forces, ref.forces @ rot.T, rtol=0, atol=1e-10)
-        np.testing.assert_allclose(out.node_energies, ref.node_energies, rtol=0, atol=1e-10)
+        ref = assert_o3_equivariant(harness, molecule(0), rot, rng.normal(size=3) * 3.0)
+        assert_meaningful_forces(ref.forces)
 
     def test_reflection_through_a_plane(self, harness):
         s = molecule(2)

@@ -15,11 +15,12 @@ from tests.potentials.property_suite import (
     SPECIES,
     Harness,
     ModelTestCase,
+    assert_o3_equivariant,
+    bent_triatomic,
     get_harness,
     molecule,
     random_rotation,
     structure,
-    transformed,
 )
 
 
@@ -156,31 +157,17 @@ def variant(request):
 
 def test_variant_o3_equivariant(variant):
     _, harness = variant
-    s = molecule(0)
-    ref = harness.evaluate(s)
-    assert np.max(np.abs(ref.forces)) > 1e-3
     rng = np.random.default_rng(5)
     for improper in (False, True):
-        rot = random_rotation(rng, improper)
-        out = harness.evaluate(transformed(s, s.positions @ rot.T + 1.5))
-        np.testing.assert_allclose(out.energy, ref.energy, rtol=0, atol=1e-10)
-        np.testing.assert_allclose(out.forces, ref.forces @ rot.T, rtol=0, atol=1e-10)
-        np.testing.assert_allclose(out.node_energies, ref.node_energies, rtol=0, atol=1e-10)
-
-
-def _bent_triatomic(angle_deg: float):
-    """O at the origin with two H at 1.8 Å; the H–H distance (> R_MAX) changes only through the angle."""
-    t = np.deg2rad(angle_deg)
-    pos = np.array([[0.0, 0.0, 0.0], [1.8, 0.0, 0.0], [1.8 * np.cos(t), 1.8 * np.sin(t), 0.0]])
-    assert np.linalg.norm(pos[1] - pos[2]) > R_MAX
-    return structure([8, 1, 1], pos)
+        ref = assert_o3_equivariant(harness, molecule(0), random_rotation(rng, improper), 1.5)
+        assert np.max(np.abs(ref.forces)) > 1e-3
 
 
 def test_angular_information(variant):
     """The tensor track sees bond angles (l_max >= 1); with l_max = 0 only distances within r_max matter."""
     name, harness = variant
-    e_a = harness.evaluate(_bent_triatomic(125.0)).energy[0]
-    e_b = harness.evaluate(_bent_triatomic(160.0)).energy[0]
+    e_a = harness.evaluate(bent_triatomic(125.0)).energy[0]
+    e_b = harness.evaluate(bent_triatomic(160.0)).energy[0]
     if name == "l0":
         assert e_a == pytest.approx(e_b, abs=1e-12)
     else:
@@ -189,8 +176,8 @@ def test_angular_information(variant):
 
 def test_default_config_sees_angles():
     harness = get_harness("allegro")
-    e_a = harness.evaluate(_bent_triatomic(125.0)).energy[0]
-    e_b = harness.evaluate(_bent_triatomic(160.0)).energy[0]
+    e_a = harness.evaluate(bent_triatomic(125.0)).energy[0]
+    e_b = harness.evaluate(bent_triatomic(160.0)).energy[0]
     assert abs(e_a - e_b) > 1e-6
 
 

@@ -16,7 +16,7 @@ from equiforce.potentials.mace import (
     _tensor_product_constants,
     natural_irreps,
 )
-from tests.potentials.property_suite import get_harness, random_rotation
+from tests.potentials.property_suite import bent_triatomic, get_harness, random_rotation
 
 NUM_SPECIES = 3
 R_MAX = 3.0
@@ -202,14 +202,6 @@ def _apply(cfg: MACEConfig, positions: np.ndarray, species: np.ndarray, params=N
     return apply(params, vectors, species, senders, receivers, mask), params
 
 
-def _bent_triatomic(angle_deg: float) -> np.ndarray:
-    """O at the origin, two H at 1.8 Å; the H–H distance (> R_MAX) changes only through the angle."""
-    t = np.deg2rad(angle_deg)
-    pos = np.array([[0.0, 0.0, 0.0], [1.8, 0.0, 0.0], [1.8 * np.cos(t), 1.8 * np.sin(t), 0.0]])
-    assert np.linalg.norm(pos[1] - pos[2]) > R_MAX
-    return pos
-
-
 TINY = {"num_features": 4, "radial_mlp_hidden": 8, "radial_mlp_layers": 1, "readout_mlp_hidden": 4}
 
 
@@ -226,8 +218,8 @@ def test_body_order_of_one_layer(kwargs, sees_angles):
     """One MACE layer with correlation ν is a (ν+1)-body model: bond angles enter only from ν = 2 on."""
     cfg = MACEConfig(**TINY, **kwargs)
     species = np.array([2, 0, 0])
-    e_a, params = _apply(cfg, _bent_triatomic(125.0), species)
-    e_b, _ = _apply(cfg, _bent_triatomic(160.0), species, params)
+    e_a, params = _apply(cfg, bent_triatomic(125.0).positions, species)
+    e_b, _ = _apply(cfg, bent_triatomic(160.0).positions, species, params)
     gap = abs(float(e_a[0] - e_b[0]))
     if sees_angles:
         assert gap > 1e-6
