@@ -412,33 +412,22 @@ class MACEInteraction(nn.Module):
         # readout on the scalars (the first row of the per-channel irreps is 0e)
         scalars = out[:, 0, :]
         if self.last:
-            hidden = nn.Dense(
-                self.readout_mlp_hidden,
-                use_bias=False,
-                kernel_init=nn.initializers.normal(channels**-0.5),
-                param_dtype=dtype,
-                dtype=dtype,
-                name="readout_hidden",
-            )(scalars)
-            hidden = _normalized_silu()(hidden)
-            readout = nn.Dense(
-                1,
-                use_bias=False,
-                kernel_init=nn.initializers.normal(self.readout_mlp_hidden**-0.5),
-                param_dtype=dtype,
-                dtype=dtype,
-                name="readout",
-            )(hidden)
-        else:
-            readout = nn.Dense(
-                1,
-                use_bias=False,
-                kernel_init=nn.initializers.normal(channels**-0.5),
-                param_dtype=dtype,
-                dtype=dtype,
-                name="readout",
-            )(scalars)
+            hidden = _linear(self.readout_mlp_hidden, channels, dtype, "readout_hidden")(scalars)
+            scalars = _normalized_silu()(hidden)
+        readout = _linear(1, scalars.shape[-1], dtype, "readout")(scalars)
         return out, readout[:, 0]
+
+
+def _linear(features: int, fan_in: int, dtype: jnp.dtype, name: str) -> nn.Dense:
+    """Bias-free dense layer with N(0, 1/fan_in) weights (e3nn's initialisation), computing in ``dtype``."""
+    return nn.Dense(
+        features,
+        use_bias=False,
+        kernel_init=nn.initializers.normal(fan_in**-0.5),
+        param_dtype=dtype,
+        dtype=dtype,
+        name=name,
+    )
 
 
 @functools.lru_cache(maxsize=1)
