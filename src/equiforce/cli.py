@@ -135,10 +135,6 @@ def _cmd_benchmark_rmd17(args: argparse.Namespace) -> int:
         force=args.force,
         progress_bar=not args.no_progress,
     )
-    if settings.dtype == "float64":
-        import jax
-
-        jax.config.update("jax_enable_x64", True)
     try:
         run_benchmark(settings)
     except KeyboardInterrupt:

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from equiforce.benchmark.presets import Preset, get_preset
@@ -38,7 +39,7 @@ from equiforce.data.download import RMD17_MOLECULES, load_rmd17, load_rmd17_spli
 from equiforce.data.errors import DataError
 from equiforce.data.hdf5 import read_hdf5, write_hdf5
 from equiforce.data.structures import StructureSet
-from equiforce.potentials.model_io import atomic_write_bytes
+from equiforce.potentials.model_io import atomic_write_bytes, enable_x64_for, load_model
 
 __all__ = [
     "PUBLISHED",
@@ -257,8 +258,6 @@ def _normalised(d: dict[str, Any]) -> Any:
 # ----------------------------------------------------------------------------------------------- runs
 def device_description() -> str:
     """``"CPU: <model name> (<n> cores)"`` or the accelerator's kind, e.g. ``"GPU: NVIDIA H200"``."""
-    import jax
-
     dev = jax.devices()[0]
     if dev.platform == "cpu":
         name = platform.processor() or platform.machine()
@@ -275,7 +274,7 @@ def device_description() -> str:
 
 
 def _run_one(settings: BenchmarkSettings, molecule: str, model: str, log: Callable[[str], None]) -> BenchmarkResult:
-    from equiforce.potentials.model_io import load_model
+    from equiforce.training.config import ConfigError
     from equiforce.training.trainer import train
 
     preset = get_preset(model, settings.size)
@@ -295,14 +294,15 @@ def _run_one(settings: BenchmarkSettings, molecule: str, model: str, log: Callab
         if resume:
             try:
                 train(cfg, resume=True, log=log)
-            except ValueError as err:  # a checkpoint of another configuration: start afresh
+            except ConfigError as err:  # a checkpoint of another configuration: start afresh
                 log(f"{molecule}/{model}: not resuming ({err}); training from scratch")
                 train(cfg, log=log)
         else:
             train(cfg, log=log)
         meta = json.loads(final.read_text())
+    enable_x64_for(run_dir / "model.eqf")  # a reused float64 run loads without the trainer having switched x64 on
     _, params, _ = load_model(run_dir / "model.eqf")
-    n_params = int(sum(np.size(x) for x in _leaves(params)))
+    n_params = int(sum(np.size(x) for x in jax.tree.leaves(params)))
     tm = meta["test_metrics"] or {}
     nve = meta.get("nve_check") or {}
     return BenchmarkResult(
@@ -327,12 +327,6 @@ def _run_one(settings: BenchmarkSettings, molecule: str, model: str, log: Callab
         device=device_description(),
         model_path=str(run_dir / "model.eqf"),
     )
-
-
-def _leaves(tree: Any) -> list[Any]:
-    import jax
-
-    return jax.tree.leaves(tree)
 
 
 def run_benchmark(settings: BenchmarkSettings, log: Callable[[str], None] = print) -> list[BenchmarkResult]:
