@@ -58,6 +58,11 @@ class MDConfig:
       report_interval: steps per jitted chunk = interval of thermo/trajectory frames.
       skin: neighbour-list skin, Å.
       capacity_multiplier: initial neighbour-list head-room.
+      compact_edges: evaluate the network only on the pairs within r_max, compacted every step into a
+        fixed number of edge slots (``edge_capacity_multiplier`` x the pairs at the start; enlarged and the
+        chunk re-run when exceeded, like the neighbour list), instead of on every slot of the neighbour list
+        (pairs out to r_max + skin plus head-room: about twice as many in liquids with a 1 Å skin).
+      edge_capacity_multiplier: head-room of the compacted edge slots.
       max_temperature_K: above this the run is declared blown up.
       seed: initial velocities and Langevin noise.
     """
@@ -72,6 +77,8 @@ class MDConfig:
     report_interval: int = 100
     skin: float = 1.0
     capacity_multiplier: float = 1.25
+    compact_edges: bool = True
+    edge_capacity_multiplier: float = 1.15
     max_temperature_K: float = 1.0e5
     seed: int = 0
 
@@ -80,6 +87,8 @@ class MDConfig:
             raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {self.ensemble!r}")
         if not self.timestep_fs > 0 or self.report_interval < 1 or self.temperature_K < 0 or self.skin < 0:
             raise ValueError("timestep_fs > 0, report_interval >= 1, temperature_K >= 0 and skin >= 0 required")
+        if not self.edge_capacity_multiplier >= 1.0:
+            raise ValueError(f"edge_capacity_multiplier must be >= 1, got {self.edge_capacity_multiplier}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +131,16 @@ class MDEngine:
         self.pressure = config.pressure_GPa * units.GPa
         self.reallocations = 0
         self.step = 0
-        energy_fn = system.energy_fn
+        self.neighbor = None
+        self.edge_capacity: int | None = None  # set by init() when config.compact_edges
+        self._bind(None)
+
+    def _bind(self, edge_capacity: int | None) -> None:
+        """(Re)build the jax-md integrator and the jitted chunk for an edge capacity (a static shape)."""
+        config, system = self.config, self.system
+        self.edge_capacity = edge_capacity
+        self.energy_fn = partial(system.energy_fn, edge_capacity=edge_capacity)
+        energy_fn = self.energy_fn
         if config.ensemble == "nve":
             self._init_fn, self._apply_fn = simulate.nve(energy_fn, system.shift_fn, self.dt)
         elif config.ensemble == "nvt_langevin":
@@ -149,7 +167,6 @@ class MDEngine:
                 barostat_kwargs={"tau": tau_b},
                 thermostat_kwargs={"tau": tau_t},
             )
-        self.neighbor = None
         self._chunk = jax.jit(self._chunk_impl, static_argnums=(2,))
 
     # ------------------------------------------------------------------ state
@@ -165,8 +182,15 @@ class MDEngine:
             box = self.system.box
             pos = jnp.mod(jnp.linalg.solve(box, pos.T).T, 1.0)  # x = box @ u  ->  u in [0, 1)
             self.neighbor = self.system.neighbor_fn.allocate(pos, box=box)
+            count = self.system.edge_count(pos, self.neighbor, box=box)
         else:
+            if self.system.periodic:  # into the box (the cell list bins positions in [0, L))
+                box = self.system.box
+                pos = jnp.mod(jnp.linalg.solve(box, pos.T).T, 1.0) @ box.T
             self.neighbor = self.system.neighbor_fn.allocate(pos)
+            count = self.system.edge_count(pos, self.neighbor)
+        if self.config.compact_edges:
+            self._bind(self._edge_capacity_for(int(count)))
         if self.npt:
             state = self._init_fn(key, pos, box, mass=self.system.masses, kT=self.kT, neighbor=self.neighbor)
         else:
@@ -190,25 +214,32 @@ class MDEngine:
     def _space_kwargs(self, state: Any) -> dict[str, Any]:
         return {"box": simulate.npt_box(state)} if self.npt else {}
 
+    def _edge_capacity_for(self, count: int) -> int:
+        return max(int(np.ceil(count * self.config.edge_capacity_multiplier)), count + 8)
+
     def _chunk_impl(self, state: Any, neighbor: Any, n_steps: int):
         def body(_, carry):
-            state, neighbor = carry
+            state, neighbor, max_edges = carry
             state = self._apply_fn(state, neighbor=neighbor)
+            # the pairs the force call of this step saw (within r_max, so the same in the old and new list)
+            max_edges = jnp.maximum(
+                max_edges, self.system.edge_count(state.position, neighbor, **self._space_kwargs(state))
+            )
             neighbor = neighbor.update(state.position, **self._space_kwargs(state))
-            return state, neighbor
+            return state, neighbor, max_edges
 
-        state, neighbor = jax.lax.fori_loop(0, n_steps, body, (state, neighbor))
+        state, neighbor, max_edges = jax.lax.fori_loop(0, n_steps, body, (state, neighbor, jnp.zeros((), jnp.int32)))
         kw = self._space_kwargs(state)
-        epot = self.system.energy_fn(state.position, neighbor, **kw)
+        epot = self.energy_fn(state.position, neighbor, **kw)
         ekin = _kinetic_energy(state.momentum, state.mass.reshape(-1))
         if self.system.periodic:
             box = self.box(state)
-            energy_at_box = partial(self.system.energy_fn, **kw)  # NPT: the current box goes to the energy
+            energy_at_box = partial(self.energy_fn, **kw)  # NPT: the current box goes to the energy
             pressure = quantity.pressure(energy_at_box, state.position, box, ekin, neighbor=neighbor)
             volume = jnp.abs(jnp.linalg.det(box))
         else:
             pressure = volume = jnp.zeros((), epot.dtype)  # set to NaN on the host (no NaN inside jit)
-        return state, neighbor, epot, ekin, pressure, volume
+        return state, neighbor, epot, ekin, pressure, volume, max_edges
 
     def _temperature(self, ekin: float) -> float:
         dof = max(3 * self.n_atoms - 3, 1)
@@ -219,13 +250,11 @@ class MDEngine:
         if self.config.ensemble == "nve":
             return epot + ekin
         if self.config.ensemble == "nvt_nose_hoover":
-            invariant = simulate.nvt_nose_hoover_invariant(
-                self.system.energy_fn, state, self.kT, neighbor=self.neighbor
-            )
+            invariant = simulate.nvt_nose_hoover_invariant(self.energy_fn, state, self.kT, neighbor=self.neighbor)
             return float(invariant) + self.system.e0_total
         if self.npt:
             invariant = simulate.npt_nose_hoover_invariant(
-                self.system.energy_fn, state, self.pressure, self.kT, neighbor=self.neighbor
+                self.energy_fn, state, self.pressure, self.kT, neighbor=self.neighbor
             )
             return float(invariant) + self.system.e0_total
         return float("nan")
@@ -240,9 +269,18 @@ class MDEngine:
         n = n_steps or self.config.report_interval
         start_state, start_neighbor = state, self.neighbor
         while True:
-            new_state, neighbor, epot, ekin, pressure, volume = self._chunk(start_state, start_neighbor, n)
+            new_state, neighbor, epot, ekin, pressure, volume, max_edges = self._chunk(start_state, start_neighbor, n)
             if not bool(neighbor.did_buffer_overflow):
-                break
+                if self.edge_capacity is None or int(max_edges) <= self.edge_capacity:
+                    break
+                old = self.edge_capacity
+                self._bind(self._edge_capacity_for(int(max_edges)))
+                self.reallocations += 1
+                self.log(
+                    f"edge overflow at step {self.step}: {int(max_edges)} pairs within r_max, edge capacity {old} -> "
+                    f"{self.edge_capacity} (reallocation {self.reallocations}); re-running the chunk"
+                )
+                continue
             old = int(start_neighbor.idx.shape[-1])
             extra = max(1, int(np.ceil(0.5 * old / self.n_atoms)))
             start_neighbor = self.system.neighbor_fn.allocate(
@@ -299,7 +337,7 @@ class MDEngine:
         return np.asarray(state.momentum / state.mass.reshape(-1, 1), np.float64)
 
     def forces(self, state: Any) -> np.ndarray:
-        force = quantity.force(self.system.energy_fn)(state.position, self.neighbor, **self._space_kwargs(state))
+        force = quantity.force(self.energy_fn)(state.position, self.neighbor, **self._space_kwargs(state))
         return np.asarray(force, np.float64)
 
 

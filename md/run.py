@@ -127,6 +127,7 @@ def run_md(
     restart: bool = False,
     progress: bool = True,
     max_temperature_K: float = 1.0e5,
+    precision: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> MDResult:
     """Run MD of ``atoms`` with a trained potential.
@@ -141,6 +142,9 @@ def run_md(
       trajectory: H5MD output (``.h5``); thermo: CSV output.
       restart: continue from the restart state in ``trajectory`` (exactly, from its last committed frame).
       progress: show a progress bar with ns/day and ETA.
+      precision: ``float32``, ``float64`` or ``mixed`` (float32 network; float64 positions, per-atom energy
+        sums and integrator); default: the potential's dtype. ``float64`` and ``mixed`` switch on JAX's
+        64-bit types (``jax_enable_x64``) if they are off.
 
     Returns:
       An :class:`MDResult`.
@@ -157,6 +161,8 @@ def run_md(
     else:
         enable_x64_for(model)
         potential, params, _ = load_model(model)
+    if precision in ("float64", "mixed"):
+        jax.config.update("jax_enable_x64", True)
     if not hasattr(atoms, "get_positions"):
         atoms = load_structure(atoms)
     atoms = atoms.copy()
@@ -175,7 +181,9 @@ def run_md(
         max_temperature_K=max_temperature_K,
         seed=seed,
     )
-    system = make_system(potential, params, atoms, skin=skin, fractional=ensemble == "npt_nose_hoover")
+    system = make_system(
+        potential, params, atoms, skin=skin, fractional=ensemble == "npt_nose_hoover", precision=precision
+    )
     engine = MDEngine(system, config, log=log)
     state = engine.init(atoms.get_positions())
     if restart:

@@ -18,7 +18,7 @@ from jax_md import partition, space
 from equiforce.data.errors import DataError
 from equiforce.potentials.potential import Potential
 
-__all__ = ["MDSystem", "cell_heights", "check_structure", "make_system"]
+__all__ = ["PRECISIONS", "MDSystem", "cell_heights", "check_structure", "make_system", "with_precision"]
 
 
 def cell_heights(cell: np.ndarray) -> np.ndarray:
@@ -66,20 +66,32 @@ def check_structure(atoms: Any, potential: Potential, *, min_distance: float = 0
             raise DataError(f"atoms {int(i[k])} and {int(j[k])} overlap (closest pair {d[k]:.3f} Å < {min_distance} Å)")
 
 
+PRECISIONS = ("float32", "float64", "mixed")
+
+
 @dataclass(frozen=True)
 class MDSystem:
     """Everything the integrators need, built once per structure.
 
     Attributes:
       displacement_fn, shift_fn: the jax-md space (free, or ``periodic_general`` in real coordinates).
-      neighbor_fn: jax-md neighbour-list functions (Sparse format, cutoff ``r_max + skin``).
-      energy_fn: ``energy_fn(positions, neighbor) -> scalar`` total energy in eV *without* the constant
-        Σ E0 (kept out so that float32 runs resolve energy changes; add :attr:`e0_total` for the total).
-      node_energy_fn: ``(positions, neighbor) -> [n_atoms]`` per-atom energies in eV, E0 excluded.
+      neighbor_fn: jax-md neighbour-list functions (Sparse format, cutoff ``r_max + skin``; a cell list for
+        orthorhombic boxes at least three cells of ``r_max + skin`` wide, all pairs otherwise).
+      energy_fn: ``energy_fn(positions, neighbor, *, edge_capacity=None, **space_kwargs) -> scalar`` total
+        energy in eV *without* the constant Σ E0 (kept out so that float32 runs resolve energy changes; add
+        :attr:`e0_total` for the total). With ``edge_capacity`` (a Python int) the pairs within ``r_max``
+        are first compacted into that many edge slots (see :meth:`edge_count`); the network then sees only
+        them instead of every slot of the neighbour list. Pairs beyond the capacity would be dropped, so the
+        caller must check :meth:`edge_count` (the MD engine does, every step) and enlarge it.
+      node_energy_fn: ``(positions, neighbor, *, edge_capacity=None, ...) -> [n_atoms]`` per-atom energies
+        in eV, E0 excluded, in the dtype of the positions.
       e0_total: Σ_i E0[Z_i] in eV (float64, host).
       masses: ``[n_atoms]`` amu.
       box: ``[3, 3]`` jax-md box (lattice vectors as *columns*), or None for free space.
       periodic: whether the system is periodic.
+      dtype: dtype of positions, momenta and the integrator.
+      precision: ``float32``, ``float64`` or ``mixed`` (float32 network, float64 everything else).
+      cell_list: whether neighbour-list rebuilds use a cell list.
     """
 
     displacement_fn: Any
@@ -87,6 +99,7 @@ class MDSystem:
     neighbor_fn: Any
     energy_fn: Any
     node_energy_fn: Any
+    edge_count_fn: Any
     masses: jnp.ndarray
     box: jnp.ndarray | None
     periodic: bool
@@ -96,6 +109,31 @@ class MDSystem:
     e0_total: float
     r_max: float = 0.0
     fractional: bool = False
+    precision: str = "float32"
+    cell_list: bool = False
+
+    def edge_count(self, positions: jnp.ndarray, neighbor: Any, **space_kwargs: Any) -> jnp.ndarray:
+        """Number of directed pairs within ``r_max`` (int32 scalar; traceable)."""
+        return self.edge_count_fn(positions, neighbor, **space_kwargs)
+
+
+def with_precision(potential: Potential, params: Any, dtype: str) -> tuple[Potential, Any]:
+    """``potential`` and ``params`` cast to ``dtype`` (``float32`` or ``float64``); unchanged if equal."""
+    if potential.dtype == dtype:
+        return potential, params
+    potential = potential.replace(dtype=dtype)
+    params = jax.tree.map(lambda x: jnp.asarray(x, potential.jnp_dtype), params)
+    return potential, params
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision in ("float64", "mixed") and not jax.config.jax_enable_x64:
+        raise RuntimeError(
+            f"precision={precision!r} needs JAX's 64-bit types; call jax.config.update('jax_enable_x64', True) "
+            "at start-up"
+        )
 
 
 def make_system(
@@ -106,6 +144,8 @@ def make_system(
     skin: float = 1.0,
     capacity_multiplier: float = 1.25,
     fractional: bool = False,
+    precision: str | None = None,
+    cell_list: bool | None = None,
 ) -> MDSystem:
     """Build the jax-md space, Sparse neighbour list and energy function for ``atoms``.
 
@@ -116,32 +156,64 @@ def make_system(
     With ``fractional`` (periodic only; needed for NPT) positions live in the unit cube and the energy
     takes the current ``box`` as a keyword (jax-md's convention: ``x = box @ u``).
 
+    Args:
+      precision: ``float32`` (network and integrator), ``float64`` (both), or ``mixed``: a float32 network
+        fed with edge vectors computed from float64 positions, its per-atom energies summed in float64,
+        and a float64 integrator (forces keep the network's float32 resolution, but positions, momenta and
+        the energy bookkeeping do not lose digits). Default: the potential's dtype. ``float64`` and
+        ``mixed`` need ``jax_enable_x64``. The potential and parameters are cast as needed.
+      cell_list: use a jax-md cell list for neighbour-list rebuilds (O(N) instead of O(N²) memory and time).
+        Default: on for periodic, orthorhombic boxes (real coordinates) whose sides hold at least three
+        cells of ``r_max + skin``; not available otherwise (free space, triclinic, NPT).
+
     Raises:
       DataError / UnknownSpeciesError: see :func:`check_structure`.
+      ValueError: an unknown precision, or ``cell_list=True`` where it is not available.
+      RuntimeError: ``float64``/``mixed`` precision with JAX's 64-bit types off.
     """
     check_structure(atoms, potential)
-    dtype = potential.jnp_dtype
+    precision = precision or potential.dtype
+    _check_precision(precision)
+    potential, params = with_precision(potential, params, "float64" if precision == "float64" else "float32")
+    net_dtype = potential.jnp_dtype
+    dtype = jnp.float32 if precision == "float32" else jnp.float64
     periodic = bool(np.all(atoms.get_pbc()))
     n = len(atoms)
     species = jnp.asarray(potential.species_index(atoms.get_atomic_numbers()), jnp.int32)
     masses = jnp.asarray(atoms.get_masses(), dtype)
     cutoff = float(potential.r_max)
+    sparse = partition.NeighborListFormat.Sparse
     if periodic:
-        box = jnp.asarray(np.asarray(atoms.get_cell()[:]).T, dtype)  # jax-md: lattice vectors as columns
+        cell = np.asarray(atoms.get_cell()[:], np.float64)
+        box = jnp.asarray(cell.T, dtype)  # jax-md: lattice vectors as columns
         displacement_fn, shift_fn = space.periodic_general(box, fractional_coordinates=fractional)
+        orthorhombic = bool(np.allclose(cell, np.diag(np.diag(cell)), rtol=0, atol=1e-9))
+        cells_fit = orthorhombic and bool(np.all(np.diag(cell) > 3.0 * (cutoff + skin)))
+        available = cells_fit and not fractional
+        if cell_list and not available:
+            raise ValueError(
+                "a cell list needs an orthorhombic box in real coordinates (no NPT) with sides longer than "
+                f"3 (r_max + skin) = {3.0 * (cutoff + skin):.2f} Å"
+            )
+        use_cells = available if cell_list is None else bool(cell_list)
+        # jax-md's cell list takes the box as side lengths; periodicity itself lives in displacement_fn
+        nl_box = jnp.asarray(np.diag(cell), dtype) if use_cells else box
         neighbor_fn = partition.neighbor_list(
             displacement_fn,
-            box,
+            nl_box,
             cutoff,
             dr_threshold=skin,
             capacity_multiplier=capacity_multiplier,
-            format=partition.NeighborListFormat.Sparse,
-            disable_cell_list=True,
+            format=sparse,
+            disable_cell_list=not use_cells,
             fractional_coordinates=fractional,
         )
     else:
         if fractional:
             raise DataError("fractional coordinates (NPT) need a periodic structure")
+        if cell_list:
+            raise ValueError("a cell list needs a periodic orthorhombic box")
+        use_cells = False
         box = None
         displacement_fn, shift_fn = space.free()
         neighbor_fn = partition.neighbor_list(
@@ -150,23 +222,48 @@ def make_system(
             cutoff,
             dr_threshold=skin,
             capacity_multiplier=capacity_multiplier,
-            format=partition.NeighborListFormat.Sparse,
+            format=sparse,
             disable_cell_list=True,
         )
     node_mask = jnp.ones((n,), bool)
 
-    def node_energy_fn(positions: jnp.ndarray, neighbor: Any, **kwargs: Any) -> jnp.ndarray:
+    def pairs(positions: jnp.ndarray, neighbor: Any, space_kwargs: dict[str, Any]):
+        receivers, senders = neighbor.idx[0], neighbor.idx[1]
+        valid = receivers < n
+        receivers = jnp.where(valid, receivers, 0)
+        senders = jnp.where(valid, senders, 0)
+        vectors = jax.vmap(partial(displacement_fn, **space_kwargs))(positions[senders], positions[receivers])
+        return jnp.where(valid[:, None], vectors, 0.0), senders, receivers, valid
+
+    def within_cutoff(positions: jnp.ndarray, neighbor: Any, space_kwargs: dict[str, Any]):
+        vectors, senders, receivers, valid = pairs(jax.lax.stop_gradient(positions), neighbor, space_kwargs)
+        return senders, receivers, valid & (jnp.sum(vectors**2, axis=-1) < cutoff**2)
+
+    def edge_count_fn(positions: jnp.ndarray, neighbor: Any, **kwargs: Any) -> jnp.ndarray:
+        space_kwargs = {k: v for k, v in kwargs.items() if k in ("box", "perturbation", "new_box")}
+        return jnp.sum(within_cutoff(positions, neighbor, space_kwargs)[2], dtype=jnp.int32)
+
+    def node_energy_fn(
+        positions: jnp.ndarray, neighbor: Any, *, edge_capacity: int | None = None, **kwargs: Any
+    ) -> jnp.ndarray:
         # kwargs reach the displacement: `box` (NPT), `perturbation` (jax-md's pressure/stress)
         space_kwargs = {k: v for k, v in kwargs.items() if k in ("box", "perturbation", "new_box")}
-        receivers, senders = neighbor.idx[0], neighbor.idx[1]
-        edge_mask = receivers < n
-        receivers = jnp.where(edge_mask, receivers, 0)
-        senders = jnp.where(edge_mask, senders, 0)
-        vectors = jax.vmap(partial(displacement_fn, **space_kwargs))(positions[senders], positions[receivers])
-        vectors = jnp.where(edge_mask[:, None], vectors, 0.0)
-        return potential.node_energies_from_edges(
-            params, vectors.astype(dtype), species, senders, receivers, edge_mask, node_mask, include_e0=False
+        if edge_capacity is None:
+            vectors, senders, receivers, edge_mask = pairs(positions, neighbor, space_kwargs)
+        else:
+            # compact the pairs within r_max (in neighbour-list order: receivers stay sorted) into
+            # `edge_capacity` slots; the rest of the list (r_max .. r_max + skin, padding) is never evaluated
+            all_senders, all_receivers, within = within_cutoff(positions, neighbor, space_kwargs)
+            (slot,) = jnp.nonzero(within, size=edge_capacity, fill_value=0)
+            edge_mask = jnp.arange(edge_capacity) < jnp.sum(within, dtype=jnp.int32)
+            senders = jnp.where(edge_mask, all_senders[slot], 0)
+            receivers = jnp.where(edge_mask, all_receivers[slot], 0)
+            vectors = jax.vmap(partial(displacement_fn, **space_kwargs))(positions[senders], positions[receivers])
+            vectors = jnp.where(edge_mask[:, None], vectors, 0.0)
+        e = potential.node_energies_from_edges(
+            params, vectors.astype(net_dtype), species, senders, receivers, edge_mask, node_mask, include_e0=False
         )
+        return e.astype(positions.dtype)
 
     def energy_fn(positions: jnp.ndarray, neighbor: Any, **kwargs: Any) -> jnp.ndarray:
         return jnp.sum(node_energy_fn(positions, neighbor, **kwargs))
@@ -177,6 +274,7 @@ def make_system(
         neighbor_fn=neighbor_fn,
         energy_fn=energy_fn,
         node_energy_fn=node_energy_fn,
+        edge_count_fn=edge_count_fn,
         masses=masses,
         box=box,
         periodic=periodic,
@@ -186,4 +284,6 @@ def make_system(
         e0_total=float(np.sum(np.asarray(potential.atomic_energies)[np.asarray(species)])),
         r_max=cutoff,
         fractional=fractional,
+        precision=precision,
+        cell_list=use_cells,
     )

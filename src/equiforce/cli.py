@@ -88,6 +88,7 @@ def _cmd_md(args: argparse.Namespace) -> int:
         thermo=args.thermo,
         write_forces=args.forces,
         restart=args.restart,
+        precision=args.precision,
     )
     last = result.frames[-1]
     print(
@@ -183,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thermo", default=None, help="thermo CSV file")
     p.add_argument("--forces", action="store_true", help="also store forces in the trajectory")
     p.add_argument("--restart", action="store_true", help="continue the run stored in --out exactly")
+    p.add_argument(
+        "--precision",
+        default=None,
+        choices=["float32", "float64", "mixed"],
+        help="network/integrator precision (default: the model's dtype); mixed: float32 network, float64 "
+        "positions, energy sums and integrator",
+    )
     p.set_defaults(func=_cmd_md)
 
     p = sub.add_parser("info", help="print a model file's header (config, species, E0s, metrics)")
