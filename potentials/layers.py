@@ -1,14 +1,104 @@
-"""Building blocks shared by the models: NaN-safe edge geometry, radial bases, cutoff envelopes.
+"""Building blocks shared by the models: NaN-safe edge geometry, radial bases, cutoff envelopes, and the
+blocked evaluation of per-edge work (:func:`chunked_edge_sum`).
 
 All functions are pure and jittable; none allocates parameters.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import e3nn_jax as e3nn
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-__all__ = ["bessel_basis", "edge_lengths", "polynomial_envelope", "radial_embedding", "safe_unit_vectors"]
+__all__ = [
+    "CPU_CHUNK_MIN_EDGES",
+    "CPU_EDGE_CHUNK",
+    "bessel_basis",
+    "chunked_edge_sum",
+    "edge_lengths",
+    "polynomial_envelope",
+    "pure_submodule",
+    "radial_embedding",
+    "resolve_edge_chunk",
+    "safe_unit_vectors",
+]
+
+#: edges per block of the chunked edge evaluation on CPU (128-256 measured best for MACE on a 2-core EPYC)
+CPU_EDGE_CHUNK = 128
+#: below this many edges the automatic setting evaluates all edges at once (they fit in cache anyway;
+#: blocks cost about 10 % on a 21-atom molecule)
+CPU_CHUNK_MIN_EDGES = 2048
+
+
+def resolve_edge_chunk(edge_chunk_size: int | None, n_edges: int) -> int:
+    """The block size for ``n_edges`` edges under a model's ``edge_chunk_size`` setting.
+
+    An explicit size is used as is (0: no blocks). None (automatic) means :data:`CPU_EDGE_CHUNK` on CPU for
+    at least :data:`CPU_CHUNK_MIN_EDGES` edges, and no blocks otherwise (small graphs, GPUs).
+    """
+    if edge_chunk_size is not None:
+        return edge_chunk_size
+    return CPU_EDGE_CHUNK if jax.default_backend() == "cpu" and n_edges >= CPU_CHUNK_MIN_EDGES else 0
+
+
+def pure_submodule(module: nn.Module, sample: jnp.ndarray) -> Callable[[jnp.ndarray], jnp.ndarray]:
+    """A bound flax submodule as a pure function of its input (usable inside ``lax.scan``/``jax.checkpoint``).
+
+    The module is called once on ``sample`` (one row is enough), which creates its parameters at init and
+    binds them at apply; the returned function applies an unbound clone with those parameters, so they get
+    gradients as usual and keep their names in the parameter tree.
+    """
+    module(sample)
+    params = module.variables["params"]
+    unbound = module.clone(parent=None)
+    return lambda x: unbound.apply({"params": params}, x)
+
+
+def chunked_edge_sum(
+    edge_fn: Callable[..., jnp.ndarray],
+    edge_args: tuple[jnp.ndarray, ...],
+    receivers: jnp.ndarray,
+    n_nodes: int,
+    chunk: int,
+) -> jnp.ndarray:
+    """``Σ_{edges e into node i} edge_fn(*edge_args)[e]``, ``[n_nodes, ...]``, ``chunk`` edges at a time.
+
+    ``edge_fn`` maps per-edge arrays ``[e, ...]`` (the rows of ``edge_args``) to per-edge outputs ``[e, ...]``
+    and must be pure (no bound flax module inside; see :func:`pure_submodule`). With ``chunk <= 0`` or at most
+    ``chunk`` edges, it is evaluated on all edges at once and summed with ``segment_sum``. Otherwise a
+    ``lax.scan`` runs over blocks of ``chunk`` edges and adds each block's outputs into the node array, and
+    the block's work is rematerialised (``jax.checkpoint``) in the backward pass: the per-edge intermediates
+    (``[edges, irreps, channels]`` in the equivariant models) then stay in cache, and memory grows with the
+    number of atoms rather than with edges x irreps x channels. The last block is padded with copies of
+    edge 0's inputs whose outputs are dropped (receiver index ``n_nodes``, out of range). Same sum, any order
+    of differentiation.
+    """
+    n_edges = receivers.shape[0]
+    if chunk <= 0 or n_edges <= chunk:
+        return jax.ops.segment_sum(edge_fn(*edge_args), receivers, num_segments=n_nodes)
+    n_chunks = -(-n_edges // chunk)
+    pad = n_chunks * chunk - n_edges
+
+    def blocks(a: jnp.ndarray, fill: int | None = None) -> jnp.ndarray:
+        if fill is None:
+            a = jnp.concatenate([a, jnp.broadcast_to(a[:1], (pad, *a.shape[1:]))])
+        else:
+            a = jnp.concatenate([a, jnp.full((pad, *a.shape[1:]), fill, a.dtype)])
+        return a.reshape(n_chunks, chunk, *a.shape[1:])
+
+    contribution = jax.checkpoint(edge_fn)
+
+    def body(acc: jnp.ndarray, block: tuple[jnp.ndarray, ...]):
+        *args, r = block
+        return acc.at[r].add(contribution(*args), mode="drop"), None
+
+    out = jax.eval_shape(edge_fn, *(a[:1] for a in edge_args))
+    init = jnp.zeros((n_nodes, *out.shape[1:]), out.dtype)
+    acc, _ = jax.lax.scan(body, init, (*(blocks(a) for a in edge_args), blocks(receivers, fill=n_nodes)))
+    return acc
 
 
 def edge_lengths(vectors: jnp.ndarray, edge_mask: jnp.ndarray) -> jnp.ndarray:

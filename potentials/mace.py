@@ -46,7 +46,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from equiforce.potentials.layers import edge_lengths, radial_embedding, safe_unit_vectors
+from equiforce.potentials.layers import (
+    chunked_edge_sum,
+    edge_lengths,
+    pure_submodule,
+    radial_embedding,
+    resolve_edge_chunk,
+    safe_unit_vectors,
+)
 from equiforce.potentials.registry import ModelConfig, register_model
 
 __all__ = [
@@ -353,6 +360,7 @@ class MACEInteraction(nn.Module):
     residual: bool  # species-indexed residual (True) or species-indexed linear of A (False, MACE's first layer)
     last: bool
     readout_mlp_hidden: int
+    edge_chunk_size: int = 0  # > 0: edges in blocks of this size (see layers.chunked_edge_sum)
 
     @nn.compact
     def __call__(
@@ -380,21 +388,36 @@ class MACEInteraction(nn.Module):
         cg, irreps_mid, _ = _tensor_product_constants(self.irreps_in, self.l_max, irreps_a)
         mid_blocks = _blocks(e3nn.Irreps(irreps_mid))
         n_paths = e3nn.Irreps(irreps_mid).num_irreps
-        coupling = jnp.einsum("ej,ijk->eki", edge_sh, jnp.asarray(cg, dtype))  # [E, D_mid, D_in]
-        messages = coupling @ x[senders]  # [E, D_mid, C]
-        radial = e3nn.flax.MultiLayerPerceptron(
+        radial_mlp = e3nn.flax.MultiLayerPerceptron(
             self.radial_mlp_layers * (self.radial_mlp_hidden,) + (n_paths * channels,),
             act=jax.nn.silu,
             output_activation=False,
             name="radial_mlp",
-        )(edge_radial).reshape(-1, n_paths, channels)  # bias-free: zero where edge_radial is zero
-        expanded, path = [], 0  # per-column radial weights: slices + broadcasts, no gather (cheap transpose)
-        for ir, _, mul in mid_blocks:
-            block = jnp.broadcast_to(radial[:, None, path : path + mul, :], (radial.shape[0], ir.dim, mul, channels))
-            expanded.append(block.reshape(radial.shape[0], ir.dim * mul, channels))
-            path += mul
-        messages = messages * jnp.concatenate(expanded, axis=1)
-        aggregated = jax.ops.segment_sum(messages, receivers, num_segments=n_nodes)
+        )  # bias-free: zero where edge_radial is zero (padding, beyond r_max)
+        cg = jnp.asarray(cg, dtype)
+
+        def messages(radial_weights, sh, x_senders):
+            """``[e, D_mid, C]`` messages of a block of edges."""
+            coupling = jnp.einsum("ej,ijk->eki", sh, cg)  # [e, D_mid, D_in]
+            out = coupling @ x_senders  # [e, D_mid, C]
+            radial = radial_weights.reshape(-1, n_paths, channels)
+            expanded, path = [], 0  # per-column radial weights: slices + broadcasts, no gather
+            for ir, _, mul in mid_blocks:
+                block = jnp.broadcast_to(
+                    radial[:, None, path : path + mul, :], (radial.shape[0], ir.dim, mul, channels)
+                )
+                expanded.append(block.reshape(radial.shape[0], ir.dim * mul, channels))
+                path += mul
+            return out * jnp.concatenate(expanded, axis=1)
+
+        mlp = pure_submodule(radial_mlp, edge_radial[:1])
+
+        def edge_fn(radial_in, sh, s):
+            return messages(mlp(radial_in), sh, x[s])
+
+        aggregated = chunked_edge_sum(
+            edge_fn, (edge_radial, edge_sh, senders), receivers, n_nodes, self.edge_chunk_size
+        )
         aggregated = aggregated / jnp.asarray(self.avg_num_neighbours, dtype)
         a = ChannelLinear(irreps_mid, irreps_a, channels, name="linear_down")(aggregated)  # [n, D_A, C]
         if not self.residual:  # RealAgnosticInteractionBlock: species-indexed linear of A
@@ -456,6 +479,12 @@ class MACEConfig(ModelConfig):
       radial_mlp_hidden: width of the hidden layers of the radial MLP (MACE: 64).
       radial_mlp_layers: number of hidden layers of the radial MLP (MACE: 3, i.e. [64, 64, 64]).
       readout_mlp_hidden: hidden width of the last layer's nonlinear readout (MACE: 16).
+      edge_chunk_size: evaluate the edges (radial MLP, tensor product, neighbour sum) in blocks of this many
+        (see :func:`equiforce.potentials.layers.chunked_edge_sum`), so the ``[edges, irreps, channels]``
+        intermediates stay in cache: same result, 3-4x faster and 7x less temporary memory for a 1029-atom
+        water box on a 2-core CPU. 0: all edges at once (the better choice on GPUs). None (default): blocks of
+        128 on CPU for graphs of at least 2048 edges, all at once otherwise. A compute setting: it changes no
+        parameter or output.
       residual_first_layer: give the first layer a species-indexed residual like the later ones (mace's
         ``ScaleShiftMACE`` default, ``interaction_first=RealAgnosticResidualInteractionBlock``) instead of a
         species-indexed linear of A (mace's ``MACE`` model and mlip's default; False).
@@ -477,6 +506,7 @@ class MACEConfig(ModelConfig):
     radial_mlp_layers: int = 3
     readout_mlp_hidden: int = 16
     residual_first_layer: bool = False
+    edge_chunk_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_interactions < 1:
@@ -490,6 +520,8 @@ class MACEConfig(ModelConfig):
         for field in ("num_features", "num_bessel", "radial_mlp_hidden", "radial_mlp_layers", "readout_mlp_hidden"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+        if self.edge_chunk_size is not None and self.edge_chunk_size < 0:
+            raise ValueError(f"edge_chunk_size must be >= 0, got {self.edge_chunk_size}")
         if self.envelope_p < 2:
             raise ValueError(f"envelope_p must be >= 2, got {self.envelope_p}")
 
@@ -564,6 +596,7 @@ class MACE(nn.Module):
                 residual=t > 0 or cfg.residual_first_layer,
                 last=last,
                 readout_mlp_hidden=cfg.readout_mlp_hidden,
+                edge_chunk_size=resolve_edge_chunk(cfg.edge_chunk_size, vectors.shape[0]),
                 name=f"interaction_{t}",
             )(node_feats, onehot, edge_sh, edge_radial, senders, receivers)
             self.sow("intermediates", f"readout_{t}", readout)

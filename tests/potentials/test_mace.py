@@ -262,3 +262,17 @@ def test_paper_like_irreps_are_invariant(improper):
     rot = random_rotation(np.random.default_rng(7), improper)
     out_rot, _ = _apply(cfg, pos @ rot.T + 0.3, species, params)
     np.testing.assert_allclose(out_rot[:-1], out[:-1], rtol=0, atol=1e-10)
+
+
+def test_edge_chunk_size_is_a_compute_setting():
+    """Chunking changes no parameter: a file written unchunked loads and runs chunked (same tree)."""
+    base = MACEConfig(num_features=4, l_max=1, correlation=2, edge_chunk_size=0)
+    chunked = MACEConfig(num_features=4, l_max=1, correlation=2, edge_chunk_size=16)
+    vectors = jnp.asarray(np.random.default_rng(0).normal(size=(40, 3)))
+    args = (vectors, jnp.zeros(6, jnp.int32), jnp.arange(40) % 6, (jnp.arange(40) + 1) % 6, jnp.ones(40, bool))
+    p0 = base.build(num_species=1, r_max=3.0, avg_num_neighbours=5.0).init(jax.random.PRNGKey(0), *args)
+    p1 = chunked.build(num_species=1, r_max=3.0, avg_num_neighbours=5.0).init(jax.random.PRNGKey(0), *args)
+    assert jax.tree.structure(p0) == jax.tree.structure(p1)
+    assert [x.shape for x in jax.tree.leaves(p0)] == [x.shape for x in jax.tree.leaves(p1)]
+    with pytest.raises(ValueError, match="edge_chunk_size"):
+        MACEConfig(edge_chunk_size=-1)
