@@ -114,7 +114,7 @@ def build_system(name: str, args: argparse.Namespace) -> Any:
         atoms.calc = None
         return atoms
     if name == "water":
-        return water_box(args.water_grid * args.water_reps, seed=args.seed)
+        return water_box(args.water_side or args.water_grid * args.water_reps, seed=args.seed)
     raise ValueError(f"unknown system {name!r}")
 
 
@@ -194,7 +194,7 @@ def run_one(name: str, atoms: Any, dtype: str, hp: dict[str, Any], args: argpars
         r_max=args.r_max,
         atomic_energies=(0.0,) * len(species),
         avg_num_neighbours=float(avg_nn),
-        dtype=dtype,
+        dtype="float64" if dtype == "float64" else "float32",
     )
     params = potential.init(jax.random.PRNGKey(0))
     n_params = int(sum(x.size for x in jax.tree.leaves(params)))
@@ -206,9 +206,11 @@ def run_one(name: str, atoms: Any, dtype: str, hp: dict[str, Any], args: argpars
         report_interval=chunk,
         skin=args.skin,
         seed=args.seed,
+        compact_edges=not args.no_compact_edges,
     )
     t0 = time.perf_counter()
-    system = make_system(potential, params, atoms, skin=args.skin)
+    cell_list = {"auto": None, "on": True, "off": False}[args.cell_list]
+    system = make_system(potential, params, atoms, skin=args.skin, precision=dtype, cell_list=cell_list)
     engine = MDEngine(system, config, log=lambda msg: print(f"  [{name} {dtype}] {msg}", file=sys.stderr))
     state = engine.init(atoms.get_positions())
     jax.block_until_ready(state.position)
@@ -228,6 +230,8 @@ def run_one(name: str, atoms: Any, dtype: str, hp: dict[str, Any], args: argpars
         "pairs_start": pairs_start,
         "nl_capacity_start": capacity,
         "nl_pairs_start": int(np.sum(np.asarray(engine.neighbor.idx[0]) < n_atoms)),
+        "edge_capacity_start": engine.edge_capacity,
+        "cell_list": system.cell_list,
         "error": None,
     }
     times: list[float] = []
@@ -251,6 +255,15 @@ def run_one(name: str, atoms: Any, dtype: str, hp: dict[str, Any], args: argpars
     result["nl_capacity_end"] = int(engine.neighbor.idx.shape[-1])
     result["nl_pairs_end"] = int(np.sum(np.asarray(engine.neighbor.idx[0]) < n_atoms))
     result["reallocations"] = engine.reallocations
+    result["edge_capacity_end"] = engine.edge_capacity
+    if args.cost_analysis and not result["error"]:
+        unchunked = None
+        if getattr(potential.model, "edge_chunk_size", 0) != 0:
+            import dataclasses
+
+            flat = potential.replace(model=dataclasses.replace(potential.model, edge_chunk_size=0))
+            unchunked = make_system(flat, params, atoms, skin=args.skin, precision=dtype, cell_list=cell_list)
+        result.update(cost_analysis(engine, state, args.cost_repeats, unchunked))
     result["chunk_s"] = times
     if times:
         med = float(np.median(times))
@@ -271,11 +284,73 @@ def run_one(name: str, atoms: Any, dtype: str, hp: dict[str, Any], args: argpars
     return result
 
 
+def cost_analysis(engine: Any, state: Any, repeats: int, unchunked_system: Any = None) -> dict[str, Any]:
+    """XLA's cost analysis of one jitted energy+forces call at ``state``, and its measured median time.
+
+    XLA counts a loop body once, whatever its trip count, so the FLOPs of a model that evaluates its edges
+    in blocks (``edge_chunk_size``, a ``lax.scan``) are taken from the same energy+forces with all edges at
+    once (``unchunked_system``; compiled, never run), which is also the useful work (the blocked version
+    recomputes its edge work in the backward pass, which is not counted). ``flops`` includes every edge slot
+    (a few % of padding). The rate is flops / median time of the call the MD loop uses.
+    """
+    from functools import partial
+
+    import jax
+
+    space = engine._space_kwargs(state)
+
+    def compiled_forces(energy_fn: Any) -> Any:
+        def forces(position, neighbor):
+            return jax.value_and_grad(energy_fn)(position, neighbor, **space)
+
+        return jax.jit(forces).lower(state.position, engine.neighbor).compile()
+
+    compiled = compiled_forces(engine.energy_fn)
+    counted = compiled
+    if unchunked_system is not None:
+        capacity = engine.edge_capacity
+        counted = compiled_forces(partial(unchunked_system.energy_fn, edge_capacity=capacity))
+    cost = counted.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    memory = compiled.memory_analysis()
+    jax.block_until_ready(compiled(state.position, engine.neighbor))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(state.position, engine.neighbor))
+        times.append(time.perf_counter() - t0)
+    med = float(np.median(times))
+    flops = float(cost.get("flops", float("nan")))
+    return {
+        "xla_flops": flops,
+        "xla_bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
+        "xla_temp_bytes": int(getattr(memory, "temp_size_in_bytes", -1)) if memory is not None else -1,
+        "force_call_s": med,
+        "gflops_per_s": flops / med / 1e9,
+    }
+
+
+def matmul_peak_gflops(dtype: str = "float32", n: int = 4096, repeats: int = 5) -> float:
+    """Measured peak of this machine: the best rate of a jitted ``n x n`` matmul (2 n³ flops), GFLOP/s."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(f(a))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a))
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best / 1e9
+
+
 def markdown(results: list[dict[str, Any]]) -> str:
     head = (
-        "| system | dtype | atoms | edges (start → end) | NL capacity | first call s | steps/s (median) "
-        "| steps/s min–max | atom-steps/s | peak RSS MB | note |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|"
+        "| system | dtype | atoms | edges (start → end) | NL capacity | edge slots | first call s | steps/s (median) "
+        "| steps/s min–max | atom-steps/s | peak RSS MB | GFLOP/s (XLA) | note |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = [head]
     for r in results:
@@ -283,6 +358,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
         rng = "–" if "steps_per_s_min_max" not in r else "{:.4g}–{:.4g}".format(*r["steps_per_s_min_max"])
         asps = f"{r['atom_steps_per_s']:.4g}" if "atom_steps_per_s" in r else "–"
         first = f"{r['first_call_s']:.1f}" if "first_call_s" in r else "–"
+        gflops = f"{r['gflops_per_s']:.2f}" if "gflops_per_s" in r else "–"
         notes = []
         if r["error"]:
             notes.append(r["error"].split(":")[0])
@@ -292,7 +368,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
             notes.append(f"{r['reallocations']} NL realloc")
         rows.append(
             f"| {r['system']} | {r['dtype']} | {r['n_atoms']} | {r['pairs_start']} → {r['pairs_end']} "
-            f"| {r['nl_capacity_end']} | {first} | {sps} | {rng} | {asps} | {r['peak_rss_mb']:.0f} "
+            f"| {r['nl_capacity_end']} | {r['edge_capacity_end'] or '–'} | {first} | {sps} | {rng} | {asps} "
+            f"| {r['peak_rss_mb']:.0f} | {gflops} "
             f"| {'; '.join(notes)} |"
         )
     return "\n".join(rows)
@@ -301,7 +378,19 @@ def markdown(results: list[dict[str, Any]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--systems", nargs="+", default=["aspirin", "water"], choices=["aspirin", "water"])
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "both"])
+    ap.add_argument(
+        "--dtype",
+        nargs="+",
+        default=["float32"],
+        choices=["float32", "float64", "mixed", "both"],
+        help="precisions to run (both = float32 float64); mixed: float32 network, float64 integrator",
+    )
+    ap.add_argument("--no-compact-edges", action="store_true", help="evaluate every neighbour-list slot")
+    ap.add_argument("--cell-list", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--water-side", type=int, default=0, help="molecules per box side (overrides grid x reps)")
+    ap.add_argument("--cost-analysis", action="store_true", help="XLA FLOPs of one energy+forces call vs its time")
+    ap.add_argument("--cost-repeats", type=int, default=3)
+    ap.add_argument("--peak", action="store_true", help="measure the float32 matmul peak (4096²) first")
     ap.add_argument("--model", default="nequip", help="registered model name (default: nequip)")
     ap.add_argument("--hp", default="{}", help="hyperparameters as JSON, overriding the protocol size of --model")
     ap.add_argument("--timestep-fs", type=float, default=0.01)
@@ -322,8 +411,10 @@ def main() -> None:
 
     import jax
 
-    dtypes = ["float32", "float64"] if args.dtype == "both" else [args.dtype]
-    if "float64" in dtypes:
+    dtypes: list[str] = []
+    for d in args.dtype:
+        dtypes += ["float32", "float64"] if d == "both" else [d]
+    if "float64" in dtypes or "mixed" in dtypes:
         jax.config.update("jax_enable_x64", True)
     hp = {**PROTOCOL_HP.get(args.model, {}), **json.loads(args.hp)}
     machine = machine_info()
@@ -334,6 +425,9 @@ def main() -> None:
     )
     print(f"# model: {args.model} {json.dumps(hp)}; r_max {args.r_max} Å, skin {args.skin} Å; untrained (PRNGKey(0))")
     print(f"# NVE velocity Verlet, {args.temperature_K:g} K MB start, timestep {args.timestep_fs:g} fs")
+    if args.peak:
+        machine["matmul_peak_gflops_float32"] = matmul_peak_gflops("float32")
+        print(f"# float32 matmul peak (jax, 4096²): {machine['matmul_peak_gflops_float32']:.1f} GFLOP/s", flush=True)
     results = []
     for name in args.systems:
         atoms = build_system(name, args)
@@ -353,7 +447,16 @@ def main() -> None:
                 f"NL capacity {r['nl_capacity_start']} -> {r['nl_capacity_end']} "
                 f"(valid {r['nl_pairs_start']} -> {r['nl_pairs_end']}, r_max+skin); "
                 f"T {r.get('T_first_K', float('nan')):.0f} -> {r.get('T_end_K', float('nan')):.0f} K; "
-                f"peak RSS {r['peak_rss_mb']:.0f} MB" + (f"; {r['error']}" if r["error"] else ""),
+                f"edge capacity {r['edge_capacity_start']} -> {r['edge_capacity_end']}; cell list {r['cell_list']}; "
+                f"peak RSS {r['peak_rss_mb']:.0f} MB"
+                + (
+                    f"; XLA {r['xla_flops'] / 1e9:.2f} GFLOP per energy+forces call in {r['force_call_s']:.3g} s "
+                    f"= {r['gflops_per_s']:.2f} GFLOP/s, {r['xla_bytes_accessed'] / 1e9:.2f} GB accessed, "
+                    f"temp {r['xla_temp_bytes'] / 1e6:.0f} MB"
+                    if "xla_flops" in r
+                    else ""
+                )
+                + (f"; {r['error']}" if r["error"] else ""),
                 flush=True,
             )
     print()
