@@ -93,7 +93,11 @@ def run(cmd: list[str], timeout: float, log: Path) -> tuple[int, str]:
 def equiforce_md(model: str, system: str, dtype: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     out = work / f"equiforce_{model}_{system}_{dtype}.json"
     cmd = [sys.executable, str(HERE / "md_throughput.py"), "--model", model, "--systems", system, "--dtype", dtype]
-    cmd += ["--chunk", str(args.chunk.get(system, CHUNK[system])), "--chunks", str(args.chunks), "--json", str(out)]
+    # equiforce evaluates thermo (energy, and the virial for the pressure of periodic systems) once per chunk:
+    # about one extra force call, amortised over report_interval (100) steps in real runs, so its water chunks
+    # are longer than the peers' (whose cost per step does not depend on the chunk)
+    chunk = args.chunk.get(system, CHUNK[system]) if system != "water" else args.equiforce_chunk_water
+    cmd += ["--chunk", str(chunk), "--chunks", str(args.chunks), "--json", str(out)]
     if args.cost_analysis and system == "water":
         cmd += ["--cost-analysis"]
     run(cmd, args.timeout, work / "log.txt")
@@ -187,6 +191,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=3, help="timed chunks after the warm-up chunk")
     ap.add_argument("--chunk-aspirin", type=int, default=CHUNK["aspirin"])
     ap.add_argument("--chunk-water", type=int, default=CHUNK["water"])
+    ap.add_argument("--equiforce-chunk-water", type=int, default=10, help="equiforce's steps per chunk (thermo)")
     ap.add_argument("--train-steps", type=int, default=3)
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--cost-analysis", action="store_true", help="XLA FLOP rate of equiforce on the water box")
@@ -214,14 +219,15 @@ def main() -> None:
             if system == "aspirin" and args.train_steps:
                 ours.update(equiforce_train(args.model, dtype, args, work))
             rows.append(ours)
-            if dtype == "mixed":
-                continue  # no peer has a mixed-precision mode
+            if dtype == "mixed":  # no peer has a mixed-precision mode
+                print(markdown([ours]), flush=True)
+                continue
             for peer in peers:
                 r = peer_run(peer, system, dtype, paths, args, work)
                 if r is None:
                     print(f"  (peer {peer[0]} not installed in {args.peers_dir}; bash benchmarks/peers/setup.sh)")
                     continue
-                row = {"system": system, "dtype": dtype, "code": peer[0], **r}
+                row = {**r, "system": system, "dtype": dtype, "code": peer[0], "package": r.get("code")}
                 if ours.get("steps_per_s") and r.get("steps_per_s"):
                     row["ratio"] = ours["steps_per_s"] / r["steps_per_s"]
                 if ours.get("train_step_s") and r.get("train_step_s"):
