@@ -114,31 +114,28 @@ def test_chunked_edge_sum_equals_segment_sum():
         np.testing.assert_allclose(hvp, jax.jvp(lambda v: jax.grad(total)(v, 0), (values,), (values,))[1], atol=1e-10)
 
 
+def _chunk_harnesses(model: str, chunk: int):
+    import dataclasses
+
+    from tests.potentials.property_suite import MODEL_TEST_CASES, Harness, ModelTestCase
+
+    base = MODEL_TEST_CASES[model]
+    return {
+        c: Harness(ModelTestCase(dataclasses.replace(base.config, edge_chunk_size=c), base.param_scale))
+        for c in (0, chunk)
+    }
+
+
 @pytest.mark.parametrize("model", ["mace", "nequip"])
 @pytest.mark.parametrize(
     "chunk", [7, pytest.param(1, marks=pytest.mark.slow), pytest.param(64, marks=pytest.mark.slow)]
 )
 def test_chunked_edges_equal_all_at_once(model, chunk):
-    """Edges evaluated in blocks (scan + remat; padding to a whole number of blocks) give the energy, forces,
-    stress and the parameter gradient of a force loss (what training differentiates) of the one-shot sum."""
-    import dataclasses
+    """Edges evaluated in blocks (scan + remat; padding to a whole number of blocks) give the energy, forces
+    and stress of the one-shot sum."""
+    from tests.potentials.property_suite import crystal, molecule
 
-    from equiforce.data.graph import collate
-    from equiforce.data.neighbours import build_neighbour_graphs
-    from tests.potentials.property_suite import (
-        BATCH_BUDGET,
-        MODEL_TEST_CASES,
-        Harness,
-        ModelTestCase,
-        crystal,
-        molecule,
-    )
-
-    base = MODEL_TEST_CASES[model]
-    harnesses = {
-        c: Harness(ModelTestCase(dataclasses.replace(base.config, edge_chunk_size=c), base.param_scale))
-        for c in (0, chunk)
-    }
+    harnesses = _chunk_harnesses(model, chunk)
     for s in (molecule(seed=3, n_atoms=9), crystal(seed=1)):
         ref = harnesses[0].evaluate(s)
         out = harnesses[chunk].evaluate(s, params=harnesses[0].params)
@@ -146,6 +143,17 @@ def test_chunked_edges_equal_all_at_once(model, chunk):
         np.testing.assert_allclose(out.forces, ref.forces, rtol=0, atol=1e-11)
         np.testing.assert_allclose(out.stress, ref.stress, rtol=0, atol=1e-11)
 
+
+@pytest.mark.parametrize("model", ["mace", pytest.param("nequip", marks=pytest.mark.slow)])
+def test_chunked_edges_give_the_training_gradient(model):
+    """The parameter gradient of a force loss (what training differentiates: a derivative of a derivative
+    through the blocked scan) equals the one-shot one."""
+    from equiforce.data.graph import collate
+    from equiforce.data.neighbours import build_neighbour_graphs
+    from tests.potentials.property_suite import BATCH_BUDGET, molecule
+
+    chunk = 7
+    harnesses = _chunk_harnesses(model, chunk)
     structures = molecule(seed=5, n_atoms=8)
     graphs = build_neighbour_graphs(structures, harnesses[0].potential.r_max)
     graph = collate(structures, graphs, np.arange(len(structures)), BATCH_BUDGET).graph
