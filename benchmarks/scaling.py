@@ -6,7 +6,7 @@ its own process by ``md_throughput.py`` (NVE, 0.01 fs, untrained model at the pr
 ``scaling.json``, ``scaling.md`` and ``scaling.png`` (atom-steps/s and peak memory against atoms, log-log,
 with a linear-memory guide through the largest size) to ``--out``.
 
-    python benchmarks/scaling.py --model mace --water-sides 3 5 7 11 15 17 --out runs/scaling
+    python benchmarks/scaling.py --model mace --water-sides 4 5 7 11 15 18 --out runs/scaling
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="mace")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "mixed"])
-    ap.add_argument("--water-sides", nargs="+", type=int, default=[3, 5, 7, 11, 15, 17])
+    ap.add_argument("--water-sides", nargs="+", type=int, default=[4, 5, 7, 11, 15, 18])
     ap.add_argument("--no-aspirin", action="store_true")
     ap.add_argument("--water-steps", type=float, default=6.0, help="steps per chunk at 1029 atoms (scaled ∝ 1/N)")
     ap.add_argument("--chunks", type=int, default=2)
