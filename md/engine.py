@@ -178,17 +178,14 @@ class MDEngine:
         """
         pos = jnp.asarray(positions, self.system.dtype)
         key = jax.random.PRNGKey(self.config.seed)
-        if self.system.fractional:
-            box = self.system.box
+        box = self.system.box
+        space = {"box": box} if self.system.fractional else {}
+        if self.system.periodic:
             pos = jnp.mod(jnp.linalg.solve(box, pos.T).T, 1.0)  # x = box @ u  ->  u in [0, 1)
-            self.neighbor = self.system.neighbor_fn.allocate(pos, box=box)
-            count = self.system.edge_count(pos, self.neighbor, box=box)
-        else:
-            if self.system.periodic:  # into the box (the cell list bins positions in [0, L))
-                box = self.system.box
-                pos = jnp.mod(jnp.linalg.solve(box, pos.T).T, 1.0) @ box.T
-            self.neighbor = self.system.neighbor_fn.allocate(pos)
-            count = self.system.edge_count(pos, self.neighbor)
+            if not self.system.fractional:
+                pos = pos @ box.T  # back to real coordinates, inside the box (the cell list bins [0, L))
+        self.neighbor = self.system.neighbor_fn.allocate(pos, **space)
+        count = self.system.edge_count(pos, self.neighbor, **space)
         if self.config.compact_edges:
             self._bind(self._edge_capacity_for(int(count)))
         if self.npt:
@@ -221,11 +218,10 @@ class MDEngine:
         def body(_, carry):
             state, neighbor, max_edges = carry
             state = self._apply_fn(state, neighbor=neighbor)
+            space = self._space_kwargs(state)
             # the pairs the force call of this step saw (within r_max, so the same in the old and new list)
-            max_edges = jnp.maximum(
-                max_edges, self.system.edge_count(state.position, neighbor, **self._space_kwargs(state))
-            )
-            neighbor = neighbor.update(state.position, **self._space_kwargs(state))
+            max_edges = jnp.maximum(max_edges, self.system.edge_count(state.position, neighbor, **space))
+            neighbor = neighbor.update(state.position, **space)
             return state, neighbor, max_edges
 
         state, neighbor, max_edges = jax.lax.fori_loop(0, n_steps, body, (state, neighbor, jnp.zeros((), jnp.int32)))

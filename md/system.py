@@ -227,27 +227,32 @@ def make_system(
         )
     node_mask = jnp.ones((n,), bool)
 
+    def space_kwargs_of(kwargs: dict[str, Any]) -> dict[str, Any]:
+        # what reaches the displacement: `box` (NPT), `perturbation` (jax-md's pressure/stress)
+        return {k: v for k, v in kwargs.items() if k in ("box", "perturbation", "new_box")}
+
+    def edge_vectors(positions, senders, receivers, mask, space_kwargs: dict[str, Any]) -> jnp.ndarray:
+        vectors = jax.vmap(partial(displacement_fn, **space_kwargs))(positions[senders], positions[receivers])
+        return jnp.where(mask[:, None], vectors, 0.0)
+
     def pairs(positions: jnp.ndarray, neighbor: Any, space_kwargs: dict[str, Any]):
         receivers, senders = neighbor.idx[0], neighbor.idx[1]
         valid = receivers < n
         receivers = jnp.where(valid, receivers, 0)
         senders = jnp.where(valid, senders, 0)
-        vectors = jax.vmap(partial(displacement_fn, **space_kwargs))(positions[senders], positions[receivers])
-        return jnp.where(valid[:, None], vectors, 0.0), senders, receivers, valid
+        return edge_vectors(positions, senders, receivers, valid, space_kwargs), senders, receivers, valid
 
     def within_cutoff(positions: jnp.ndarray, neighbor: Any, space_kwargs: dict[str, Any]):
         vectors, senders, receivers, valid = pairs(jax.lax.stop_gradient(positions), neighbor, space_kwargs)
         return senders, receivers, valid & (jnp.sum(vectors**2, axis=-1) < cutoff**2)
 
     def edge_count_fn(positions: jnp.ndarray, neighbor: Any, **kwargs: Any) -> jnp.ndarray:
-        space_kwargs = {k: v for k, v in kwargs.items() if k in ("box", "perturbation", "new_box")}
-        return jnp.sum(within_cutoff(positions, neighbor, space_kwargs)[2], dtype=jnp.int32)
+        return jnp.sum(within_cutoff(positions, neighbor, space_kwargs_of(kwargs))[2], dtype=jnp.int32)
 
     def node_energy_fn(
         positions: jnp.ndarray, neighbor: Any, *, edge_capacity: int | None = None, **kwargs: Any
     ) -> jnp.ndarray:
-        # kwargs reach the displacement: `box` (NPT), `perturbation` (jax-md's pressure/stress)
-        space_kwargs = {k: v for k, v in kwargs.items() if k in ("box", "perturbation", "new_box")}
+        space_kwargs = space_kwargs_of(kwargs)
         if edge_capacity is None:
             vectors, senders, receivers, edge_mask = pairs(positions, neighbor, space_kwargs)
         else:
@@ -258,8 +263,7 @@ def make_system(
             edge_mask = jnp.arange(edge_capacity) < jnp.sum(within, dtype=jnp.int32)
             senders = jnp.where(edge_mask, all_senders[slot], 0)
             receivers = jnp.where(edge_mask, all_receivers[slot], 0)
-            vectors = jax.vmap(partial(displacement_fn, **space_kwargs))(positions[senders], positions[receivers])
-            vectors = jnp.where(edge_mask[:, None], vectors, 0.0)
+            vectors = edge_vectors(positions, senders, receivers, edge_mask, space_kwargs)
         e = potential.node_energies_from_edges(
             params, vectors.astype(net_dtype), species, senders, receivers, edge_mask, node_mask, include_e0=False
         )

@@ -396,11 +396,13 @@ class MACEInteraction(nn.Module):
         )  # bias-free: zero where edge_radial is zero (padding, beyond r_max)
         cg = jnp.asarray(cg, dtype)
 
-        def messages(radial_weights, sh, x_senders):
+        mlp = pure_submodule(radial_mlp, edge_radial[:1])
+
+        def edge_fn(radial_in, sh, s):
             """``[e, D_mid, C]`` messages of a block of edges."""
             coupling = jnp.einsum("ej,ijk->eki", sh, cg)  # [e, D_mid, D_in]
-            out = coupling @ x_senders  # [e, D_mid, C]
-            radial = radial_weights.reshape(-1, n_paths, channels)
+            out = coupling @ x[s]  # [e, D_mid, C]
+            radial = mlp(radial_in).reshape(-1, n_paths, channels)
             expanded, path = [], 0  # per-column radial weights: slices + broadcasts, no gather
             for ir, _, mul in mid_blocks:
                 block = jnp.broadcast_to(
@@ -409,11 +411,6 @@ class MACEInteraction(nn.Module):
                 expanded.append(block.reshape(radial.shape[0], ir.dim * mul, channels))
                 path += mul
             return out * jnp.concatenate(expanded, axis=1)
-
-        mlp = pure_submodule(radial_mlp, edge_radial[:1])
-
-        def edge_fn(radial_in, sh, s):
-            return messages(mlp(radial_in), sh, x[s])
 
         aggregated = chunked_edge_sum(
             edge_fn, (edge_radial, edge_sh, senders), receivers, n_nodes, self.edge_chunk_size
