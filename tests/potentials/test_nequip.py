@@ -2,11 +2,17 @@
 
 import e3nn_jax as e3nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from equiforce.potentials import MODELS, NequIPConfig
-from equiforce.potentials.nequip import _hidden_irreps
+from equiforce.potentials.nequip import (
+    _channels_last,
+    _convolution_constants,
+    _from_channels_last,
+    _hidden_irreps,
+)
 from tests.potentials.property_suite import (
     Harness,
     ModelTestCase,
@@ -95,3 +101,33 @@ def test_default_config_sees_angles():
     e_a = harness.evaluate(bent_triatomic(125.0)).energy[0]
     e_b = harness.evaluate(bent_triatomic(160.0)).energy[0]
     assert abs(e_a - e_b) > 1e-6
+
+
+@pytest.mark.parametrize(
+    ("x_irreps", "l_max", "parity"),
+    [
+        ("4x0e", 2, True),
+        ("4x0e+4x0o+4x1o+4x1e+4x2e+4x2o", 2, True),
+        ("3x0e+3x1o+3x2e+3x3o", 3, False),
+        ("2x0e", 0, False),
+    ],
+)
+def test_dense_convolution_equals_the_e3nn_tensor_product(x_irreps, l_max, parity):
+    """The dense per-channel Clebsch-Gordan map gives e3nn's message ``[x, x ⊗ Y]`` (filtered to the gate input,
+    regrouped) in e3nn's layout and path order, so the radial weights and the parameters keep their meaning."""
+    channels = e3nn.Irreps(x_irreps)[0].mul
+    target = _hidden_irreps(channels, l_max, parity)
+    n_gates = target.filter(drop=["0e", "0o"]).num_irreps
+    gated = target + e3nn.Irreps(f"{n_gates}x0e") if n_gates else target
+    sh_irreps = e3nn.Irreps.spherical_harmonics(l_max).filter(drop="0e") if l_max > 0 else e3nn.Irreps("0e")
+    rng = np.random.default_rng(0)
+    x = e3nn.IrrepsArray(x_irreps, jnp.asarray(rng.normal(size=(7, e3nn.Irreps(x_irreps).dim))))
+    sh = e3nn.spherical_harmonics(sh_irreps, jnp.asarray(rng.normal(size=(7, 3))), normalize=True)
+
+    ref = e3nn.concatenate([x.filter(keep=gated), e3nn.tensor_product(x, sh, filter_ir_out=gated)]).regroup()
+    cg, per_channel = _convolution_constants(str(x.irreps), str(sh.irreps), str(gated))
+    sh1 = jnp.concatenate([jnp.ones((7, 1)), sh.array], axis=1)
+    dense = jnp.einsum("ej,ijk,eic->ekc", sh1, jnp.asarray(cg), _channels_last(x))
+    out = _from_channels_last(dense, per_channel, channels)
+    assert out.irreps == ref.irreps
+    np.testing.assert_allclose(out.array, ref.array, rtol=0, atol=1e-12)
