@@ -1,5 +1,5 @@
 """Building blocks shared by the models: NaN-safe edge geometry, radial bases, cutoff envelopes, and the
-blocked evaluation of per-edge work (:func:`chunked_edge_sum`).
+blocked evaluation of per-edge and per-atom work (:func:`chunked_edge_sum`, :func:`chunked_node_map`).
 
 All functions are pure and jittable; none allocates parameters.
 """
@@ -16,8 +16,10 @@ import jax.numpy as jnp
 __all__ = [
     "CPU_CHUNK_MIN_EDGES",
     "CPU_EDGE_CHUNK",
+    "CPU_NODE_CHUNK",
     "bessel_basis",
     "chunked_edge_sum",
+    "chunked_node_map",
     "edge_lengths",
     "polynomial_envelope",
     "pure_submodule",
@@ -28,6 +30,8 @@ __all__ = [
 
 #: edges per block of the chunked edge evaluation on CPU (128-256 measured best for MACE on a 2-core EPYC)
 CPU_EDGE_CHUNK = 128
+#: atoms per block of node-wise work on CPU when edges are blocked (MACE's symmetric contraction)
+CPU_NODE_CHUNK = 64
 #: below this many edges the automatic setting evaluates all edges at once (they fit in cache anyway;
 #: blocks cost about 10 % on a 21-atom molecule)
 CPU_CHUNK_MIN_EDGES = 2048
@@ -99,6 +103,31 @@ def chunked_edge_sum(
     init = jnp.zeros((n_nodes, *out.shape[1:]), out.dtype)
     acc, _ = jax.lax.scan(body, init, (*(blocks(a) for a in edge_args), blocks(receivers, fill=n_nodes)))
     return acc
+
+
+def chunked_node_map(fn: Callable[..., jnp.ndarray], args: tuple[jnp.ndarray, ...], chunk: int) -> jnp.ndarray:
+    """``fn(*args)`` for a row-wise ``fn`` (row i of the output depends on row i of each arg only), ``chunk`` rows
+    at a time.
+
+    With ``chunk <= 0`` or at most ``chunk`` rows, ``fn`` is called once. Otherwise ``lax.map`` runs it on blocks
+    of ``chunk`` rows, rematerialised in the backward pass (``jax.checkpoint``), so that large per-atom
+    intermediates (MACE's ``[monomials, atoms x channels]``) exist for one block at a time; the last block is
+    padded with copies of row 0 whose outputs are dropped. ``fn`` must be pure (no bound flax module inside).
+    Same result, any order of differentiation.
+    """
+    n = args[0].shape[0]
+    if chunk <= 0 or n <= chunk:
+        return fn(*args)
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+
+    def blocks(a: jnp.ndarray) -> jnp.ndarray:
+        a = jnp.concatenate([a, jnp.broadcast_to(a[:1], (pad, *a.shape[1:]))])
+        return a.reshape(n_chunks, chunk, *a.shape[1:])
+
+    block_fn = jax.checkpoint(fn)
+    out = jax.lax.map(lambda xs: block_fn(*xs), tuple(blocks(a) for a in args))
+    return out.reshape(n_chunks * chunk, *out.shape[2:])[:n]
 
 
 def edge_lengths(vectors: jnp.ndarray, edge_mask: jnp.ndarray) -> jnp.ndarray:

@@ -8,6 +8,7 @@ import pytest
 from equiforce.potentials.layers import (
     bessel_basis,
     chunked_edge_sum,
+    chunked_node_map,
     edge_lengths,
     polynomial_envelope,
     radial_embedding,
@@ -112,6 +113,25 @@ def test_chunked_edge_sum_equals_segment_sum():
         np.testing.assert_allclose(jax.grad(total)(values, chunk), jax.grad(total)(values, 0), atol=1e-12)
         hvp = jax.jvp(lambda v, c=chunk: jax.grad(total)(v, c), (values,), (values,))[1]
         np.testing.assert_allclose(hvp, jax.jvp(lambda v: jax.grad(total)(v, 0), (values,), (values,))[1], atol=1e-10)
+
+
+def test_chunked_node_map_equals_one_call():
+    """Row blocks of 1..n (the last padded) give the one-call result and its first and second derivatives."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(11, 2, 3)))
+    y = jnp.asarray(rng.normal(size=(11, 4)))
+
+    def fn(x, y):
+        return jnp.tanh(x) * jnp.sum(y**2, axis=1)[:, None, None]
+
+    def total(x, chunk):
+        return jnp.sum(jnp.cos(chunked_node_map(fn, (x, y), chunk)))
+
+    for chunk in (0, 1, 3, 4, 11, 20):
+        np.testing.assert_allclose(chunked_node_map(fn, (x, y), chunk), fn(x, y), rtol=0, atol=1e-14)
+        np.testing.assert_allclose(jax.grad(total)(x, chunk), jax.grad(total)(x, 0), rtol=0, atol=1e-13)
+        hvp = jax.jvp(lambda v, c=chunk: jax.grad(total)(v, c), (x,), (x,))[1]
+        np.testing.assert_allclose(hvp, jax.jvp(lambda v: jax.grad(total)(v, 0), (x,), (x,))[1], atol=1e-12)
 
 
 def _chunk_harnesses(model: str, chunk: int):
