@@ -140,7 +140,11 @@ class MDEngine:
         config, system = self.config, self.system
         self.edge_capacity = edge_capacity
         self.energy_fn = partial(system.energy_fn, edge_capacity=edge_capacity)
-        energy_fn = self.energy_fn
+        # Outside NPT the integrators get a force function that also records the potential energy of its
+        # (single) call per step, so the chunk reports the energy at its last step without a separate energy
+        # evaluation (and its compilation). NPT differentiates the energy with respect to the box as well.
+        self._recorded: dict[str, jnp.ndarray] = {}
+        energy_fn = self.energy_fn if self.npt else self._recording_force_fn(self.energy_fn)
         if config.ensemble == "nve":
             self._init_fn, self._apply_fn = simulate.nve(energy_fn, system.shift_fn, self.dt)
         elif config.ensemble == "nvt_langevin":
@@ -167,7 +171,18 @@ class MDEngine:
                 barostat_kwargs={"tau": tau_b},
                 thermostat_kwargs={"tau": tau_t},
             )
+        # the integrator step traced inline (jax-md jits its step functions), so the recorded energy belongs to
+        # the chunk's own trace
+        self._step_fn = getattr(self._apply_fn, "__wrapped__", None)
         self._chunk = jax.jit(self._chunk_impl, static_argnums=(2,))
+
+    def _recording_force_fn(self, energy_fn: Callable[..., jnp.ndarray]) -> Callable[..., jnp.ndarray]:
+        def force_fn(position: jnp.ndarray, **kwargs: Any) -> jnp.ndarray:
+            energy, grad = jax.value_and_grad(energy_fn)(position, **kwargs)
+            self._recorded["energy"] = energy
+            return -grad
+
+        return force_fn
 
     # ------------------------------------------------------------------ state
     def init(self, positions: np.ndarray, velocities: np.ndarray | None = None) -> Any:
@@ -188,10 +203,13 @@ class MDEngine:
         count = self.system.edge_count(pos, self.neighbor, **space)
         if self.config.compact_edges:
             self._bind(self._edge_capacity_for(int(count)))
+        # jitted: one compilation of the initial force call instead of op-by-op dispatch (each op compiled)
         if self.npt:
-            state = self._init_fn(key, pos, box, mass=self.system.masses, kT=self.kT, neighbor=self.neighbor)
+            init = jax.jit(lambda k, x, b, m, nbr: self._init_fn(k, x, b, mass=m, kT=self.kT, neighbor=nbr))
+            state = init(key, pos, box, self.system.masses, self.neighbor)
         else:
-            state = self._init_fn(key, pos, kT=self.kT, mass=self.system.masses, neighbor=self.neighbor)
+            init = jax.jit(lambda k, x, m, nbr: self._init_fn(k, x, kT=self.kT, mass=m, neighbor=nbr))
+            state = init(key, pos, self.system.masses, self.neighbor)
         if velocities is not None:
             momentum = jnp.asarray(velocities, self.system.dtype) * self.system.masses[:, None]
         else:
@@ -215,18 +233,27 @@ class MDEngine:
         return max(int(np.ceil(count * self.config.edge_capacity_multiplier)), count + 8)
 
     def _chunk_impl(self, state: Any, neighbor: Any, n_steps: int):
+        recorded = not self.npt and self._step_fn is not None
+
         def body(_, carry):
-            state, neighbor, max_edges = carry
-            state = self._apply_fn(state, neighbor=neighbor)
+            state, neighbor, max_edges, epot = carry
+            if recorded:
+                state = self._step_fn(state, neighbor=neighbor)
+                epot = self._recorded.pop("energy")  # at the new positions, from this step's force call
+            else:
+                state = self._apply_fn(state, neighbor=neighbor)
             space = self._space_kwargs(state)
             # the pairs the force call of this step saw (within r_max, so the same in the old and new list)
             max_edges = jnp.maximum(max_edges, self.system.edge_count(state.position, neighbor, **space))
             neighbor = neighbor.update(state.position, **space)
-            return state, neighbor, max_edges
+            return state, neighbor, max_edges, epot
 
-        state, neighbor, max_edges = jax.lax.fori_loop(0, n_steps, body, (state, neighbor, jnp.zeros((), jnp.int32)))
+        # the energy has the dtype of the positions (float64 in mixed precision too)
+        carry = (state, neighbor, jnp.zeros((), jnp.int32), jnp.zeros((), state.position.dtype))
+        state, neighbor, max_edges, epot = jax.lax.fori_loop(0, n_steps, body, carry)
         kw = self._space_kwargs(state)
-        epot = self.energy_fn(state.position, neighbor, **kw)
+        if not recorded:
+            epot = self.energy_fn(state.position, neighbor, **kw)
         ekin = _kinetic_energy(state.momentum, state.mass.reshape(-1))
         if self.system.periodic:
             box = self.box(state)

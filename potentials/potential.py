@@ -166,7 +166,7 @@ class Potential:
         if graph is None:
             graph = _dimer_graph(self.species[0], self.r_max)
         g = self._prepare(graph, None)
-        params = self.module.init(key, *g)
+        params = jax.jit(self.module.init)(key, *g)  # one compilation, not op-by-op dispatch
         return jax.tree.map(lambda x: x.astype(self.jnp_dtype), params)
 
     # ------------------------------------------------------------------ physics

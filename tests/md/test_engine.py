@@ -41,6 +41,22 @@ def test_nve_conserves_energy_float64(aspirin_potential, aspirin):
     assert np.all((temperatures > 50) & (temperatures < 2000)), "the molecule stayed bound"
 
 
+@pytest.mark.parametrize("ensemble", ["nve", "nvt_langevin", "nvt_nose_hoover"])
+def test_reported_energy_is_the_energy_at_the_chunk_end(aspirin_potential, aspirin, ensemble):
+    """The thermo's potential energy (recorded from the last step's force call, no separate evaluation) is
+    the energy of the positions the chunk returns."""
+    potential, params = aspirin_potential
+    engine = MDEngine(make_system(potential, params, aspirin), MDConfig(ensemble=ensemble, report_interval=7))
+    state = engine.init(aspirin.get_positions())
+    previous = float(engine.energy_fn(state.position, engine.neighbor)) + engine.system.e0_total
+    for _ in range(2):
+        state, frame = engine.run_chunk(state)
+        expected = float(engine.energy_fn(state.position, engine.neighbor)) + engine.system.e0_total
+        assert frame.potential_energy == pytest.approx(expected, rel=0, abs=1e-9)
+        assert abs(frame.potential_energy - previous) > 1e-6  # the atoms moved: not a stale value
+        previous = frame.potential_energy
+
+
 def test_neighbour_list_trajectory_equals_all_pairs(aspirin_potential, aspirin):
     """A 1 Å-skin neighbour list (rebuilt inside the loop) gives the all-pairs trajectory (skin 50 Å)."""
     potential, params = aspirin_potential
