@@ -203,13 +203,10 @@ class MDEngine:
         count = self.system.edge_count(pos, self.neighbor, **space)
         if self.config.compact_edges:
             self._bind(self._edge_capacity_for(int(count)))
-        # jitted: one compilation of the initial force call instead of op-by-op dispatch (each op compiled)
         if self.npt:
-            init = jax.jit(lambda k, x, b, m, nbr: self._init_fn(k, x, b, mass=m, kT=self.kT, neighbor=nbr))
-            state = init(key, pos, box, self.system.masses, self.neighbor)
+            state = self._init_fn(key, pos, box, mass=self.system.masses, kT=self.kT, neighbor=self.neighbor)
         else:
-            init = jax.jit(lambda k, x, m, nbr: self._init_fn(k, x, kT=self.kT, mass=m, neighbor=nbr))
-            state = init(key, pos, self.system.masses, self.neighbor)
+            state = self._init_fn(key, pos, kT=self.kT, mass=self.system.masses, neighbor=self.neighbor)
         if velocities is not None:
             momentum = jnp.asarray(velocities, self.system.dtype) * self.system.masses[:, None]
         else:
