@@ -177,8 +177,12 @@ class MDEngine:
         self._chunk = jax.jit(self._chunk_impl, static_argnums=(2,))
 
     def _recording_force_fn(self, energy_fn: Callable[..., jnp.ndarray]) -> Callable[..., jnp.ndarray]:
+        # jitted, so the model is traced once per shape: jax-md's energy-or-force check (eval_shape), the
+        # initial force and the chunk's loop body reuse that trace (tracing NequIP takes seconds)
+        value_and_grad = jax.jit(jax.value_and_grad(energy_fn))
+
         def force_fn(position: jnp.ndarray, **kwargs: Any) -> jnp.ndarray:
-            energy, grad = jax.value_and_grad(energy_fn)(position, **kwargs)
+            energy, grad = value_and_grad(position, **kwargs)
             self._recorded["energy"] = energy
             return -grad
 
