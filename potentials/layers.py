@@ -37,15 +37,29 @@ CPU_NODE_CHUNK = 64
 CPU_CHUNK_MIN_EDGES = 2048
 
 
-def resolve_edge_chunk(edge_chunk_size: int | None, n_edges: int) -> int:
+def resolve_edge_chunk(edge_chunk_size: int | None, n_edges: int, small_graph_chunk: int = 0) -> int:
     """The block size for ``n_edges`` edges under a model's ``edge_chunk_size`` setting.
 
-    An explicit size is used as is (0: no blocks). None (automatic) means :data:`CPU_EDGE_CHUNK` on CPU for
-    at least :data:`CPU_CHUNK_MIN_EDGES` edges, and no blocks otherwise (small graphs, GPUs).
+    An explicit size is used as is (0: no blocks). None (automatic) means, on CPU, :data:`CPU_EDGE_CHUNK` for
+    at least :data:`CPU_CHUNK_MIN_EDGES` edges and ``small_graph_chunk`` (the model's choice; 0: no blocks)
+    below that; on other backends no blocks.
     """
     if edge_chunk_size is not None:
         return edge_chunk_size
-    return CPU_EDGE_CHUNK if jax.default_backend() == "cpu" and n_edges >= CPU_CHUNK_MIN_EDGES else 0
+    if jax.default_backend() != "cpu":
+        return 0
+    return CPU_EDGE_CHUNK if n_edges >= CPU_CHUNK_MIN_EDGES else small_graph_chunk
+
+
+def _balanced_blocks(n: int, chunk: int) -> tuple[int, int, int]:
+    """``(n_blocks, block, pad)``: the fewest blocks of at most ``chunk`` rows, equal in size, covering ``n``.
+
+    Equal blocks keep the padding below one row per block (336 edges in blocks of at most 64: 6 x 56, no
+    padding, instead of 6 x 64 with 48 padding rows).
+    """
+    n_blocks = -(-n // chunk)
+    block = -(-n // n_blocks)
+    return n_blocks, block, n_blocks * block - n
 
 
 def pure_submodule(module: nn.Module, sample: jnp.ndarray) -> Callable[[jnp.ndarray], jnp.ndarray]:
@@ -73,18 +87,17 @@ def chunked_edge_sum(
     ``edge_fn`` maps per-edge arrays ``[e, ...]`` (the rows of ``edge_args``) to per-edge outputs ``[e, ...]``
     and must be pure (no bound flax module inside; see :func:`pure_submodule`). With ``chunk <= 0`` or at most
     ``chunk`` edges, it is evaluated on all edges at once and summed with ``segment_sum``. Otherwise a
-    ``lax.scan`` runs over blocks of ``chunk`` edges and adds each block's outputs into the node array, and
-    the block's work is rematerialised (``jax.checkpoint``) in the backward pass: the per-edge intermediates
-    (``[edges, irreps, channels]`` in the equivariant models) then stay in cache, and memory grows with the
-    number of atoms rather than with edges x irreps x channels. The last block is padded with copies of
+    ``lax.scan`` runs over equal blocks of at most ``chunk`` edges and adds each block's outputs into the node
+    array, and the block's work is rematerialised (``jax.checkpoint``) in the backward pass: the per-edge
+    intermediates (``[edges, irreps, channels]`` in the equivariant models) then stay in cache, and memory
+    grows with the number of atoms rather than with edges x irreps x channels. The last block is padded with copies of
     edge 0's inputs whose outputs are dropped (receiver index ``n_nodes``, out of range). Same sum, any order
     of differentiation.
     """
     n_edges = receivers.shape[0]
     if chunk <= 0 or n_edges <= chunk:
         return jax.ops.segment_sum(edge_fn(*edge_args), receivers, num_segments=n_nodes)
-    n_chunks = -(-n_edges // chunk)
-    pad = n_chunks * chunk - n_edges
+    n_chunks, chunk, pad = _balanced_blocks(n_edges, chunk)
 
     def blocks(a: jnp.ndarray, fill: int | None = None) -> jnp.ndarray:
         if fill is None:
@@ -109,8 +122,8 @@ def chunked_node_map(fn: Callable[..., jnp.ndarray], args: tuple[jnp.ndarray, ..
     """``fn(*args)`` for a row-wise ``fn`` (row i of the output depends on row i of each arg only), ``chunk`` rows
     at a time.
 
-    With ``chunk <= 0`` or at most ``chunk`` rows, ``fn`` is called once. Otherwise ``lax.map`` runs it on blocks
-    of ``chunk`` rows, rematerialised in the backward pass (``jax.checkpoint``), so that large per-atom
+    With ``chunk <= 0`` or at most ``chunk`` rows, ``fn`` is called once. Otherwise ``lax.map`` runs it on equal
+    blocks of at most ``chunk`` rows, rematerialised in the backward pass (``jax.checkpoint``), so that large per-atom
     intermediates (MACE's ``[monomials, atoms x channels]``) exist for one block at a time; the last block is
     padded with copies of row 0 whose outputs are dropped. ``fn`` must be pure (no bound flax module inside).
     Same result, any order of differentiation.
@@ -118,8 +131,7 @@ def chunked_node_map(fn: Callable[..., jnp.ndarray], args: tuple[jnp.ndarray, ..
     n = args[0].shape[0]
     if chunk <= 0 or n <= chunk:
         return fn(*args)
-    n_chunks = -(-n // chunk)
-    pad = n_chunks * chunk - n
+    n_chunks, chunk, pad = _balanced_blocks(n, chunk)
 
     def blocks(a: jnp.ndarray) -> jnp.ndarray:
         a = jnp.concatenate([a, jnp.broadcast_to(a[:1], (pad, *a.shape[1:]))])

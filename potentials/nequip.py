@@ -42,7 +42,13 @@ from equiforce.potentials.layers import (
 )
 from equiforce.potentials.registry import ModelConfig, register_model
 
-__all__ = ["NequIP", "NequIPConfig", "NequIPInteraction"]
+__all__ = ["CPU_FLOAT64_EDGE_CHUNK", "NequIP", "NequIPConfig", "NequIPInteraction"]
+
+#: edge block size of the automatic setting for float64 graphs below ``layers.CPU_CHUNK_MIN_EDGES`` edges on
+#: CPU: the float64 per-edge intermediates (``[edges, 102, channels]`` at the protocol size) of a whole
+#: molecule overflow the cache, blocks of <= 64 edges do not (aspirin MD, 2-core EPYC: 1.25-1.3x). float32
+#: molecules gain nothing from blocks and are evaluated at once.
+CPU_FLOAT64_EDGE_CHUNK = 64
 
 
 def _hidden_irreps(num_features: int, l_max: int, parity: bool) -> e3nn.Irreps:
@@ -149,8 +155,9 @@ class NequIPConfig(ModelConfig):
       radial_mlp_layers: number of hidden layers of the radial MLP.
       edge_chunk_size: evaluate the edges (tensor product, radial MLP, neighbour sum) in blocks of this many
         (see :func:`equiforce.potentials.layers.chunked_edge_sum`): same result, less memory and traffic.
-        0: all edges at once (the better choice on GPUs). None (default): blocks of 128 on CPU for graphs of at
-        least 2048 edges, all at once otherwise. A compute setting: it changes no parameter or output.
+        0: all edges at once (the better choice on GPUs). None (default): on CPU, blocks of 128 for graphs of at
+        least 2048 edges, and below that blocks of :data:`CPU_FLOAT64_EDGE_CHUNK` in float64 and all at once
+        in float32; on GPUs all at once. A compute setting: it changes no parameter or output.
     """
 
     name: ClassVar[str] = "nequip"
@@ -308,7 +315,11 @@ class NequIP(nn.Module):
                 avg_num_neighbours=self.avg_num_neighbours,
                 radial_mlp_hidden=cfg.radial_mlp_hidden,
                 radial_mlp_layers=cfg.radial_mlp_layers,
-                edge_chunk_size=resolve_edge_chunk(cfg.edge_chunk_size, vectors.shape[0]),
+                edge_chunk_size=resolve_edge_chunk(
+                    cfg.edge_chunk_size,
+                    vectors.shape[0],
+                    small_graph_chunk=CPU_FLOAT64_EDGE_CHUNK if vectors.dtype == jnp.float64 else 0,
+                ),
                 name=f"interaction_{i}",
             )(node_feats, species, edge_sh, edge_radial, senders, receivers)
 

@@ -6,12 +6,16 @@ import numpy as np
 import pytest
 
 from equiforce.potentials.layers import (
+    CPU_CHUNK_MIN_EDGES,
+    CPU_EDGE_CHUNK,
+    _balanced_blocks,
     bessel_basis,
     chunked_edge_sum,
     chunked_node_map,
     edge_lengths,
     polynomial_envelope,
     radial_embedding,
+    resolve_edge_chunk,
     safe_unit_vectors,
 )
 
@@ -113,6 +117,31 @@ def test_chunked_edge_sum_equals_segment_sum():
         np.testing.assert_allclose(jax.grad(total)(values, chunk), jax.grad(total)(values, 0), atol=1e-12)
         hvp = jax.jvp(lambda v, c=chunk: jax.grad(total)(v, c), (values,), (values,))[1]
         np.testing.assert_allclose(hvp, jax.jvp(lambda v: jax.grad(total)(v, 0), (values,), (values,))[1], atol=1e-10)
+
+
+@pytest.mark.parametrize("n", [1, 5, 23, 64, 65, 336, 1000])
+@pytest.mark.parametrize("chunk", [1, 7, 56, 64, 128])
+def test_balanced_blocks_are_equal_and_cover_every_row(n, chunk):
+    """The fewest blocks of at most ``chunk`` rows, of one size, with less than one padding row per block."""
+    n_blocks, block, pad = _balanced_blocks(n, chunk)
+    assert n_blocks == -(-n // chunk)  # as few blocks as unbalanced ones
+    assert block <= chunk and n_blocks * block == n + pad
+    assert 0 <= pad < n_blocks
+
+
+def test_balanced_blocks_of_the_md_aspirin_graph():
+    assert _balanced_blocks(336, 64) == (6, 56, 0)  # was 6 x 64 with 48 padding edges
+
+
+def test_resolve_edge_chunk():
+    """Explicit sizes win; the automatic size on CPU is 128 for large graphs and the model's choice below."""
+    assert resolve_edge_chunk(0, 10**6) == 0
+    assert resolve_edge_chunk(32, 10, small_graph_chunk=64) == 32
+    if jax.default_backend() == "cpu":
+        assert resolve_edge_chunk(None, CPU_CHUNK_MIN_EDGES) == CPU_EDGE_CHUNK
+        assert resolve_edge_chunk(None, CPU_CHUNK_MIN_EDGES - 1) == 0
+        assert resolve_edge_chunk(None, CPU_CHUNK_MIN_EDGES - 1, small_graph_chunk=64) == 64
+        assert resolve_edge_chunk(None, CPU_CHUNK_MIN_EDGES, small_graph_chunk=64) == CPU_EDGE_CHUNK
 
 
 def test_chunked_node_map_equals_one_call():

@@ -1,5 +1,7 @@
 """NequIP-specific behaviour (the generic physics checks live in property_suite.py)."""
 
+import dataclasses
+
 import e3nn_jax as e3nn
 import jax
 import jax.numpy as jnp
@@ -131,3 +133,42 @@ def test_dense_convolution_equals_the_e3nn_tensor_product(x_irreps, l_max, parit
     out = _from_channels_last(dense, per_channel, channels)
     assert out.irreps == ref.irreps
     np.testing.assert_allclose(out.array, ref.array, rtol=0, atol=1e-12)
+
+
+def _blocked(fn, *args) -> bool:
+    """Whether the traced computation runs a ``scan`` (the blocked edge sum)."""
+    return "scan" in str(jax.make_jaxpr(fn)(*args))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the automatic block size is a CPU setting")
+def test_float64_molecules_are_evaluated_in_edge_blocks_on_cpu():
+    """The automatic setting blocks the edges of a float64 molecule (not a float32 one), with the same energy
+    and forces as all edges at once."""
+    rng = np.random.default_rng(3)
+    n_nodes, n_edges = 9, 150
+    senders = jnp.asarray(rng.integers(0, n_nodes, n_edges))
+    receivers = jnp.asarray(rng.integers(0, n_nodes, n_edges))
+    species = jnp.asarray(rng.integers(0, 2, n_nodes))
+    positions = jnp.asarray(rng.normal(size=(n_nodes, 3)) * 1.5)
+    mask = senders != receivers
+    config = NequIPConfig(num_interactions=1, num_features=3, l_max=1, radial_mlp_hidden=8)
+    auto = config.build(num_species=2, r_max=4.0, avg_num_neighbours=10.0)
+    at_once = dataclasses.replace(config, edge_chunk_size=0).build(num_species=2, r_max=4.0, avg_num_neighbours=10.0)
+
+    def energy(model, params, pos):
+        vectors = jnp.where(mask[:, None], pos[senders] - pos[receivers], 0.0)
+        return model.apply(params, vectors, species, senders, receivers, mask).sum()
+
+    params = auto.init(
+        jax.random.PRNGKey(0), positions[senders] - positions[receivers], species, senders, receivers, mask
+    )
+    assert _blocked(lambda p: energy(auto, params, p), positions)
+    assert not _blocked(lambda p: energy(at_once, params, p), positions)
+    params32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+    assert not _blocked(lambda p: energy(auto, params32, p), positions.astype(jnp.float32))
+
+    e_auto, f_auto = jax.jit(jax.value_and_grad(lambda p: energy(auto, params, p)))(positions)
+    e_once, f_once = jax.jit(jax.value_and_grad(lambda p: energy(at_once, params, p)))(positions)
+    np.testing.assert_allclose(e_auto, e_once, rtol=1e-13)
+    np.testing.assert_allclose(f_auto, f_once, rtol=0, atol=1e-12)
+    assert np.max(np.abs(f_auto)) > 1e-3
