@@ -42,13 +42,16 @@ from equiforce.potentials.layers import (
 )
 from equiforce.potentials.registry import ModelConfig, register_model
 
-__all__ = ["CPU_FLOAT64_EDGE_CHUNK", "NequIP", "NequIPConfig", "NequIPInteraction"]
+__all__ = ["CPU_SMALL_GRAPH_BLOCK_BYTES", "CPU_SMALL_GRAPH_EDGE_CHUNK", "NequIP", "NequIPConfig", "NequIPInteraction"]
 
-#: edge block size of the automatic setting for float64 graphs below ``layers.CPU_CHUNK_MIN_EDGES`` edges on
-#: CPU: the float64 per-edge intermediates (``[edges, 102, channels]`` at the protocol size) of a whole
-#: molecule overflow the cache, blocks of <= 64 edges do not (aspirin MD, 2-core EPYC: 1.25-1.3x). float32
-#: molecules gain nothing from blocks and are evaluated at once.
-CPU_FLOAT64_EDGE_CHUNK = 64
+#: edge block size of the automatic setting on CPU for graphs below ``layers.CPU_CHUNK_MIN_EDGES`` edges whose
+#: per-edge messages (``[edges, D_mid, channels]``, the largest per-edge intermediate) take more than
+#: :data:`CPU_SMALL_GRAPH_BLOCK_BYTES`: those overflow the cache, blocks of <= 64 edges do not. At the protocol
+#: size (4 layers, 32 channels, l_max 2 with both parities) a 21-atom aspirin's messages are 8.8 MB in float64,
+#: and blocks gave 1.25-1.5x MD speed on a 2-core EPYC; in float32 (4.4 MB) they gained nothing.
+CPU_SMALL_GRAPH_EDGE_CHUNK = 64
+#: message size (bytes, whole graph, one layer) above which a small graph is evaluated in edge blocks on CPU
+CPU_SMALL_GRAPH_BLOCK_BYTES = 6 * 2**20
 
 
 def _hidden_irreps(num_features: int, l_max: int, parity: bool) -> e3nn.Irreps:
@@ -139,6 +142,26 @@ def _convolution_constants(irreps_x: str, irreps_sh: str, irreps_gated: str) -> 
     return cg, per_channel
 
 
+def _gate_input_irreps(target: e3nn.Irreps) -> e3nn.Irreps:
+    """The gate's input for ``target``: the target irreps, then one even scalar gate per non-scalar irrep.
+
+    e3nn.gate takes the *last* scalars as gates, so the gates are appended (not regrouped).
+    """
+    n_gates = target.filter(drop=["0e", "0o"]).num_irreps
+    return target + e3nn.Irreps(f"{n_gates}x0e") if n_gates else target
+
+
+def _small_graph_chunk(hidden: e3nn.Irreps, sh_irreps: e3nn.Irreps, n_edges: int, dtype: jnp.dtype) -> int:
+    """The edge block size for a graph below ``layers.CPU_CHUNK_MIN_EDGES`` edges on CPU (0: all at once).
+
+    :data:`CPU_SMALL_GRAPH_EDGE_CHUNK` when the messages of an interaction between hidden layers (the largest,
+    ``n_edges x D_mid x channels`` values of ``dtype``) exceed :data:`CPU_SMALL_GRAPH_BLOCK_BYTES`.
+    """
+    _, per_channel = _convolution_constants(str(hidden), str(sh_irreps), str(_gate_input_irreps(hidden)))
+    message_bytes = n_edges * per_channel.dim * _channels(hidden) * jnp.dtype(dtype).itemsize
+    return CPU_SMALL_GRAPH_EDGE_CHUNK if message_bytes > CPU_SMALL_GRAPH_BLOCK_BYTES else 0
+
+
 @register_model
 @dataclass(frozen=True)
 class NequIPConfig(ModelConfig):
@@ -156,8 +179,9 @@ class NequIPConfig(ModelConfig):
       edge_chunk_size: evaluate the edges (tensor product, radial MLP, neighbour sum) in blocks of this many
         (see :func:`equiforce.potentials.layers.chunked_edge_sum`): same result, less memory and traffic.
         0: all edges at once (the better choice on GPUs). None (default): on CPU, blocks of 128 for graphs of at
-        least 2048 edges, and below that blocks of :data:`CPU_FLOAT64_EDGE_CHUNK` in float64 and all at once
-        in float32; on GPUs all at once. A compute setting: it changes no parameter or output.
+        least 2048 edges; below that blocks of :data:`CPU_SMALL_GRAPH_EDGE_CHUNK` when the per-edge messages
+        exceed :data:`CPU_SMALL_GRAPH_BLOCK_BYTES` (the protocol-size model on aspirin in float64), else all at
+        once; on GPUs all at once. A compute setting: it changes no parameter or output.
     """
 
     name: ClassVar[str] = "nequip"
@@ -210,10 +234,7 @@ class NequIPInteraction(nn.Module):
     ) -> e3nn.IrrepsArray:
         n_nodes = node_feats.shape[0]
         target = e3nn.Irreps(self.target_irreps).regroup()
-        # Gate input: every non-scalar irrep needs one even scalar gate. e3nn.gate takes the *last*
-        # scalars as gates, so the gates are appended after the target irreps (not regrouped).
-        n_gates = target.filter(drop=["0e", "0o"]).num_irreps
-        gated_irreps = target + e3nn.Irreps(f"{n_gates}x0e") if n_gates else target
+        gated_irreps = _gate_input_irreps(target)
 
         self_connection = e3nn.flax.Linear(
             gated_irreps, num_indexed_weights=self.num_species, force_irreps_out=True, name="self_connection"
@@ -308,6 +329,12 @@ class NequIP(nn.Module):
             e3nn.IrrepsArray(f"{self.num_species}x0e", onehot)
         )
         hidden = _hidden_irreps(cfg.num_features, cfg.l_max, cfg.parity)
+        n_edges = vectors.shape[0]
+        edge_chunk_size = resolve_edge_chunk(
+            cfg.edge_chunk_size,
+            n_edges,
+            small_graph_chunk=_small_graph_chunk(hidden, edge_sh.irreps, n_edges, vectors.dtype),
+        )
         for i in range(cfg.num_interactions):
             node_feats = NequIPInteraction(
                 target_irreps=hidden,
@@ -315,11 +342,7 @@ class NequIP(nn.Module):
                 avg_num_neighbours=self.avg_num_neighbours,
                 radial_mlp_hidden=cfg.radial_mlp_hidden,
                 radial_mlp_layers=cfg.radial_mlp_layers,
-                edge_chunk_size=resolve_edge_chunk(
-                    cfg.edge_chunk_size,
-                    vectors.shape[0],
-                    small_graph_chunk=CPU_FLOAT64_EDGE_CHUNK if vectors.dtype == jnp.float64 else 0,
-                ),
+                edge_chunk_size=edge_chunk_size,
                 name=f"interaction_{i}",
             )(node_feats, species, edge_sh, edge_radial, senders, receivers)
 

@@ -8,12 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from equiforce.potentials import MODELS, NequIPConfig
+from equiforce.potentials import MODELS, NequIPConfig, nequip
 from equiforce.potentials.nequip import (
+    CPU_SMALL_GRAPH_EDGE_CHUNK,
     _channels_last,
     _convolution_constants,
     _from_channels_last,
     _hidden_irreps,
+    _small_graph_chunk,
 )
 from tests.potentials.property_suite import (
     Harness,
@@ -140,10 +142,22 @@ def _blocked(fn, *args) -> bool:
     return "scan" in str(jax.make_jaxpr(fn)(*args))
 
 
+def test_small_graphs_are_blocked_when_their_messages_overflow_the_cache():
+    """Protocol size on aspirin's 336 MD edge slots: 8.8 MB of float64 messages (blocked), 4.4 MB of float32
+    (not); the MD tests' small model (8 features, l_max 1) is never blocked below 2048 edges."""
+    sh = e3nn.Irreps.spherical_harmonics(2).filter(drop="0e")
+    protocol = _hidden_irreps(32, 2, parity=True)
+    assert _small_graph_chunk(protocol, sh, 336, jnp.float64) == CPU_SMALL_GRAPH_EDGE_CHUNK
+    assert _small_graph_chunk(protocol, sh, 336, jnp.float32) == 0
+    assert _small_graph_chunk(protocol, sh, 5 * 292, jnp.float32) == CPU_SMALL_GRAPH_EDGE_CHUNK
+    small = _hidden_irreps(8, 1, parity=False)
+    assert _small_graph_chunk(small, e3nn.Irreps.spherical_harmonics(1).filter(drop="0e"), 2047, jnp.float64) == 0
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the automatic block size is a CPU setting")
-def test_float64_molecules_are_evaluated_in_edge_blocks_on_cpu():
-    """The automatic setting blocks the edges of a float64 molecule (not a float32 one), with the same energy
-    and forces as all edges at once."""
+def test_automatic_blocks_of_a_small_graph_give_the_same_energy_and_forces(monkeypatch):
+    """With the size threshold at 0 the automatic setting blocks a small graph's edges (a ``scan`` in the
+    jaxpr), with the energy and forces of all edges at once; with no threshold it does not block."""
     rng = np.random.default_rng(3)
     n_nodes, n_edges = 9, 150
     senders = jnp.asarray(rng.integers(0, n_nodes, n_edges))
@@ -159,13 +173,13 @@ def test_float64_molecules_are_evaluated_in_edge_blocks_on_cpu():
         vectors = jnp.where(mask[:, None], pos[senders] - pos[receivers], 0.0)
         return model.apply(params, vectors, species, senders, receivers, mask).sum()
 
-    params = auto.init(
+    params = jax.jit(auto.init)(
         jax.random.PRNGKey(0), positions[senders] - positions[receivers], species, senders, receivers, mask
     )
+    assert not _blocked(lambda p: energy(auto, params, p), positions)  # 150 edges: a few kB of messages
+    monkeypatch.setattr(nequip, "CPU_SMALL_GRAPH_BLOCK_BYTES", 0)
     assert _blocked(lambda p: energy(auto, params, p), positions)
     assert not _blocked(lambda p: energy(at_once, params, p), positions)
-    params32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
-    assert not _blocked(lambda p: energy(auto, params32, p), positions.astype(jnp.float32))
 
     e_auto, f_auto = jax.jit(jax.value_and_grad(lambda p: energy(auto, params, p)))(positions)
     e_once, f_once = jax.jit(jax.value_and_grad(lambda p: energy(at_once, params, p)))(positions)
