@@ -210,12 +210,15 @@ def run_one(name: str, atoms: Any, dtype: str, hp: dict[str, Any], args: argpars
     )
     t0 = time.perf_counter()
     cell_list = {"auto": None, "on": True, "off": False}[args.cell_list]
-    system = make_system(potential, params, atoms, skin=args.skin, precision=dtype, cell_list=cell_list)
+    system = make_system(
+        potential, params, atoms, skin=args.skin, precision=dtype, cell_list=cell_list, half_list=not args.full_list
+    )
     engine = MDEngine(system, config, log=lambda msg: print(f"  [{name} {dtype}] {msg}", file=sys.stderr))
     state = engine.init(atoms.get_positions())
     jax.block_until_ready(state.position)
     setup_s = time.perf_counter() - t0
     capacity = int(engine.neighbor.idx.shape[-1])
+    directed = 2 if system.half_list else 1
 
     result: dict[str, Any] = {
         "system": name,
@@ -229,7 +232,9 @@ def run_one(name: str, atoms: Any, dtype: str, hp: dict[str, Any], args: argpars
         "setup_s": setup_s,
         "pairs_start": pairs_start,
         "nl_capacity_start": capacity,
-        "nl_pairs_start": int(np.sum(np.asarray(engine.neighbor.idx[0]) < n_atoms)),
+        "half_list": system.half_list,
+        # directed pairs in the neighbour list (a half list stores each of them once per pair)
+        "nl_pairs_start": directed * int(np.sum(np.asarray(engine.neighbor.idx[0]) < n_atoms)),
         "edge_capacity_start": engine.edge_capacity,
         "cell_list": system.cell_list,
         "error": None,
@@ -253,7 +258,7 @@ def run_one(name: str, atoms: Any, dtype: str, hp: dict[str, Any], args: argpars
         end.wrap()
     result["pairs_end"] = pair_count(end, args.r_max)
     result["nl_capacity_end"] = int(engine.neighbor.idx.shape[-1])
-    result["nl_pairs_end"] = int(np.sum(np.asarray(engine.neighbor.idx[0]) < n_atoms))
+    result["nl_pairs_end"] = directed * int(np.sum(np.asarray(engine.neighbor.idx[0]) < n_atoms))
     result["reallocations"] = engine.reallocations
     result["edge_capacity_end"] = engine.edge_capacity
     if args.cost_analysis and not result["error"]:
@@ -262,7 +267,9 @@ def run_one(name: str, atoms: Any, dtype: str, hp: dict[str, Any], args: argpars
             import dataclasses
 
             flat = potential.replace(model=dataclasses.replace(potential.model, edge_chunk_size=0))
-            unchunked = make_system(flat, params, atoms, skin=args.skin, precision=dtype, cell_list=cell_list)
+            unchunked = make_system(
+                flat, params, atoms, skin=args.skin, precision=dtype, cell_list=cell_list, half_list=system.half_list
+            )
         result.update(cost_analysis(engine, state, args.cost_repeats, unchunked))
     result["chunk_s"] = times
     if times:
@@ -387,6 +394,7 @@ def main() -> None:
     )
     ap.add_argument("--no-compact-edges", action="store_true", help="evaluate every neighbour-list slot")
     ap.add_argument("--cell-list", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--full-list", action="store_true", help="full (Sparse) neighbour list, not each pair once")
     ap.add_argument("--water-side", type=int, default=0, help="molecules per box side (overrides grid x reps)")
     ap.add_argument("--cost-analysis", action="store_true", help="XLA FLOPs of one energy+forces call vs its time")
     ap.add_argument("--cost-repeats", type=int, default=3)
@@ -448,6 +456,7 @@ def main() -> None:
                 f"(valid {r['nl_pairs_start']} -> {r['nl_pairs_end']}, r_max+skin); "
                 f"T {r.get('T_first_K', float('nan')):.0f} -> {r.get('T_end_K', float('nan')):.0f} K; "
                 f"edge capacity {r['edge_capacity_start']} -> {r['edge_capacity_end']}; cell list {r['cell_list']}; "
+                f"half list {r['half_list']}; "
                 f"peak RSS {r['peak_rss_mb']:.0f} MB"
                 + (
                     f"; XLA {r['xla_flops'] / 1e9:.2f} GFLOP per energy+forces call in {r['force_call_s']:.3g} s "

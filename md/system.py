@@ -75,14 +75,16 @@ class MDSystem:
 
     Attributes:
       displacement_fn, shift_fn: the jax-md space (free, or ``periodic_general`` in real coordinates).
-      neighbor_fn: jax-md neighbour-list functions (Sparse format, cutoff ``r_max + skin``; a cell list for
-        orthorhombic boxes at least three cells of ``r_max + skin`` wide, all pairs otherwise).
+      neighbor_fn: jax-md neighbour-list functions (cutoff ``r_max + skin``; OrderedSparse format, each pair
+        once, with :attr:`half_list`, else Sparse; a cell list for orthorhombic boxes at least three cells of
+        ``r_max + skin`` wide, all pairs otherwise).
       energy_fn: ``energy_fn(positions, neighbor, *, edge_capacity=None, **space_kwargs) -> scalar`` total
         energy in eV *without* the constant Σ E0 (kept out so that float32 runs resolve energy changes; add
         :attr:`e0_total` for the total). With ``edge_capacity`` (a Python int) the pairs within ``r_max``
         are first compacted into that many edge slots (see :meth:`edge_count`); the network then sees only
         them instead of every slot of the neighbour list. Pairs beyond the capacity would be dropped, so the
-        caller must check :meth:`edge_count` (the MD engine does, every step) and enlarge it.
+        caller must check :meth:`edge_count` (the MD engine does, every step) and enlarge it. With
+        :attr:`half_list` an edge slot holds a pair (both directions).
       node_energy_fn: ``(positions, neighbor, *, edge_capacity=None, ...) -> [n_atoms]`` per-atom energies
         in eV, E0 excluded, in the dtype of the positions.
       e0_total: Σ_i E0[Z_i] in eV (float64, host).
@@ -92,6 +94,7 @@ class MDSystem:
       dtype: dtype of positions, momenta and the integrator.
       precision: ``float32``, ``float64`` or ``mixed`` (float32 network, float64 everything else).
       cell_list: whether neighbour-list rebuilds use a cell list.
+      half_list: whether the neighbour list holds each pair once (the network evaluates both directions).
     """
 
     displacement_fn: Any
@@ -111,9 +114,11 @@ class MDSystem:
     fractional: bool = False
     precision: str = "float32"
     cell_list: bool = False
+    half_list: bool = False
 
     def edge_count(self, positions: jnp.ndarray, neighbor: Any, **space_kwargs: Any) -> jnp.ndarray:
-        """Number of directed pairs within ``r_max`` (int32 scalar; traceable)."""
+        """Number of edges within ``r_max`` (int32 scalar; traceable): pairs with :attr:`half_list`, directed
+        pairs (twice as many) without."""
         return self.edge_count_fn(positions, neighbor, **space_kwargs)
 
 
@@ -146,8 +151,9 @@ def make_system(
     fractional: bool = False,
     precision: str | None = None,
     cell_list: bool | None = None,
+    half_list: bool = True,
 ) -> MDSystem:
-    """Build the jax-md space, Sparse neighbour list and energy function for ``atoms``.
+    """Build the jax-md space, neighbour list and energy function for ``atoms``.
 
     The neighbour list holds all pairs within ``r_max + skin`` and is rebuilt (inside jit) whenever an
     atom moved more than ``skin / 2``. Edges between ``r_max`` and ``r_max + skin`` contribute nothing
@@ -165,6 +171,10 @@ def make_system(
       cell_list: use a jax-md cell list for neighbour-list rebuilds (O(N) instead of O(N²) memory and time).
         Default: on for periodic, orthorhombic boxes (real coordinates) whose sides hold at least three
         cells of ``r_max + skin``; not available otherwise (free space, triclinic, NPT).
+      half_list: keep each pair once (jax-md's OrderedSparse format) and let the network evaluate both
+        directions from it (see ``Potential.node_energies_from_edges``): the same energies and forces, half
+        the neighbour-list memory, and NequIP and MACE evaluate their radial and angular edge terms once per
+        pair. False: the full (Sparse) list.
 
     Raises:
       DataError / UnknownSpeciesError: see :func:`check_structure`.
@@ -182,7 +192,7 @@ def make_system(
     species = jnp.asarray(potential.species_index(atoms.get_atomic_numbers()), jnp.int32)
     masses = jnp.asarray(atoms.get_masses(), dtype)
     cutoff = float(potential.r_max)
-    sparse = partition.NeighborListFormat.Sparse
+    sparse = partition.NeighborListFormat.OrderedSparse if half_list else partition.NeighborListFormat.Sparse
     if periodic:
         cell = np.asarray(atoms.get_cell()[:], np.float64)
         box = jnp.asarray(cell.T, dtype)  # jax-md: lattice vectors as columns
@@ -256,7 +266,7 @@ def make_system(
         if edge_capacity is None:
             vectors, senders, receivers, edge_mask = pairs(positions, neighbor, space_kwargs)
         else:
-            # compact the pairs within r_max (in neighbour-list order: receivers stay sorted) into
+            # compact the pairs within r_max (in neighbour-list order) into
             # `edge_capacity` slots; the rest of the list (r_max .. r_max + skin, padding) is never evaluated
             all_senders, all_receivers, within = within_cutoff(positions, neighbor, space_kwargs)
             (slot,) = jnp.nonzero(within, size=edge_capacity, fill_value=0)
@@ -265,7 +275,15 @@ def make_system(
             receivers = jnp.where(edge_mask, all_receivers[slot], 0)
             vectors = edge_vectors(positions, senders, receivers, edge_mask, space_kwargs)
         e = potential.node_energies_from_edges(
-            params, vectors.astype(net_dtype), species, senders, receivers, edge_mask, node_mask, include_e0=False
+            params,
+            vectors.astype(net_dtype),
+            species,
+            senders,
+            receivers,
+            edge_mask,
+            node_mask,
+            include_e0=False,
+            half_list=half_list,
         )
         return e.astype(positions.dtype)
 
@@ -290,4 +308,5 @@ def make_system(
         fractional=fractional,
         precision=precision,
         cell_list=use_cells,
+        half_list=half_list,
     )

@@ -38,7 +38,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from equiforce.potentials.layers import edge_lengths, polynomial_envelope, radial_embedding, safe_unit_vectors
+from equiforce.potentials.layers import (
+    edge_lengths,
+    full_edges,
+    polynomial_envelope,
+    radial_embedding,
+    safe_unit_vectors,
+)
 from equiforce.potentials.registry import ModelConfig, register_model
 
 __all__ = ["Allegro", "AllegroConfig", "tensor_track_irreps"]
@@ -177,13 +183,14 @@ class Allegro(nn.Module):
 
     Call signature (shared by every model of the registry)::
 
-        model.apply(params, vectors, species, senders, receivers, edge_mask) -> [n_nodes]
+        model.apply(params, vectors, species, senders, receivers, edge_mask, half_list=False) -> [n_nodes]
 
     Args:
       vectors: ``[n_edges, 3]`` edge vectors in Å (receiver → sender), zero on padding edges.
       species: ``[n_nodes]`` int, index into the potential's species table (0..num_species-1).
       senders, receivers: ``[n_edges]`` int; the receiver is the centre atom i of edge ij.
       edge_mask: ``[n_edges]`` bool.
+      half_list: the edges are a half neighbour list, each pair once (static); expanded to both directions.
 
     Returns:
       ``[n_nodes]`` per-atom outputs in the dtype of ``vectors``: the sum of the edge energies of the
@@ -204,8 +211,12 @@ class Allegro(nn.Module):
         senders: jnp.ndarray,
         receivers: jnp.ndarray,
         edge_mask: jnp.ndarray,
+        *,
+        half_list: bool = False,
     ) -> jnp.ndarray:
         cfg = self.config
+        if half_list:  # a half neighbour list: this model evaluates every directed edge
+            vectors, senders, receivers, edge_mask = full_edges(vectors, senders, receivers, edge_mask)
         dtype = vectors.dtype
         n_nodes = species.shape[0]
         channels = cfg.num_tensor_features

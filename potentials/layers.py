@@ -12,6 +12,7 @@ import e3nn_jax as e3nn
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "CPU_CHUNK_MIN_EDGES",
@@ -21,10 +22,12 @@ __all__ = [
     "chunked_edge_sum",
     "chunked_node_map",
     "edge_lengths",
+    "full_edges",
     "polynomial_envelope",
     "pure_submodule",
     "radial_embedding",
     "resolve_edge_chunk",
+    "reverse_edge_signs",
     "safe_unit_vectors",
 ]
 
@@ -85,18 +88,23 @@ def chunked_edge_sum(
     """``Σ_{edges e into node i} edge_fn(*edge_args)[e]``, ``[n_nodes, ...]``, ``chunk`` edges at a time.
 
     ``edge_fn`` maps per-edge arrays ``[e, ...]`` (the rows of ``edge_args``) to per-edge outputs ``[e, ...]``
-    and must be pure (no bound flax module inside; see :func:`pure_submodule`). With ``chunk <= 0`` or at most
-    ``chunk`` edges, it is evaluated on all edges at once and summed with ``segment_sum``. Otherwise a
-    ``lax.scan`` runs over equal blocks of at most ``chunk`` edges and adds each block's outputs into the node
-    array, and the block's work is rematerialised (``jax.checkpoint``) in the backward pass: the per-edge
-    intermediates (``[edges, irreps, channels]`` in the equivariant models) then stay in cache, and memory
-    grows with the number of atoms rather than with edges x irreps x channels. The last block is padded with copies of
-    edge 0's inputs whose outputs are dropped (receiver index ``n_nodes``, out of range). Same sum, any order
-    of differentiation.
+    and must be pure (no bound flax module inside; see :func:`pure_submodule`). With ``receivers`` of shape
+    ``[n_edges, k]``, each row of ``edge_args`` is one item giving k outputs ``[e, k, ...]``, output j going to
+    node ``receivers[e, j]`` (a pair of a half neighbour list gives its two directed messages, k = 2).
+
+    With ``chunk <= 0`` or at most ``chunk`` edges, it is evaluated on all edges at once and summed with
+    ``segment_sum``. Otherwise a ``lax.scan`` runs over equal blocks of at most ``chunk`` edges and adds each
+    block's outputs into the node array, and the block's work is rematerialised (``jax.checkpoint``) in the backward
+    pass: the per-edge intermediates (``[edges, irreps, channels]`` in the equivariant models) then stay in cache,
+    and memory grows with the number of atoms rather than with edges x irreps x channels. The last block is padded
+    with copies of edge 0's inputs whose outputs are dropped (receiver index ``n_nodes``, out of range). Same sum,
+    any order of differentiation.
     """
     n_edges = receivers.shape[0]
     if chunk <= 0 or n_edges <= chunk:
-        return jax.ops.segment_sum(edge_fn(*edge_args), receivers, num_segments=n_nodes)
+        out = edge_fn(*edge_args)
+        out = out.reshape(receivers.size, *out.shape[receivers.ndim :])
+        return jax.ops.segment_sum(out, receivers.reshape(-1), num_segments=n_nodes)
     n_chunks, chunk, pad = _balanced_blocks(n_edges, chunk)
 
     def blocks(a: jnp.ndarray, fill: int | None = None) -> jnp.ndarray:
@@ -113,7 +121,7 @@ def chunked_edge_sum(
         return acc.at[r].add(contribution(*args), mode="drop"), None
 
     out = jax.eval_shape(edge_fn, *(a[:1] for a in edge_args))
-    init = jnp.zeros((n_nodes, *out.shape[1:]), out.dtype)
+    init = jnp.zeros((n_nodes, *out.shape[receivers.ndim :]), out.dtype)
     acc, _ = jax.lax.scan(body, init, (*(blocks(a) for a in edge_args), blocks(receivers, fill=n_nodes)))
     return acc
 
@@ -140,6 +148,47 @@ def chunked_node_map(fn: Callable[..., jnp.ndarray], args: tuple[jnp.ndarray, ..
     block_fn = jax.checkpoint(fn)
     out = jax.lax.map(lambda xs: block_fn(*xs), tuple(blocks(a) for a in args))
     return out.reshape(n_chunks * chunk, *out.shape[2:])[:n]
+
+
+def full_edges(
+    vectors: jnp.ndarray, senders: jnp.ndarray, receivers: jnp.ndarray, edge_mask: jnp.ndarray
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """The directed edge list of a half neighbour list: every pair, then all reversed pairs.
+
+    Args:
+      vectors: ``[n_pairs, 3]`` Å, sender minus receiver position of each pair (listed once).
+      senders, receivers: ``[n_pairs]`` int.
+      edge_mask: ``[n_pairs]`` bool.
+
+    Returns:
+      ``(vectors, senders, receivers, edge_mask)`` with ``2 n_pairs`` rows; row ``n_pairs + k`` is pair k
+      reversed (its vector negated).
+    """
+    return (
+        jnp.concatenate([vectors, -vectors]),
+        jnp.concatenate([senders, receivers]),
+        jnp.concatenate([receivers, senders]),
+        jnp.concatenate([edge_mask, edge_mask]),
+    )
+
+
+def reverse_edge_signs(cg: np.ndarray, sh_degrees: np.ndarray) -> np.ndarray:
+    """``[D_mid]`` ±1: how each output column of an edge's tensor product changes when the edge is reversed.
+
+    ``cg`` ``[D_in, D_sh, D_mid]`` is the bilinear map from a sender's features and the edge's spherical
+    harmonics Y(r̂) to a message, ``sh_degrees`` ``[D_sh]`` the degree l of each Y row (0 for a constant row).
+    Since Y^l(-r̂) = (-1)^l Y^l(r̂), the message of the reversed edge has column k multiplied by (-1)^l of the
+    harmonics it reads; every column reads one degree's parity (one path), which is checked.
+
+    Raises:
+      ValueError: a column that mixes even and odd degrees.
+    """
+    reads = np.any(cg != 0, axis=0)  # [D_sh, D_mid]
+    odd = (np.asarray(sh_degrees) % 2 == 1)[:, None]
+    has_odd = np.any(reads & odd, axis=0)
+    if np.any(has_odd & np.any(reads & ~odd, axis=0)):
+        raise ValueError("a tensor-product column reads harmonics of both parities")
+    return np.where(has_odd, -1.0, 1.0)
 
 
 def edge_lengths(vectors: jnp.ndarray, edge_mask: jnp.ndarray) -> jnp.ndarray:

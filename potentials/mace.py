@@ -54,6 +54,7 @@ from equiforce.potentials.layers import (
     pure_submodule,
     radial_embedding,
     resolve_edge_chunk,
+    reverse_edge_signs,
     safe_unit_vectors,
 )
 from equiforce.potentials.registry import ModelConfig, register_model
@@ -376,7 +377,8 @@ class MACEInteraction(nn.Module):
     residual: bool  # species-indexed residual (True) or species-indexed linear of A (False, MACE's first layer)
     last: bool
     readout_mlp_hidden: int
-    edge_chunk_size: int = 0  # > 0: edges in blocks of this size (see layers.chunked_edge_sum)
+    edge_chunk_size: int = 0  # > 0: edges (pairs with half_list) in blocks of this size (layers.chunked_edge_sum)
+    half_list: bool = False  # each edge is a pair: also send its reversed message
 
     @nn.compact
     def __call__(
@@ -410,27 +412,52 @@ class MACEInteraction(nn.Module):
             output_activation=False,
             name="radial_mlp",
         )  # bias-free: zero where edge_radial is zero (padding, beyond r_max)
-        cg = jnp.asarray(cg, dtype)
+        cg_np, cg = cg, jnp.asarray(cg, dtype)
 
         mlp = pure_submodule(radial_mlp, edge_radial[:1])
 
-        def edge_fn(radial_in, sh, s):
-            """``[e, D_mid, C]`` messages of a block of edges."""
-            coupling = jnp.einsum("ej,ijk->eki", sh, cg)  # [e, D_mid, D_in]
-            out = coupling @ x[s]  # [e, D_mid, C]
+        def weights_of(radial_in: jnp.ndarray) -> jnp.ndarray:
+            """``[e, D_mid, C]`` per-column radial weights: slices + broadcasts, no gather."""
             radial = mlp(radial_in).reshape(-1, n_paths, channels)
-            expanded, path = [], 0  # per-column radial weights: slices + broadcasts, no gather
+            expanded, path = [], 0
             for ir, _, mul in mid_blocks:
                 block = jnp.broadcast_to(
                     radial[:, None, path : path + mul, :], (radial.shape[0], ir.dim, mul, channels)
                 )
                 expanded.append(block.reshape(radial.shape[0], ir.dim * mul, channels))
                 path += mul
-            return out * jnp.concatenate(expanded, axis=1)
+            return jnp.concatenate(expanded, axis=1)
 
-        aggregated = chunked_edge_sum(
-            edge_fn, (edge_radial, edge_sh, senders), receivers, n_nodes, self.edge_chunk_size
-        )
+        if not self.half_list:
+
+            def edge_fn(radial_in, sh, s):
+                """``[e, D_mid, C]`` messages of a block of edges."""
+                coupling = jnp.einsum("ej,ijk->eki", sh, cg)  # [e, D_mid, D_in]
+                return (coupling @ x[s]) * weights_of(radial_in)
+
+            aggregated = chunked_edge_sum(
+                edge_fn, (edge_radial, edge_sh, senders), receivers, n_nodes, self.edge_chunk_size
+            )
+        else:
+            # a pair's two messages share the radial weights and the coupling; reversing the edge flips the
+            # sign of Y^l for odd l, i.e. of the columns of paths through odd-l harmonics
+            sh_degrees = np.floor(np.sqrt(np.arange(edge_sh.shape[1]))).astype(int)  # rows of 0e + 1o + 2e + ...
+            sign = jnp.asarray(reverse_edge_signs(cg_np, sh_degrees), dtype)[:, None]
+
+            def pair_fn(radial_in, sh, s, r):
+                """``[e, 2, D_mid, C]``: the messages r <- s and s <- r of a block of pairs."""
+                coupling = jnp.einsum("ej,ijk->eki", sh, cg)  # [e, D_mid, D_in]
+                both = coupling @ jnp.concatenate([x[s], x[r]], axis=-1)  # [e, D_mid, 2C]
+                w = weights_of(radial_in)
+                return jnp.stack([both[..., :channels] * w, both[..., channels:] * (w * sign)], axis=1)
+
+            aggregated = chunked_edge_sum(
+                pair_fn,
+                (edge_radial, edge_sh, senders, receivers),
+                jnp.stack([receivers, senders], axis=1),
+                n_nodes,
+                self.edge_chunk_size,
+            )
         aggregated = aggregated / jnp.asarray(self.avg_num_neighbours, dtype)
         a = ChannelLinear(irreps_mid, irreps_a, channels, name="linear_down")(aggregated)  # [n, D_A, C]
         if not self.residual:  # RealAgnosticInteractionBlock: species-indexed linear of A
@@ -503,8 +530,9 @@ class MACEConfig(ModelConfig):
         water box on a 2-core CPU. 0: all edges at once (the better choice on GPUs). None (default): blocks of
         128 on CPU for graphs of at least 2048 edges, all at once otherwise. Whenever edges are blocked, the
         symmetric contraction runs in blocks of 64 atoms too (:func:`equiforce.potentials.layers.chunked_node_map`;
-        its ``[monomials, atoms x channels]`` intermediates were 94 MB each for the water box). A compute
-        setting: it changes no parameter or output.
+        its ``[monomials, atoms x channels]`` intermediates were 94 MB each for the water box). Sizes count
+        directed edges: with a half neighbour list a block holds half as many pairs. A compute setting: it changes
+        no parameter or output.
       residual_first_layer: give the first layer a species-indexed residual like the later ones (mace's
         ``ScaleShiftMACE`` default, ``interaction_first=RealAgnosticResidualInteractionBlock``) instead of a
         species-indexed linear of A (mace's ``MACE`` model and mlip's default; False).
@@ -554,13 +582,16 @@ class MACE(nn.Module):
 
     Call signature (shared by every model of the registry)::
 
-        model.apply(params, vectors, species, senders, receivers, edge_mask) -> [n_nodes]
+        model.apply(params, vectors, species, senders, receivers, edge_mask, half_list=False) -> [n_nodes]
 
     Args:
       vectors: ``[n_edges, 3]`` edge vectors in Å (receiver → sender), zero on padding edges; sets the dtype.
       species: ``[n_nodes]`` int, index into the potential's species table (0..num_species-1).
       senders, receivers: ``[n_edges]`` int.
       edge_mask: ``[n_edges]`` bool.
+      half_list: the edges are a half neighbour list, each pair once (static). The radial basis, radial MLP,
+        spherical harmonics and per-edge coupling are then evaluated once per pair for both directed messages
+        (Y^l(-r̂) = (-1)^l Y^l(r̂)); the result equals that of the full list.
 
     Returns:
       ``[n_nodes]`` sum over layers of the per-layer readouts. Each layer's readout is also sown into the
@@ -580,6 +611,8 @@ class MACE(nn.Module):
         senders: jnp.ndarray,
         receivers: jnp.ndarray,
         edge_mask: jnp.ndarray,
+        *,
+        half_list: bool = False,
     ) -> jnp.ndarray:
         cfg = self.config
         dtype = vectors.dtype
@@ -600,6 +633,9 @@ class MACE(nn.Module):
         hidden = str(natural_irreps(cfg.hidden_l_max))
         irreps_in = "0e"
         total = jnp.zeros(species.shape, dtype)
+        edge_chunk_size = resolve_edge_chunk(cfg.edge_chunk_size, vectors.shape[0] * (2 if half_list else 1))
+        if half_list and edge_chunk_size > 0:
+            edge_chunk_size = max(edge_chunk_size // 2, 1)  # pairs per block: as many messages as edges
         for t in range(cfg.num_interactions):
             last = t == cfg.num_interactions - 1
             irreps_out = "0e" if last else hidden
@@ -616,7 +652,8 @@ class MACE(nn.Module):
                 residual=t > 0 or cfg.residual_first_layer,
                 last=last,
                 readout_mlp_hidden=cfg.readout_mlp_hidden,
-                edge_chunk_size=resolve_edge_chunk(cfg.edge_chunk_size, vectors.shape[0]),
+                edge_chunk_size=edge_chunk_size,
+                half_list=half_list,
                 name=f"interaction_{t}",
             )(node_feats, onehot, edge_sh, edge_radial, senders, receivers)
             self.sow("intermediates", f"readout_{t}", readout)

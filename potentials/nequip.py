@@ -38,6 +38,7 @@ from equiforce.potentials.layers import (
     pure_submodule,
     radial_embedding,
     resolve_edge_chunk,
+    reverse_edge_signs,
     safe_unit_vectors,
 )
 from equiforce.potentials.registry import ModelConfig, register_model
@@ -181,7 +182,8 @@ class NequIPConfig(ModelConfig):
         0: all edges at once (the better choice on GPUs). None (default): on CPU, blocks of 128 for graphs of at
         least 2048 edges; below that blocks of :data:`CPU_SMALL_GRAPH_EDGE_CHUNK` when the per-edge messages
         exceed :data:`CPU_SMALL_GRAPH_BLOCK_BYTES` (the protocol-size model on aspirin in float64), else all at
-        once; on GPUs all at once. A compute setting: it changes no parameter or output.
+        once; on GPUs all at once. Sizes count directed edges: with a half neighbour list a block holds half as
+        many pairs. A compute setting: it changes no parameter or output.
     """
 
     name: ClassVar[str] = "nequip"
@@ -220,7 +222,8 @@ class NequIPInteraction(nn.Module):
     avg_num_neighbours: float
     radial_mlp_hidden: int
     radial_mlp_layers: int
-    edge_chunk_size: int = 0  # > 0: edges in blocks of this size (see layers.chunked_edge_sum)
+    edge_chunk_size: int = 0  # > 0: edges (pairs with half_list) in blocks of this size (layers.chunked_edge_sum)
+    half_list: bool = False  # each edge is a pair: also send its reversed message
 
     @nn.compact
     def __call__(
@@ -248,7 +251,7 @@ class NequIPInteraction(nn.Module):
         cg, mid = _convolution_constants(str(x.irreps), str(edge_sh.irreps), str(gated_irreps))
         n_paths = mid.num_irreps
         dtype = x_cl.dtype
-        cg = jnp.asarray(cg, dtype)  # [D_in, 1 + D_sh, D_mid]
+        cg_np, cg = cg, jnp.asarray(cg, dtype)  # [D_in, 1 + D_sh, D_mid]
         radial_mlp = pure_submodule(
             e3nn.flax.MultiLayerPerceptron(
                 self.radial_mlp_layers * (self.radial_mlp_hidden,) + (n_paths * channels,),
@@ -259,12 +262,14 @@ class NequIPInteraction(nn.Module):
             edge_radial[:1],
         )
 
-        def edge_fn(radial_in: jnp.ndarray, sh: jnp.ndarray, s: jnp.ndarray) -> jnp.ndarray:
-            """``[e, D_mid, C]`` messages of a block of edges, weighted per path and channel."""
+        def coupling_of(sh: jnp.ndarray) -> jnp.ndarray:
+            """``[e, D_mid, D_in]`` per-edge bilinear map (the constant 1 of the identity paths prepended)."""
             sh1 = jnp.concatenate([jnp.ones_like(sh[:, :1]), sh], axis=1)
-            coupling = jnp.einsum("ej,ijk->eki", sh1, cg)  # [e, D_mid, D_in]
-            out = coupling @ x_cl[s]  # [e, D_mid, C]
-            # per-path radial weights (zero where edge_radial is zero), broadcast over each path's components
+            return jnp.einsum("ej,ijk->eki", sh1, cg)
+
+        def weights_of(radial_in: jnp.ndarray) -> jnp.ndarray:
+            """``[e, D_mid, C]`` per-path radial weights (zero where ``radial_in`` is zero), broadcast over
+            each path's components."""
             radial = radial_mlp(radial_in).reshape(-1, n_paths, channels)
             weights, path = [], 0
             for mul, ir in mid:
@@ -273,11 +278,36 @@ class NequIPInteraction(nn.Module):
                 )
                 weights.append(block.reshape(radial.shape[0], mul * ir.dim, channels))
                 path += mul
-            return out * jnp.concatenate(weights, axis=1)
+            return jnp.concatenate(weights, axis=1)
 
-        summed = chunked_edge_sum(
-            edge_fn, (edge_radial, edge_sh.array, senders), receivers, n_nodes, self.edge_chunk_size
-        )
+        if not self.half_list:
+
+            def edge_fn(radial_in: jnp.ndarray, sh: jnp.ndarray, s: jnp.ndarray) -> jnp.ndarray:
+                """``[e, D_mid, C]`` messages of a block of edges, weighted per path and channel."""
+                return (coupling_of(sh) @ x_cl[s]) * weights_of(radial_in)
+
+            summed = chunked_edge_sum(
+                edge_fn, (edge_radial, edge_sh.array, senders), receivers, n_nodes, self.edge_chunk_size
+            )
+        else:
+            # each pair gives two messages that share the radial weights and the coupling: reversing an edge
+            # flips the sign of Y^l for odd l, i.e. of the columns of paths through odd-l harmonics
+            sh_degrees = np.concatenate([[0], [ir.l for mul, ir in edge_sh.irreps for _ in range(mul * ir.dim)]])
+            sign = jnp.asarray(reverse_edge_signs(cg_np, sh_degrees), dtype)[:, None]
+
+            def pair_fn(radial_in: jnp.ndarray, sh: jnp.ndarray, s: jnp.ndarray, r: jnp.ndarray) -> jnp.ndarray:
+                """``[e, 2, D_mid, C]``: the messages r <- s and s <- r of a block of pairs."""
+                both = coupling_of(sh) @ jnp.concatenate([x_cl[s], x_cl[r]], axis=-1)  # [e, D_mid, 2C]
+                w = weights_of(radial_in)
+                return jnp.stack([both[..., :channels] * w, both[..., channels:] * (w * sign)], axis=1)
+
+            summed = chunked_edge_sum(
+                pair_fn,
+                (edge_radial, edge_sh.array, senders, receivers),
+                jnp.stack([receivers, senders], axis=1),
+                n_nodes,
+                self.edge_chunk_size,
+            )
         aggregated = _from_channels_last(summed, mid, channels) / jnp.sqrt(self.avg_num_neighbours).astype(dtype)
         x = e3nn.flax.Linear(gated_irreps, force_irreps_out=True, name="linear_down")(aggregated)
         x = x + self_connection
@@ -289,13 +319,16 @@ class NequIP(nn.Module):
 
     Call signature (shared by every model of the registry)::
 
-        model.apply(params, vectors, species, senders, receivers, edge_mask) -> [n_nodes]
+        model.apply(params, vectors, species, senders, receivers, edge_mask, half_list=False) -> [n_nodes]
 
     Args:
       vectors: ``[n_edges, 3]`` edge vectors in Å (receiver → sender), zero on padding edges.
       species: ``[n_nodes]`` int, index into the potential's species table (0..num_species-1).
       senders, receivers: ``[n_edges]`` int.
       edge_mask: ``[n_edges]`` bool.
+      half_list: the edges are a half neighbour list, each pair once (static). NequIP then evaluates the
+        radial basis, radial MLP, spherical harmonics and per-edge coupling once per pair for both directed
+        messages (Y^l(-r̂) = (-1)^l Y^l(r̂)); the result equals that of the full list.
     """
 
     config: NequIPConfig
@@ -311,6 +344,8 @@ class NequIP(nn.Module):
         senders: jnp.ndarray,
         receivers: jnp.ndarray,
         edge_mask: jnp.ndarray,
+        *,
+        half_list: bool = False,
     ) -> jnp.ndarray:
         cfg = self.config
         lengths = edge_lengths(vectors, edge_mask)
@@ -329,12 +364,14 @@ class NequIP(nn.Module):
             e3nn.IrrepsArray(f"{self.num_species}x0e", onehot)
         )
         hidden = _hidden_irreps(cfg.num_features, cfg.l_max, cfg.parity)
-        n_edges = vectors.shape[0]
+        n_edges = vectors.shape[0] * (2 if half_list else 1)  # directed edges
         edge_chunk_size = resolve_edge_chunk(
             cfg.edge_chunk_size,
             n_edges,
             small_graph_chunk=_small_graph_chunk(hidden, edge_sh.irreps, n_edges, vectors.dtype),
         )
+        if half_list and edge_chunk_size > 0:
+            edge_chunk_size = max(edge_chunk_size // 2, 1)  # pairs per block: as many messages as edges
         for i in range(cfg.num_interactions):
             node_feats = NequIPInteraction(
                 target_irreps=hidden,
@@ -343,6 +380,7 @@ class NequIP(nn.Module):
                 radial_mlp_hidden=cfg.radial_mlp_hidden,
                 radial_mlp_layers=cfg.radial_mlp_layers,
                 edge_chunk_size=edge_chunk_size,
+                half_list=half_list,
                 name=f"interaction_{i}",
             )(node_feats, species, edge_sh, edge_radial, senders, receivers)
 

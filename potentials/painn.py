@@ -50,7 +50,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from equiforce.potentials.layers import bessel_basis, edge_lengths, polynomial_envelope, safe_unit_vectors
+from equiforce.potentials.layers import bessel_basis, edge_lengths, full_edges, polynomial_envelope, safe_unit_vectors
 from equiforce.potentials.registry import ModelConfig, register_model
 
 __all__ = ["PaiNN", "PaiNNConfig", "PaiNNInteraction", "PaiNNMessage", "PaiNNUpdate", "cosine_cutoff"]
@@ -212,13 +212,14 @@ class PaiNN(nn.Module):
 
     Call signature (shared by every model of the registry)::
 
-        model.apply(params, vectors, species, senders, receivers, edge_mask) -> [n_nodes]
+        model.apply(params, vectors, species, senders, receivers, edge_mask, half_list=False) -> [n_nodes]
 
     Args:
       vectors: ``[n_edges, 3]`` edge vectors in Å (``pos[senders] - pos[receivers]``), zero on padding.
       species: ``[n_nodes]`` int, index into the potential's species table (0..num_species-1).
       senders, receivers: ``[n_edges]`` int; the receiver is the centre atom i.
       edge_mask: ``[n_edges]`` bool.
+      half_list: the edges are a half neighbour list, each pair once (static); expanded to both directions.
 
     Returns:
       ``[n_nodes]`` outputs in the dtype of ``vectors``. The final features of interaction k are the
@@ -239,8 +240,12 @@ class PaiNN(nn.Module):
         senders: jnp.ndarray,
         receivers: jnp.ndarray,
         edge_mask: jnp.ndarray,
+        *,
+        half_list: bool = False,
     ) -> jnp.ndarray:
         cfg = self.config
+        if half_list:  # a half neighbour list: this model evaluates every directed edge
+            vectors, senders, receivers, edge_mask = full_edges(vectors, senders, receivers, edge_mask)
         f, dtype = cfg.num_features, vectors.dtype
         n_nodes = species.shape[0]
 

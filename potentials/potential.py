@@ -225,6 +225,7 @@ class Potential:
         node_mask: jnp.ndarray,
         *,
         include_e0: bool = True,
+        half_list: bool = False,
     ) -> jnp.ndarray:
         """Per-atom energies from precomputed edge vectors (the entry point of the MD engine).
 
@@ -235,13 +236,17 @@ class Potential:
           species: ``[n_nodes]`` int32 species indices (see :meth:`species_index`).
           senders, receivers: ``[n_edges]`` int32.
           edge_mask, node_mask: bool masks of real edges / atoms.
+          half_list: the edges are a half neighbour list (each unordered pair once, in either direction;
+            static). Every model gives the energies of the full list; NequIP and MACE evaluate their
+            per-edge radial and angular work once per pair, the other models expand the list
+            (:func:`~equiforce.potentials.layers.full_edges`).
 
         Returns:
           ``[n_nodes]`` energies in eV, zero where ``node_mask`` is False.
         """
         self.check_precision()
         params = jax.tree.map(jnp.asarray, params)  # NumPy weights (from a file) may be closed over
-        out = self.module.apply(params, vectors, species, senders, receivers, edge_mask)
+        out = self.module.apply(params, vectors, species, senders, receivers, edge_mask, half_list=half_list)
         out = out - self._isolated_outputs(params)[species]
         dtype = self.jnp_dtype
         e = jnp.asarray(self.scale, dtype) * out + jnp.asarray(self.shift, dtype)

@@ -46,7 +46,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from equiforce.potentials.layers import edge_lengths, polynomial_envelope
+from equiforce.potentials.layers import edge_lengths, full_edges, polynomial_envelope
 from equiforce.potentials.registry import ModelConfig, register_model
 
 __all__ = [
@@ -203,7 +203,7 @@ class SchNet(nn.Module):
 
     Call signature (shared by every model of the registry)::
 
-        model.apply(params, vectors, species, senders, receivers, edge_mask) -> [n_nodes]
+        model.apply(params, vectors, species, senders, receivers, edge_mask, half_list=False) -> [n_nodes]
 
     Args:
       vectors: ``[n_edges, 3]`` edge vectors in Å (``pos[sender] - pos[receiver]`` + periodic shift), zero on
@@ -211,6 +211,7 @@ class SchNet(nn.Module):
       species: ``[n_nodes]`` int, index into the potential's species table (0..num_species-1).
       senders, receivers: ``[n_edges]`` int (the receiver is the centre atom).
       edge_mask: ``[n_edges]`` bool; masked edges contribute nothing.
+      half_list: the edges are a half neighbour list, each pair once (static); expanded to both directions.
 
     Returns:
       ``[n_nodes]`` per-atom outputs in the dtype of ``vectors``.
@@ -229,8 +230,12 @@ class SchNet(nn.Module):
         senders: jnp.ndarray,
         receivers: jnp.ndarray,
         edge_mask: jnp.ndarray,
+        *,
+        half_list: bool = False,
     ) -> jnp.ndarray:
         cfg = self.config
+        if half_list:  # a half neighbour list: this model evaluates every directed edge
+            vectors, senders, receivers, edge_mask = full_edges(vectors, senders, receivers, edge_mask)
         dtype = vectors.dtype
         lengths = edge_lengths(vectors, edge_mask)
         edge_rbf = gaussian_rbf(lengths, cfg.num_rbf, self.r_max)

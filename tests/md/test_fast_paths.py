@@ -78,19 +78,21 @@ def _water_box(n_side: int, spacing: float = 3.1) -> Atoms:
     return atoms
 
 
-def test_cell_list_gives_the_same_trajectory_as_all_pairs():
-    """A periodic water box with a cell list (O(N) rebuilds) follows the all-pairs list's trajectory."""
+def _water_potential(name: str = "nequip", **hp):
     potential = Potential(
-        model=config_from_dict(
-            {"name": "nequip", "num_interactions": 1, "num_features": 4, "l_max": 1, "parity": False}
-        ),
+        model=config_from_dict({"name": name, "num_interactions": 1, "num_features": 4, **hp}),
         species=(1, 8),
         r_max=3.0,
         atomic_energies=(0.0, 0.0),
         avg_num_neighbours=10.0,
         dtype="float64",
     )
-    params = potential.init(jax.random.PRNGKey(0))
+    return potential, potential.init(jax.random.PRNGKey(0))
+
+
+def test_cell_list_gives_the_same_trajectory_as_all_pairs():
+    """A periodic water box with a cell list (O(N) rebuilds) follows the all-pairs list's trajectory."""
+    potential, params = _water_potential(l_max=1, parity=False)
     atoms = _water_box(4)  # 12.4 Å > 3 (r_max + skin) = 10.5 Å
     cfg = MDConfig(ensemble="nve", timestep_fs=0.5, report_interval=10, skin=0.5)
     with_cells = make_system(potential, params, atoms, skin=0.5)
@@ -148,3 +150,41 @@ def test_precision_errors(aspirin_potential, aspirin):
         make_system(potential, params, aspirin, cell_list=True)  # free space
     system = make_system(potential, params, aspirin, precision="float32")
     assert system.dtype == jnp.float32
+
+
+def test_half_list_gives_the_full_lists_trajectory(aspirin_potential, aspirin):
+    """Each pair once (OrderedSparse, the default): half the neighbour-list pairs and edge slots, the full
+    list's trajectory and energies (float64, 1e-9 Å) for a molecule."""
+    potential, params = aspirin_potential
+    half = make_system(potential, params, aspirin)
+    full = make_system(potential, params, aspirin, half_list=False)
+    assert half.half_list and not full.half_list
+    cfg = MDConfig(ensemble="nve", timestep_fs=0.5, report_interval=25)
+    engine_half, _, frames_half, pos_half = _run(half, cfg, aspirin, 3)
+    engine_full, _, frames_full, pos_full = _run(full, cfg, aspirin, 3)
+    n = len(aspirin)
+    assert 2 * int(np.sum(engine_half.neighbor.idx[0] < n)) == int(np.sum(engine_full.neighbor.idx[0] < n))
+    assert engine_half.edge_capacity < engine_full.edge_capacity
+    np.testing.assert_allclose(pos_half, pos_full, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(
+        [f.potential_energy for f in frames_half], [f.potential_energy for f in frames_full], rtol=0, atol=1e-9
+    )
+
+
+@pytest.mark.parametrize("name", ["mace", "schnet"])
+def test_half_list_gives_the_full_lists_trajectory_in_a_periodic_box(name):
+    """The same for a periodic water box with a cell list, for a model that evaluates each pair once (MACE)
+    and one that expands the half list (SchNet)."""
+    hp = {"l_max": 1, "correlation": 2, "hidden_l_max": 1} if name == "mace" else {"num_filters": 4, "num_rbf": 4}
+    potential, params = _water_potential(name, **hp)
+    atoms = _water_box(4)
+    cfg = MDConfig(ensemble="nve", timestep_fs=0.5, report_interval=10, skin=0.5)
+    half = make_system(potential, params, atoms, skin=0.5)
+    full = make_system(potential, params, atoms, skin=0.5, half_list=False)
+    assert half.cell_list and half.half_list
+    _, _, frames_half, pos_half = _run(half, cfg, atoms, 2)
+    _, _, frames_full, pos_full = _run(full, cfg, atoms, 2)
+    np.testing.assert_allclose(pos_half, pos_full, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(
+        [f.potential_energy for f in frames_half], [f.potential_energy for f in frames_full], rtol=0, atol=1e-9
+    )

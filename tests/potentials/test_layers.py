@@ -13,9 +13,11 @@ from equiforce.potentials.layers import (
     chunked_edge_sum,
     chunked_node_map,
     edge_lengths,
+    full_edges,
     polynomial_envelope,
     radial_embedding,
     resolve_edge_chunk,
+    reverse_edge_signs,
     safe_unit_vectors,
 )
 
@@ -117,6 +119,53 @@ def test_chunked_edge_sum_equals_segment_sum():
         np.testing.assert_allclose(jax.grad(total)(values, chunk), jax.grad(total)(values, 0), atol=1e-12)
         hvp = jax.jvp(lambda v, c=chunk: jax.grad(total)(v, c), (values,), (values,))[1]
         np.testing.assert_allclose(hvp, jax.jvp(lambda v: jax.grad(total)(v, 0), (values,), (values,))[1], atol=1e-10)
+
+
+def test_chunked_edge_sum_of_pairs_sends_each_output_to_its_node():
+    """With ``[n_pairs, 2]`` receivers each pair's two outputs go to their two nodes, blocked or not, and
+    the gradient of the blocked sum is the one-shot one."""
+    rng = np.random.default_rng(1)
+    n_nodes, n_pairs = 6, 17
+    values = jnp.asarray(rng.normal(size=(n_pairs, 3)))
+    targets = jnp.asarray(rng.integers(0, n_nodes, (n_pairs, 2)))
+
+    def pair_fn(v):
+        return jnp.stack([jnp.sin(v), v**2], axis=1)  # [e, 2, 3]
+
+    out = pair_fn(values)
+    ref = np.zeros((n_nodes, 3))
+    for k in range(n_pairs):
+        for j in range(2):
+            ref[int(targets[k, j])] += np.asarray(out[k, j])
+    for chunk in (0, 1, 5, 17):
+        np.testing.assert_allclose(chunked_edge_sum(pair_fn, (values,), targets, n_nodes, chunk), ref, atol=1e-12)
+    grads = [
+        jax.grad(lambda v, c=chunk: jnp.sum(chunked_edge_sum(pair_fn, (v,), targets, n_nodes, c) ** 2))(values)
+        for chunk in (0, 5)
+    ]
+    np.testing.assert_allclose(grads[1], grads[0], atol=1e-12)
+
+
+def test_full_edges_lists_each_pair_in_both_directions():
+    vectors = jnp.asarray([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    v, s, r, m = full_edges(vectors, jnp.asarray([1, 2]), jnp.asarray([0, 0]), jnp.asarray([True, False]))
+    np.testing.assert_array_equal(np.asarray(v), [[1, 0, 0], [0, 2, 0], [-1, 0, 0], [0, -2, 0]])
+    np.testing.assert_array_equal(np.asarray(s), [1, 2, 0, 0])
+    np.testing.assert_array_equal(np.asarray(r), [0, 0, 1, 2])
+    np.testing.assert_array_equal(np.asarray(m), [True, False, True, False])
+
+
+def test_reverse_edge_signs_follow_the_parity_of_the_harmonics_each_column_reads():
+    # D_in = 1, harmonics rows of degree [0, 1, 1, 1, 2], three output columns reading l = 0, 1 and 2
+    cg = np.zeros((1, 5, 3))
+    cg[0, 0, 0] = 1.0
+    cg[0, 2, 1] = 0.5
+    cg[0, 4, 2] = 2.0
+    degrees = np.array([0, 1, 1, 1, 2])
+    np.testing.assert_array_equal(reverse_edge_signs(cg, degrees), [1.0, -1.0, 1.0])
+    cg[0, 1, 2] = 1.0  # column 2 now reads l = 1 and l = 2
+    with pytest.raises(ValueError, match="both parities"):
+        reverse_edge_signs(cg, degrees)
 
 
 @pytest.mark.parametrize("n", [1, 5, 23, 64, 65, 336, 1000])
