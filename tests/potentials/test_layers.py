@@ -242,7 +242,10 @@ def test_chunked_edges_equal_all_at_once(model, chunk):
         np.testing.assert_allclose(out.stress, ref.stress, rtol=0, atol=1e-11)
 
 
-@pytest.mark.parametrize("model", ["mace", pytest.param("nequip", marks=pytest.mark.slow)])
+# slow (84 s for MACE on 2 cores): the default run covers second derivatives through the blocked scan in
+# test_chunked_edge_sum_equals_segment_sum and the models' blocked forces in test_chunked_edges_equal_all_at_once
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["mace", "nequip"])
 def test_chunked_edges_give_the_training_gradient(model):
     """The parameter gradient of a force loss (what training differentiates: a derivative of a derivative
     through the blocked scan) equals the one-shot one."""
