@@ -192,7 +192,7 @@ def make_system(
     species = jnp.asarray(potential.species_index(atoms.get_atomic_numbers()), jnp.int32)
     masses = jnp.asarray(atoms.get_masses(), dtype)
     cutoff = float(potential.r_max)
-    sparse = partition.NeighborListFormat.OrderedSparse if half_list else partition.NeighborListFormat.Sparse
+    list_format = partition.NeighborListFormat.OrderedSparse if half_list else partition.NeighborListFormat.Sparse
     if periodic:
         cell = np.asarray(atoms.get_cell()[:], np.float64)
         box = jnp.asarray(cell.T, dtype)  # jax-md: lattice vectors as columns
@@ -214,7 +214,7 @@ def make_system(
             cutoff,
             dr_threshold=skin,
             capacity_multiplier=capacity_multiplier,
-            format=sparse,
+            format=list_format,
             disable_cell_list=not use_cells,
             fractional_coordinates=fractional,
         )
@@ -232,7 +232,7 @@ def make_system(
             cutoff,
             dr_threshold=skin,
             capacity_multiplier=capacity_multiplier,
-            format=sparse,
+            format=list_format,
             disable_cell_list=True,
         )
     node_mask = jnp.ones((n,), bool)

@@ -23,6 +23,7 @@ __all__ = [
     "chunked_node_map",
     "edge_lengths",
     "full_edges",
+    "pair_messages",
     "polynomial_envelope",
     "pure_submodule",
     "radial_embedding",
@@ -40,18 +41,26 @@ CPU_NODE_CHUNK = 64
 CPU_CHUNK_MIN_EDGES = 2048
 
 
-def resolve_edge_chunk(edge_chunk_size: int | None, n_edges: int, small_graph_chunk: int = 0) -> int:
+def resolve_edge_chunk(
+    edge_chunk_size: int | None, n_edges: int, small_graph_chunk: int = 0, *, half_list: bool = False
+) -> int:
     """The block size for ``n_edges`` edges under a model's ``edge_chunk_size`` setting.
 
     An explicit size is used as is (0: no blocks). None (automatic) means, on CPU, :data:`CPU_EDGE_CHUNK` for
     at least :data:`CPU_CHUNK_MIN_EDGES` edges and ``small_graph_chunk`` (the model's choice; 0: no blocks)
-    below that; on other backends no blocks.
+    below that; on other backends no blocks. Sizes count directed edges: with ``half_list`` the ``n_edges`` rows
+    are pairs (``2 n_edges`` directed edges) and the result is in pairs, half the directed size, so that a block
+    holds as many messages either way.
     """
-    if edge_chunk_size is not None:
-        return edge_chunk_size
-    if jax.default_backend() != "cpu":
-        return 0
-    return CPU_EDGE_CHUNK if n_edges >= CPU_CHUNK_MIN_EDGES else small_graph_chunk
+    if edge_chunk_size is None:
+        directed = 2 * n_edges if half_list else n_edges
+        if jax.default_backend() != "cpu":
+            edge_chunk_size = 0
+        else:
+            edge_chunk_size = CPU_EDGE_CHUNK if directed >= CPU_CHUNK_MIN_EDGES else small_graph_chunk
+    if half_list and edge_chunk_size > 0:
+        return max(edge_chunk_size // 2, 1)
+    return edge_chunk_size
 
 
 def _balanced_blocks(n: int, chunk: int) -> tuple[int, int, int]:
@@ -170,6 +179,27 @@ def full_edges(
         jnp.concatenate([receivers, senders]),
         jnp.concatenate([edge_mask, edge_mask]),
     )
+
+
+def pair_messages(
+    coupling: jnp.ndarray,
+    x: jnp.ndarray,
+    senders: jnp.ndarray,
+    receivers: jnp.ndarray,
+    weights: jnp.ndarray,
+    sign: jnp.ndarray,
+) -> jnp.ndarray:
+    """``[e, 2, D_mid, C]``: the messages receiver ← sender and sender ← receiver of a block of pairs.
+
+    Both directions share the per-pair ``coupling`` ``[e, D_mid, D_in]`` (a tensor product with Y(r̂) of the
+    pair's vector) and radial ``weights`` ``[e, D_mid, C]``; the reversed message has its columns multiplied by
+    ``sign`` ``[D_mid, 1]`` (:func:`reverse_edge_signs`). ``x`` ``[n_nodes, D_in, C]`` are the node features.
+    One ``[e, D_mid, D_in] @ [e, D_in, 2C]`` matmul gives both. Sum them with :func:`chunked_edge_sum` and
+    receivers ``stack([receivers, senders], axis=1)``.
+    """
+    channels = x.shape[-1]
+    both = coupling @ jnp.concatenate([x[senders], x[receivers]], axis=-1)  # [e, D_mid, 2C]
+    return jnp.stack([both[..., :channels] * weights, both[..., channels:] * (weights * sign)], axis=1)
 
 
 def reverse_edge_signs(cg: np.ndarray, sh_degrees: np.ndarray) -> np.ndarray:

@@ -51,6 +51,7 @@ from equiforce.potentials.layers import (
     chunked_edge_sum,
     chunked_node_map,
     edge_lengths,
+    pair_messages,
     pure_submodule,
     radial_embedding,
     resolve_edge_chunk,
@@ -447,9 +448,7 @@ class MACEInteraction(nn.Module):
             def pair_fn(radial_in, sh, s, r):
                 """``[e, 2, D_mid, C]``: the messages r <- s and s <- r of a block of pairs."""
                 coupling = jnp.einsum("ej,ijk->eki", sh, cg)  # [e, D_mid, D_in]
-                both = coupling @ jnp.concatenate([x[s], x[r]], axis=-1)  # [e, D_mid, 2C]
-                w = weights_of(radial_in)
-                return jnp.stack([both[..., :channels] * w, both[..., channels:] * (w * sign)], axis=1)
+                return pair_messages(coupling, x, s, r, weights_of(radial_in), sign)
 
             aggregated = chunked_edge_sum(
                 pair_fn,
@@ -633,9 +632,7 @@ class MACE(nn.Module):
         hidden = str(natural_irreps(cfg.hidden_l_max))
         irreps_in = "0e"
         total = jnp.zeros(species.shape, dtype)
-        edge_chunk_size = resolve_edge_chunk(cfg.edge_chunk_size, vectors.shape[0] * (2 if half_list else 1))
-        if half_list and edge_chunk_size > 0:
-            edge_chunk_size = max(edge_chunk_size // 2, 1)  # pairs per block: as many messages as edges
+        edge_chunk_size = resolve_edge_chunk(cfg.edge_chunk_size, vectors.shape[0], half_list=half_list)
         for t in range(cfg.num_interactions):
             last = t == cfg.num_interactions - 1
             irreps_out = "0e" if last else hidden

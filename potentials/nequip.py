@@ -35,6 +35,7 @@ import numpy as np
 from equiforce.potentials.layers import (
     chunked_edge_sum,
     edge_lengths,
+    pair_messages,
     pure_submodule,
     radial_embedding,
     resolve_edge_chunk,
@@ -297,9 +298,7 @@ class NequIPInteraction(nn.Module):
 
             def pair_fn(radial_in: jnp.ndarray, sh: jnp.ndarray, s: jnp.ndarray, r: jnp.ndarray) -> jnp.ndarray:
                 """``[e, 2, D_mid, C]``: the messages r <- s and s <- r of a block of pairs."""
-                both = coupling_of(sh) @ jnp.concatenate([x_cl[s], x_cl[r]], axis=-1)  # [e, D_mid, 2C]
-                w = weights_of(radial_in)
-                return jnp.stack([both[..., :channels] * w, both[..., channels:] * (w * sign)], axis=1)
+                return pair_messages(coupling_of(sh), x_cl, s, r, weights_of(radial_in), sign)
 
             summed = chunked_edge_sum(
                 pair_fn,
@@ -364,14 +363,14 @@ class NequIP(nn.Module):
             e3nn.IrrepsArray(f"{self.num_species}x0e", onehot)
         )
         hidden = _hidden_irreps(cfg.num_features, cfg.l_max, cfg.parity)
-        n_edges = vectors.shape[0] * (2 if half_list else 1)  # directed edges
+        n_edges = vectors.shape[0]
+        n_messages = 2 * n_edges if half_list else n_edges
         edge_chunk_size = resolve_edge_chunk(
             cfg.edge_chunk_size,
             n_edges,
-            small_graph_chunk=_small_graph_chunk(hidden, edge_sh.irreps, n_edges, vectors.dtype),
+            small_graph_chunk=_small_graph_chunk(hidden, edge_sh.irreps, n_messages, vectors.dtype),
+            half_list=half_list,
         )
-        if half_list and edge_chunk_size > 0:
-            edge_chunk_size = max(edge_chunk_size // 2, 1)  # pairs per block: as many messages as edges
         for i in range(cfg.num_interactions):
             node_feats = NequIPInteraction(
                 target_irreps=hidden,

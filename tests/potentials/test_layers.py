@@ -191,6 +191,13 @@ def test_resolve_edge_chunk():
         assert resolve_edge_chunk(None, CPU_CHUNK_MIN_EDGES - 1) == 0
         assert resolve_edge_chunk(None, CPU_CHUNK_MIN_EDGES - 1, small_graph_chunk=64) == 64
         assert resolve_edge_chunk(None, CPU_CHUNK_MIN_EDGES, small_graph_chunk=64) == CPU_EDGE_CHUNK
+        # a half list's rows are pairs: graphs are sized by directed edges and blocks hold half as many pairs
+        assert resolve_edge_chunk(None, CPU_CHUNK_MIN_EDGES // 2, half_list=True) == CPU_EDGE_CHUNK // 2
+        assert resolve_edge_chunk(None, CPU_CHUNK_MIN_EDGES // 2 - 1, small_graph_chunk=64, half_list=True) == 32
+        assert resolve_edge_chunk(None, CPU_CHUNK_MIN_EDGES // 2 - 1, half_list=True) == 0
+    assert resolve_edge_chunk(64, 10, half_list=True) == 32
+    assert resolve_edge_chunk(1, 10, half_list=True) == 1
+    assert resolve_edge_chunk(0, 10, half_list=True) == 0
 
 
 def test_chunked_node_map_equals_one_call():
