@@ -3,7 +3,7 @@
 Schema, ``format_version = 1``
 ------------------------------
 
-Root attributes:
+Root attributes (the two strings are fixed-length UTF-8, read back by h5py as ``bytes``):
 
 =====================  =====================================================================
 ``format``             ``"equiforce-structures"`` (a file without it is rejected as foreign)
@@ -34,16 +34,24 @@ to append a set whose label presence differs from the file's. Datasets may be lo
 committed counts (after an interrupted in-place append); readers use the committed counts only.
 
 Writes are atomic: :func:`write_hdf5` (and :func:`append_hdf5` with ``atomic=True``) write a
-temporary file in the same directory and ``os.replace`` it over the target. Values round-trip
+temporary file in the same directory and ``os.replace`` it over the target; a new file gets the usual
+permissions (``0o666`` less the umask), a replaced or appended one keeps its mode. Values round-trip
 bit-exactly.
+
+Corruption is detected, not read: files are written with HDF5 1.8+ metadata (superblock v2 and object
+headers with checksums; ``libver=("v108", "v110")``), the string attributes are fixed-length (stored in
+the checksummed object header, not in the unchecked global heap, where a single flipped bit can make
+the HDF5 library loop forever) and every dataset carries the Fletcher-32 checksum filter, so a flipped
+bit in data or metadata is a :class:`DataError`, never a silently different value. Files written by
+earlier versions (without these checksums) are still read.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,6 +88,9 @@ _SPEC: dict[str, tuple[bool, tuple[int, ...], Any]] = {
     "forces": (True, (3,), np.float64),
     "stress": (False, (6,), np.float64),
 }
+# dtype kinds a dataset may have on disk, by the kind of its schema dtype: integers for the int
+# datasets, real numbers for the float ones (no strings, complex, compound or opaque types)
+_DTYPE_KINDS = {"i": "iu", "f": "fiu", "b": "biu"}
 _REQUIRED = ("atomic_numbers", "positions", "n_atoms", "cell", "pbc")
 _LABELS = ("energy", "forces", "stress")
 
@@ -89,9 +100,9 @@ def _h5_errors(path: PathLike, what: str) -> Iterator[None]:
     """Turn h5py/OS errors into a DataError naming the file."""
     try:
         yield
-    except (DataError, IndexError):
+    except DataError:
         raise
-    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as err:
+    except (OSError, KeyError, IndexError, AttributeError, ValueError, TypeError, RuntimeError, MemoryError) as err:
         raise DataError(f"{path}: cannot {what} HDF5 file ({type(err).__name__}: {err})") from err
 
 
@@ -104,10 +115,19 @@ def _chunk_rows(per_atom: bool, rows: int) -> int:
     return int(min(max(rows, lo), hi))
 
 
+# HDF5 1.8 file-format features (checksummed superblock v2 and object headers), readable by HDF5 >= 1.8
+_LIBVER = ("v108", "v110")
+
+
+def _fixed_string(text: str) -> np.bytes_:
+    """A fixed-length UTF-8 string attribute (kept in the checksummed object header, unlike a vlen str)."""
+    return np.bytes_(text.encode("utf-8"))
+
+
 def _create_datasets(f: h5py.File, s: StructureSet, compression: str | None) -> None:
-    f.attrs["format"] = FORMAT_NAME
+    f.attrs["format"] = _fixed_string(FORMAT_NAME)
     f.attrs["format_version"] = FORMAT_VERSION
-    f.attrs["units"] = json.dumps(UNITS, ensure_ascii=False)
+    f.attrs["units"] = _fixed_string(json.dumps(UNITS, ensure_ascii=False))
     for name in (*_REQUIRED, *_labels_of(s)):
         per_atom, tail, dtype = _SPEC[name]
         data = np.asarray(getattr(s, name), dtype=dtype)
@@ -117,6 +137,7 @@ def _create_datasets(f: h5py.File, s: StructureSet, compression: str | None) -> 
             maxshape=(None, *tail),
             chunks=(_chunk_rows(per_atom, data.shape[0]), *tail),
             compression=compression,
+            fletcher32=True,
         )
     f.attrs["n_structures"] = len(s)
     f.attrs["n_total_atoms"] = s.n_total_atoms
@@ -130,10 +151,9 @@ def _check_schema(f: h5py.File, path: PathLike) -> tuple[int, int, tuple[str, ..
     if fmt != FORMAT_NAME:
         raise DataError(f"{path}: not an equiforce structure file (attribute format={fmt!r})")
     version = f.attrs.get("format_version")
-    try:
-        version = int(version)
-    except (TypeError, ValueError):
-        raise DataError(f"{path}: missing or invalid format_version {version!r}") from None
+    if not isinstance(version, int | np.integer) or isinstance(version, bool | np.bool_):
+        raise DataError(f"{path}: missing or invalid format_version {version!r}")
+    version = int(version)
     if version > FORMAT_VERSION:
         raise DataError(
             f"{path}: format_version {version} is newer than this equiforce supports ({FORMAT_VERSION}); "
@@ -146,23 +166,36 @@ def _check_schema(f: h5py.File, path: PathLike) -> tuple[int, int, tuple[str, ..
         units = json.loads(units_attr)
     except (TypeError, ValueError):
         raise DataError(f"{path}: missing or unreadable units attribute") from None
+    if not isinstance(units, dict):
+        raise DataError(f"{path}: the units attribute is not a JSON object: {units!r}")
     for key in ("length", "energy", "forces", "stress"):
         if units.get(key) != UNITS[key]:
             raise DataError(f"{path}: unsupported {key} unit {units.get(key)!r}, expected {UNITS[key]!r}")
     missing = [name for name in _REQUIRED if name not in f]
     if missing:
         raise DataError(f"{path}: missing dataset(s) {missing}")
-    n = int(f.attrs.get("n_structures", -1))
-    n_total = int(f.attrs.get("n_total_atoms", -1))
-    if n < 0 or n_total < 0:
-        raise DataError(f"{path}: missing n_structures / n_total_atoms attributes")
+    counts = []
+    for key in ("n_structures", "n_total_atoms"):
+        value = f.attrs.get(key)
+        if not isinstance(value, int | np.integer) or isinstance(value, bool | np.bool_) or value < 0:
+            raise DataError(f"{path}: attribute {key} must be a non-negative integer, got {value!r}")
+        counts.append(int(value))
+    n, n_total = counts
     labels = tuple(name for name in _LABELS if name in f)
     for name in (*_REQUIRED, *labels):
-        per_atom, tail, _ = _SPEC[name]
+        per_atom, tail, dtype = _SPEC[name]
         ds = f[name]
-        if not isinstance(ds, h5py.Dataset) or tuple(ds.shape[1:]) != tail:
+        if (
+            not isinstance(ds, h5py.Dataset)
+            or ds.shape is None
+            or len(ds.shape) != 1 + len(tail)
+            or ds.shape[1:] != tail
+        ):
             shape = getattr(ds, "shape", None)
             raise DataError(f"{path}: dataset {name!r} has shape {shape}, expected (rows, *{tail})")
+        kinds = _DTYPE_KINDS[np.dtype(dtype).kind]
+        if ds.dtype.kind not in kinds:
+            raise DataError(f"{path}: dataset {name!r} has dtype {ds.dtype}, expected {np.dtype(dtype)}")
         need = n_total if per_atom else n
         if ds.shape[0] < need:
             raise DataError(f"{path}: dataset {name!r} has {ds.shape[0]} rows, fewer than committed {need}")
@@ -170,9 +203,19 @@ def _check_schema(f: h5py.File, path: PathLike) -> tuple[int, int, tuple[str, ..
 
 
 def _tmp_path(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+    """A new empty file beside ``path`` with the permissions ``open(path, "w")`` would give: those of
+    ``path`` if it exists, else ``0o666`` less the umask (``tempfile.mkstemp`` would give 0600)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        if path.exists():
+            shutil.copymode(path, tmp)
+        return tmp
+    raise DataError(f"{path}: cannot create a temporary file in {path.parent}")
 
 
 def write_hdf5(
@@ -199,7 +242,7 @@ def write_hdf5(
         raise DataError(f"{path}: directory {path.parent} does not exist")
     tmp = _tmp_path(path)
     try:
-        with _h5_errors(path, "write"), h5py.File(tmp, "w") as f:
+        with _h5_errors(path, "write"), h5py.File(tmp, "w", libver=_LIBVER) as f:
             _create_datasets(f, structures, compression)
         os.replace(tmp, path)
     finally:
@@ -336,7 +379,9 @@ class HDF5Dataset:
                         parts = [ds[self.offsets[a] : self.offsets[b]] for a, b in runs]
                     else:
                         parts = [ds[a:b] for a, b in runs]
-                out[name] = np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros((0, *tail), dtype)
+                # no cast here: StructureSet checks values in the file's dtype (an int64 atomic number of
+                # 2**32 + 6 must be refused, not wrapped to carbon) and converts
+                out[name] = np.concatenate(parts) if parts else np.zeros((0, *tail), dtype)
         try:
             return StructureSet(**out)
         except DataError as err:

@@ -15,6 +15,8 @@ Supported inputs:
 * nequip-style npz (keys ``pos, atomic_numbers, energy, forces``, optional ``cell, pbc``; eV by default).
 * anything :func:`ase.io.read` reads (extended XYZ, ASE db, ...).
 * the native HDF5 format of :mod:`equiforce.data.hdf5`.
+* DeePMD-kit data folders (``type.raw``, ``type_map.raw``, ``set.*/{box,coord,energy,force,virial}.npy``;
+  eV, Å, virial W = −σ·V): :func:`equiforce.data.deepmd.read_deepmd`.
 
 All npz files are opened with ``allow_pickle=False``.
 """
@@ -22,6 +24,7 @@ All npz files are opened with ``allow_pickle=False``.
 from __future__ import annotations
 
 import os
+import struct
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
@@ -34,7 +37,7 @@ import numpy as np
 from ase import units
 
 from equiforce.data.errors import DataError
-from equiforce.data.structures import StructureSet
+from equiforce.data.structures import StructureSet, _numeric
 
 __all__ = [
     "ENERGY_UNITS",
@@ -113,6 +116,23 @@ def _about(path: PathLike) -> Iterator[None]:
         raise DataError(f"{path}: {msg}") from err
 
 
+# What a damaged zip archive or .npy member can raise inside zipfile/zlib/numpy.
+_NPZ_ERRORS = (
+    OSError,
+    ValueError,
+    EOFError,
+    KeyError,
+    IndexError,
+    TypeError,
+    NotImplementedError,
+    RuntimeError,
+    MemoryError,
+    struct.error,
+    zipfile.BadZipFile,
+    zlib.error,
+)
+
+
 @contextmanager
 def _open_npz(fh: Any, path: PathLike) -> Iterator[Any]:
     """``np.load`` on an open file handle (closed by the caller, also on error), pickle disabled."""
@@ -121,6 +141,35 @@ def _open_npz(fh: Any, path: PathLike) -> Iterator[Any]:
         raise DataError(f"{path}: not an npz archive (a single .npy array)")
     with npz:
         yield npz
+
+
+def _check_member_size(npz: Any, key: str, path: PathLike) -> None:
+    """The byte count the ``.npy`` header of ``key`` declares must equal what the archive member holds.
+
+    A corrupted header (a flipped digit of the shape or of the item size) is reported here, before NumPy
+    allocates the declared array or stops reading short of the member's CRC check.
+    """
+    name = f"{key}.npy"
+    if name not in npz.zip.namelist():
+        raise DataError(f"{path}: npz key {key!r} is not a .npy array")
+    info = npz.zip.getinfo(name)
+    with npz.zip.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+        else:
+            return  # NumPy's own reader validates other versions
+        declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        available = info.file_size - member.tell()
+    if dtype.hasobject:
+        raise DataError(f"{path}: npz array {key!r} holds Python objects (dtype {dtype}); pickles are not read")
+    if declared != available:
+        raise DataError(
+            f"{path}: npz array {key!r} declares shape {shape} of {dtype} ({declared} bytes) but the archive "
+            f"holds {available} bytes (corrupt file)"
+        )
 
 
 def _load_npz(path: PathLike, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -134,10 +183,15 @@ def _load_npz(path: PathLike, required: tuple[str, ...], optional: tuple[str, ..
             missing = [k for k in required if k not in keys]
             if missing:
                 raise DataError(f"{path}: missing npz key(s) {missing}; the file has {sorted(keys)}")
-            return {k: npz[k] for k in (*required, *optional) if k in keys}
+            out = {}
+            for k in (*required, *optional):
+                if k in keys:
+                    _check_member_size(npz, k, path)
+                    out[k] = npz[k]
+            return out
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as err:
+    except _NPZ_ERRORS as err:
         raise DataError(f"{path}: cannot read npz file ({type(err).__name__}: {err})") from err
 
 
@@ -147,7 +201,7 @@ def _npz_keys(path: PathLike) -> set[str]:
             return set(npz.files)
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+    except _NPZ_ERRORS as err:
         raise DataError(f"{path}: cannot read npz file ({type(err).__name__}: {err})") from err
 
 
@@ -160,29 +214,45 @@ def _frames(
     e_fac: float,
     l_fac: float,
 ) -> StructureSet:
-    """One-molecule trajectory arrays (+ unit factors) → StructureSet, errors naming ``path``."""
+    """One-molecule trajectory arrays (+ unit factors) → StructureSet, errors naming ``path``.
+
+    Values are checked by :class:`StructureSet` (finite, atomic numbers in 1..118), so a NaN names its
+    frame (``structure k``) and atom; a value that overflows in the unit conversion becomes inf and is
+    reported the same way.
+    """
     with _about(path):
-        z = np.asarray(z)
+        z = _numeric("atomic numbers", z)
         if z.ndim == 2:  # per-frame atomic numbers; must be the same molecule in every frame
-            if z.shape[0] == 0 or not np.all(z == z[:1]):
-                raise DataError("per-frame atomic numbers differ between frames")
+            if z.shape[0] == 0:
+                raise DataError("per-frame atomic numbers have no rows (the file holds no frames)")
+            same = z == z[:1]
+            if z.dtype.kind == "f":  # a NaN column is the same in every frame (and refused as a value below)
+                same |= np.isnan(z) & np.isnan(z[:1])
+            differ = np.flatnonzero(~np.all(same, axis=1))
+            if differ.size:
+                raise DataError(f"per-frame atomic numbers differ between frames 0 and {int(differ[0])}")
             z = z[0]
-        pos = np.asarray(pos, dtype=np.float64)
+        elif z.ndim > 2:
+            raise DataError(f"atomic numbers have shape {z.shape}, expected (n_atoms,) or (n_frames, n_atoms)")
+        z = z.reshape(-1)
+        pos = _numeric("positions", pos).astype(np.float64)
         if pos.ndim != 3 or pos.shape[1:] != (z.size, 3):
             raise DataError(f"positions have shape {pos.shape}, expected (n_frames, {z.size}, 3)")
         if pos.shape[0] == 0:
             raise DataError("the file holds no frames")
-        if energy is not None:
-            energy = np.asarray(energy, dtype=np.float64)
-            if energy.shape not in ((pos.shape[0],), (pos.shape[0], 1)):
-                raise DataError(f"energies have shape {energy.shape}, expected ({pos.shape[0]},)")
-            energy = energy.reshape(-1) * e_fac
-        if forces is not None:
-            forces = np.asarray(forces, dtype=np.float64)
-            if forces.shape != pos.shape:
-                raise DataError(f"forces have shape {forces.shape}, positions {pos.shape}")
-            forces = forces * (e_fac / l_fac)
-        return StructureSet.from_frames(z, pos * l_fac, energy=energy, forces=forces)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow becomes inf, reported below
+            if energy is not None:
+                energy = _numeric("energies", energy).astype(np.float64)
+                if energy.shape not in ((pos.shape[0],), (pos.shape[0], 1)):
+                    raise DataError(f"energies have shape {energy.shape}, expected ({pos.shape[0]},)")
+                energy = energy.reshape(-1) * e_fac
+            if forces is not None:
+                forces = _numeric("forces", forces).astype(np.float64)
+                if forces.shape != pos.shape:
+                    raise DataError(f"forces have shape {forces.shape}, positions {pos.shape}")
+                forces = forces * (e_fac / l_fac)
+            pos = pos * l_fac
+        return StructureSet.from_frames(z, pos, energy=energy, forces=forces)
 
 
 def read_rmd17_npz(path: PathLike) -> StructureSet:
@@ -278,14 +348,20 @@ def read_nequip_npz(
         l_fac,
     )
     pbc = d.get(names["pbc"])
-    if pbc is None or not np.any(pbc):
+    if pbc is None:
         return s
     with _about(path):
-        pbc = np.asarray(pbc, dtype=bool)
+        pbc = _numeric("pbc", pbc, "biu")
+        if pbc.shape not in ((3,), (len(s), 3)):
+            raise DataError(f"pbc has shape {pbc.shape}, expected (3,) or ({len(s)}, 3)")
+    if not np.any(pbc):
+        return s
+    with _about(path):
         cell = d.get(names["cell"])
         if cell is None:
             raise DataError("pbc is set but there is no cell")
-        cell = np.asarray(cell, dtype=np.float64) * l_fac
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow becomes inf: refused by StructureSet
+            cell = _numeric("cell", cell).astype(np.float64) * l_fac
         n = len(s)
         if cell.shape == (3, 3):
             cell = np.broadcast_to(cell, (n, 3, 3))
@@ -355,16 +431,17 @@ def read_ase(
         s = StructureSet.from_atoms(frames, require_labels=require_labels)
         if e_fac == 1.0 and l_fac == 1.0:
             return s
-        return StructureSet(
-            atomic_numbers=s.atomic_numbers,
-            positions=s.positions * l_fac,
-            n_atoms=s.n_atoms,
-            cell=s.cell * l_fac,
-            pbc=s.pbc,
-            energy=None if s.energy is None else s.energy * e_fac,
-            forces=None if s.forces is None else s.forces * (e_fac / l_fac),
-            stress=None if s.stress is None else s.stress * (e_fac / l_fac**3),
-        )
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow becomes inf: refused by StructureSet
+            return StructureSet(
+                atomic_numbers=s.atomic_numbers,
+                positions=s.positions * l_fac,
+                n_atoms=s.n_atoms,
+                cell=s.cell * l_fac,
+                pbc=s.pbc,
+                energy=None if s.energy is None else s.energy * e_fac,
+                forces=None if s.forces is None else s.forces * (e_fac / l_fac),
+                stress=None if s.stress is None else s.stress * (e_fac / l_fac**3),
+            )
 
 
 _NPZ_LAYOUTS: dict[str, tuple[str, ...]] = {
@@ -383,6 +460,8 @@ def read_structures(path: PathLike, format: str | None = None, **kwargs: Any) ->
     * ``.npz`` → by keys: ``nuclear_charges, coords`` → :func:`read_rmd17_npz` (``"rmd17"``);
       ``z, R`` → :func:`read_md17_npz` (``"md17"``); ``atomic_numbers, pos`` → :func:`read_nequip_npz`
       (``"nequip"``).
+    * a folder holding ``type.raw`` (or DeePMD systems below it) → :func:`equiforce.data.deepmd.read_deepmd`
+      (``format="deepmd"``; kwargs: ``type_map``, ``energy_unit``, ``length_unit``).
     * anything else → :func:`read_ase` (``format="ase"`` lets ase guess; any other ``format`` is an
       ase format name passed to :func:`ase.io.read`).
 
@@ -392,7 +471,8 @@ def read_structures(path: PathLike, format: str | None = None, **kwargs: Any) ->
       A :class:`StructureSet` in ASE units.
 
     Raises:
-      DataError: unknown npz layout, missing or corrupt file, unknown unit, bad data.
+      DataError: unknown npz layout, missing or corrupt file, no structures, unknown unit, bad data (the
+        message names the file and, for a bad value, the structure (frame) and atom, 0-based).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -400,7 +480,14 @@ def read_structures(path: PathLike, format: str | None = None, **kwargs: Any) ->
     if fmt in ("hdf5", "h5") or (fmt is None and suffix in (".h5", ".hdf5")):
         from equiforce.data.hdf5 import read_hdf5
 
-        return read_hdf5(path, **kwargs)
+        s = read_hdf5(path, **kwargs)
+        if len(s) == 0 and kwargs.get("indices") is None:
+            raise DataError(f"{path}: the file holds no structures")
+        return s
+    if fmt == "deepmd" or (fmt is None and path.is_dir()):
+        from equiforce.data.deepmd import read_deepmd
+
+        return read_deepmd(path, **kwargs)
     if fmt is None and suffix == ".npz":
         if not path.is_file():
             raise DataError(f"{path}: no such file")

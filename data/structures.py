@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -20,11 +21,45 @@ from equiforce.data.errors import DataError
 __all__ = ["StructureSet"]
 
 
-def _as_float64(name: str, value, shape_tail: tuple[int, ...]) -> np.ndarray:
-    arr = np.asarray(value, dtype=np.float64)
+def _numeric(name: str, value: Any, kinds: str = "iuf") -> np.ndarray:
+    """``value`` as an array whose dtype kind is one of ``kinds`` (b bool, i/u int, f float).
+
+    Strings, objects, complex numbers, dates and structured records are refused rather than coerced
+    (NumPy would parse ``"1.5"`` or drop an imaginary part silently).
+    """
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as err:  # ragged nested lists
+        raise DataError(f"{name} is not a rectangular array of numbers ({err})") from None
+    if arr.dtype.kind not in kinds:
+        names = {"b": "bool", "i": "int", "u": "unsigned int", "f": "float"}
+        want = " or ".join(names[k] for k in kinds)
+        raise DataError(f"{name} has dtype {arr.dtype}, expected {want}")
+    return arr
+
+
+def _as_float64(name: str, value: Any, shape_tail: tuple[int, ...]) -> np.ndarray:
+    arr = _numeric(name, value).astype(np.float64)
     if arr.ndim != 1 + len(shape_tail) or tuple(arr.shape[1:]) != shape_tail:
         raise DataError(f"{name} must have shape (n, {', '.join(map(str, shape_tail))}), got {arr.shape}")
     return arr
+
+
+def _where_atoms(bad: np.ndarray, offsets: np.ndarray) -> str:
+    """``"structure k, atom i"`` of the first True row of a per-atom mask (0-based, atom index within its
+    structure), plus how many rows and structures are affected."""
+    rows = np.flatnonzero(bad)
+    structures = np.searchsorted(offsets, rows, side="right") - 1
+    k, r = int(structures[0]), int(rows[0])
+    more = f" ({rows.size} atoms in {np.unique(structures).size} structures)" if rows.size > 1 else ""
+    return f"structure {k}, atom {r - int(offsets[k])}{more}"
+
+
+def _where_structures(bad: np.ndarray) -> str:
+    """``"structure k"`` of the first True entry of a per-structure mask, plus how many are affected."""
+    idx = np.flatnonzero(bad)
+    more = f" ({idx.size} structures: {idx[:10].tolist()}{'...' if idx.size > 10 else ''})" if idx.size > 1 else ""
+    return f"structure {int(idx[0])}{more}"
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,8 +78,12 @@ class StructureSet:
         Rows that have no stress label are NaN and masked out by :meth:`has_stress`.
 
     Raises:
-      DataError: on inconsistent shapes, an empty structure, non-finite positions or cells, an atomic
-        number outside 1..118, or a periodic direction with a zero lattice vector.
+      DataError: on inconsistent shapes; an array that is not real numbers (strings, complex, objects;
+        ints for ``n_atoms``, bools or 0/1 for ``pbc``); an empty structure; a NaN or inf in positions,
+        cell, energy, forces or stress (a stress row may be all NaN, meaning "no label"); an atomic number
+        outside 1..118 or not an integer; a periodic direction with a zero lattice vector. The message
+        names the first offending structure and, for per-atom values, the atom (both 0-based, the atom
+        counted within its structure).
     """
 
     atomic_numbers: np.ndarray
@@ -59,61 +98,84 @@ class StructureSet:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        n_atoms = np.asarray(self.n_atoms, dtype=np.int64).reshape(-1)
+        n_atoms = _numeric("n_atoms", self.n_atoms, "iu").astype(np.int64).reshape(-1)
         if n_atoms.size and n_atoms.min() <= 0:
             k = int(np.argmin(n_atoms))
             raise DataError(f"structure {k} is empty (0 atoms); every structure needs at least one atom")
         total = int(n_atoms.sum())
         n = n_atoms.size
-        z = np.asarray(self.atomic_numbers)
+        offsets = np.concatenate([[0], np.cumsum(n_atoms)]).astype(np.int64)
+        z = _numeric("atomic_numbers", self.atomic_numbers)
         if z.shape != (total,):
             raise DataError(f"atomic_numbers has shape {z.shape}, expected ({total},) from n_atoms")
-        if not np.issubdtype(z.dtype, np.integer):
-            if not np.all(np.mod(z, 1) == 0):
-                raise DataError("atomic_numbers must be integers")
+        if z.dtype.kind == "f":
+            with np.errstate(invalid="ignore"):
+                fractional = ~np.isfinite(z) | (np.mod(z, 1) != 0)
+            if np.any(fractional):
+                raise DataError(
+                    f"atomic numbers must be integers, got {z[fractional][0]} at {_where_atoms(fractional, offsets)}"
+                )
+        out_of_range = (z < 1) | (z > 118)  # compared in the input's dtype: no wrap-around before the check
+        if np.any(out_of_range):
+            raise DataError(
+                f"atomic numbers must lie in 1..118, got {z[out_of_range][0]} at {_where_atoms(out_of_range, offsets)}"
+            )
         z = z.astype(np.int32)
-        if total and (z.min() < 1 or z.max() > 118):
-            raise DataError(f"atomic numbers must lie in 1..118, got min {z.min()} max {z.max()}")
         pos = _as_float64("positions", self.positions, (3,))
         if pos.shape[0] != total:
             raise DataError(f"positions has {pos.shape[0]} rows, expected {total} from n_atoms")
-        if not np.all(np.isfinite(pos)):
-            bad = np.unique(np.searchsorted(np.cumsum(n_atoms), np.nonzero(~np.isfinite(pos))[0], "right"))
-            raise DataError(f"positions contain NaN or inf (structures {bad[:10].tolist()})")
-        cell = np.asarray(self.cell, dtype=np.float64)
+        bad = ~np.all(np.isfinite(pos), axis=1)
+        if np.any(bad):
+            raise DataError(f"positions contain NaN or inf at {_where_atoms(bad, offsets)}")
+        cell = _numeric("cell", self.cell).astype(np.float64)
         if cell.shape != (n, 3, 3):
             raise DataError(f"cell has shape {cell.shape}, expected ({n}, 3, 3)")
-        if not np.all(np.isfinite(cell)):
-            raise DataError("cell contains NaN or inf")
-        pbc = np.asarray(self.pbc, dtype=bool)
+        bad = ~np.all(np.isfinite(cell), axis=(1, 2))
+        if np.any(bad):
+            raise DataError(f"cell contains NaN or inf at {_where_structures(bad)}")
+        pbc = _numeric("pbc", self.pbc, "biu")
+        if pbc.dtype.kind != "b":
+            if np.any((pbc != 0) & (pbc != 1)):
+                raise DataError(f"pbc must be booleans (or 0/1), got values {np.unique(pbc)[:5].tolist()}")
+            pbc = pbc.astype(bool)
         if pbc.shape == (3,):
             pbc = np.broadcast_to(pbc, (n, 3)).copy()
         if pbc.shape != (n, 3):
             raise DataError(f"pbc has shape {pbc.shape}, expected ({n}, 3)")
         lengths = np.linalg.norm(cell, axis=-1)
-        if np.any(pbc & (lengths == 0.0)):
-            raise DataError("a periodic direction has a zero lattice vector")
+        bad = np.any(pbc & (lengths == 0.0), axis=1)
+        if np.any(bad):
+            raise DataError(f"a periodic direction has a zero lattice vector at {_where_structures(bad)}")
         energy = None
         if self.energy is not None:
-            energy = np.asarray(self.energy, dtype=np.float64).reshape(-1)
+            energy = _numeric("energy", self.energy).astype(np.float64).reshape(-1)
             if energy.shape != (n,):
                 raise DataError(f"energy has shape {energy.shape}, expected ({n},)")
-            if not np.all(np.isfinite(energy)):
-                raise DataError("energy contains NaN or inf")
+            bad = ~np.isfinite(energy)
+            if np.any(bad):
+                raise DataError(f"energy is NaN or inf at {_where_structures(bad)}")
         forces = None
         if self.forces is not None:
             forces = _as_float64("forces", self.forces, (3,))
             if forces.shape[0] != total:
                 raise DataError(f"forces has {forces.shape[0]} rows, expected {total}")
-            if not np.all(np.isfinite(forces)):
-                raise DataError("forces contain NaN or inf")
+            bad = ~np.all(np.isfinite(forces), axis=1)
+            if np.any(bad):
+                raise DataError(f"forces contain NaN or inf at {_where_atoms(bad, offsets)}")
         stress = None
         if self.stress is not None:
-            stress = np.asarray(self.stress, dtype=np.float64)
+            stress = _numeric("stress", self.stress).astype(np.float64)
             if stress.shape == (n, 3, 3):
                 stress = full_3x3_to_voigt(stress)
             if stress.shape != (n, 6):
                 raise DataError(f"stress has shape {stress.shape}, expected ({n}, 6) or ({n}, 3, 3)")
+            # a row of NaN marks a structure without a stress label; anything else must be finite
+            bad = ~np.all(np.isfinite(stress), axis=1) & ~np.all(np.isnan(stress), axis=1)
+            if np.any(bad):
+                raise DataError(
+                    f"stress contains NaN or inf at {_where_structures(bad)} (only a whole row of NaN may "
+                    "mark a missing stress label)"
+                )
         set_(self, "atomic_numbers", z)
         set_(self, "positions", pos)
         set_(self, "n_atoms", n_atoms)
@@ -122,7 +184,7 @@ class StructureSet:
         set_(self, "energy", energy)
         set_(self, "forces", forces)
         set_(self, "stress", stress)
-        set_(self, "offsets", np.concatenate([[0], np.cumsum(n_atoms)]).astype(np.int64))
+        set_(self, "offsets", offsets)
 
     # ------------------------------------------------------------------ basic access
     def __len__(self) -> int:
@@ -251,13 +313,26 @@ class StructureSet:
                 raise DataError(f"structure {k} is empty (0 atoms)")
             results = getattr(atoms.calc, "results", {}) if atoms.calc is not None else {}
             e = results.get("energy", results.get("free_energy"))
-            energies.append(None if e is None else float(e))
+            if e is not None:
+                e = _numeric(f"energy of structure {k}", e)
+                if e.size != 1:
+                    raise DataError(f"energy of structure {k} has shape {e.shape}, expected a single number")
+                e = float(e.reshape(()))
+            energies.append(e)
             f = results.get("forces")
-            forces.append(None if f is None else np.asarray(f, dtype=np.float64))
+            if f is not None:
+                f = _numeric(f"forces of structure {k}", f).astype(np.float64)
+                if f.shape != (len(atoms), 3):
+                    raise DataError(f"forces of structure {k} have shape {f.shape}, expected ({len(atoms)}, 3)")
+            forces.append(f)
             s = results.get("stress")
             if s is not None:
-                s = np.asarray(s, dtype=np.float64)
-                s = full_3x3_to_voigt(s[None])[0] if s.shape == (3, 3) else s.reshape(6)
+                s = _numeric(f"stress of structure {k}", s).astype(np.float64)
+                if s.shape not in ((3, 3), (6,)):
+                    raise DataError(f"stress of structure {k} has shape {s.shape}, expected (6,) or (3, 3)")
+                s = full_3x3_to_voigt(s[None])[0] if s.shape == (3, 3) else s
+                if not np.all(np.isfinite(s)):
+                    raise DataError(f"stress contains NaN or inf at structure {k}")
             stresses.append(s)
         have_e = all(e is not None for e in energies)
         have_f = all(f is not None for f in forces)

@@ -1,5 +1,8 @@
 """Native HDF5 format: bit-exact round trips, append, lazy chunked reading, and bad files."""
 
+import os
+import stat
+
 import h5py
 import numpy as np
 import pytest
@@ -48,10 +51,12 @@ def test_round_trip_bit_exact(tmp_path, rng):
     assert_same(read_structures(path), s)
     assert_same(read_hdf5(path, indices=[4, 0, 4, -1]), s.subset([4, 0, 4, 6]))
     with h5py.File(path) as f:
-        assert f.attrs["format"] == "equiforce-structures"
+        assert f.attrs["format"] == b"equiforce-structures"  # fixed-length: in the checksummed object header
         assert f.attrs["format_version"] == FORMAT_VERSION
         assert f["positions"].maxshape == (None, 3)
         assert f["positions"].chunks is not None
+        assert all(f[name].fletcher32 for name in f)  # every dataset's chunks carry a checksum
+        assert f.id.get_create_plist().get_version()[0] >= 2  # superblock v2+: checksummed metadata
     with pytest.raises(DataError, match="exists"):
         write_hdf5(path, s)
     write_hdf5(path, s.subset([0]), overwrite=True)
@@ -138,4 +143,53 @@ def test_nan_positions_in_file(tmp_path, rng):
     with h5py.File(path, "r+") as f:
         f["positions"][0, 0] = np.nan
     with pytest.raises(DataError, match=r"nan\.h5.*NaN"):
+        read_hdf5(path)
+
+
+def test_written_and_appended_files_get_the_usual_permissions(tmp_path, rng):
+    """0o666 less the umask for a new file (not mkstemp's 0600); an overwritten or appended file keeps its
+    mode."""
+    previous = os.umask(0o022)
+    try:
+        path = write_hdf5(tmp_path / "p.h5", make_set(rng))
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        path.chmod(0o640)
+        append_hdf5(path, make_set(rng, n=2))
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+        write_hdf5(path, make_set(rng), overwrite=True)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+        os.umask(0o077)
+        assert stat.S_IMODE(write_hdf5(tmp_path / "q.h5", make_set(rng)).stat().st_mode) == 0o600
+    finally:
+        os.umask(previous)
+
+
+def test_flipped_data_bit_is_detected(tmp_path, rng):
+    """Every dataset carries a Fletcher-32 checksum: a flipped bit in a stored value is an error, not a
+    silently different number."""
+    s = make_set(rng)
+    path = write_hdf5(tmp_path / "flip.h5", s)
+    raw = bytearray(path.read_bytes())
+    at = bytes(raw).find(s.positions.tobytes())
+    assert at > 0
+    raw[at] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"flip\.h5"):
+        read_hdf5(path)
+
+
+def test_bad_values_name_structure_and_atom(tmp_path, rng):
+    s = make_set(rng)
+    path = write_hdf5(tmp_path / "loc.h5", s)
+    with h5py.File(path, "r+") as f:
+        f["forces"][int(s.offsets[3]) + 1, 2] = np.inf
+    with pytest.raises(DataError, match=r"loc\.h5.*forces.*structure 3, atom 1\b"):
+        read_hdf5(path)
+    path = write_hdf5(tmp_path / "z.h5", s)
+    with h5py.File(path, "r+") as f:
+        z = f["atomic_numbers"][:].astype(np.int64)
+        z[int(s.offsets[2])] = 2**32 + 6  # would wrap to carbon in int32
+        del f["atomic_numbers"]
+        f["atomic_numbers"] = z
+    with pytest.raises(DataError, match=r"z\.h5.*atomic numbers.*structure 2, atom 0\b"):
         read_hdf5(path)

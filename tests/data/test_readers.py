@@ -133,6 +133,62 @@ def test_mismatched_shapes_and_nan(tmp_path):
         read_md17_npz(path)
 
 
+def test_bad_values_name_file_frame_and_atom(tmp_path):
+    path = tmp_path / "loc.npz"
+    r = np.zeros((3, 2, 3))
+    r[:, 1] = 1.0
+    r[2, 1, 0] = np.inf
+    np.savez(path, z=np.array([1, 1]), R=r, E=np.zeros(3), F=np.zeros((3, 2, 3)))
+    with pytest.raises(DataError, match=r"loc\.npz.*positions.*structure 2, atom 1\b"):
+        read_md17_npz(path)
+    e = np.zeros(3)
+    e[1] = np.nan
+    np.savez(path, z=np.array([1, 1]), R=np.where(np.isinf(r), 0.0, r), E=e, F=np.zeros((3, 2, 3)))
+    with pytest.raises(DataError, match=r"loc\.npz.*energy.*structure 1\b"):
+        read_md17_npz(path)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("z", np.array([8, 2**32 + 1, 1]), r"atomic numbers.*structure 0, atom 1\b"),  # not wrapped to H
+        ("z", np.array([8.0, 1.5, 1.0]), r"atomic numbers must be integers"),
+        ("z", np.array([8, 1, 1]) + 0j, r"dtype complex"),
+        ("R", np.zeros((2, 3, 3)).astype(str), r"positions has dtype <U"),  # not parsed from text
+        ("R", np.zeros((2, 3, 3)) + 1j, r"positions has dtype complex"),  # imaginary part not dropped
+        ("R", np.zeros((2, 3, 3), bool), r"positions has dtype bool"),
+        ("F", np.zeros((2, 3, 3), dtype=[("x", "f8")]), r"forces has dtype"),
+    ],
+)
+def test_wrong_dtypes_are_refused(tmp_path, key, value, match):
+    arrays = {
+        "z": np.array([8, 1, 1]),
+        "R": np.arange(18.0).reshape(2, 3, 3),
+        "E": np.zeros(2),
+        "F": np.zeros((2, 3, 3)),
+    }
+    arrays[key] = value
+    path = tmp_path / "dtype.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DataError, match=r"dtype\.npz.*" + match):
+        read_structures(path)
+
+
+def test_corrupt_npz_header_is_refused_before_reading(tmp_path):
+    """A damaged .npy header declaring another shape is reported before NumPy allocates it or stops reading
+    short of the CRC check (a small member is CRC-checked anyway: zipfile reads 4 KiB at once)."""
+    path = tmp_path / "hdr.npz"
+    np.savez(path, z=np.array([1, 1]), R=np.zeros((300, 2, 3)), E=np.zeros(300), F=np.zeros((300, 2, 3)))
+    raw = path.read_bytes()
+    assert raw.count(b"'shape': (300, 2, 3)") == 2
+    path.write_bytes(raw.replace(b"'shape': (300, 2, 3)", b"'shape': (900, 2, 3)", 1))
+    with pytest.raises(DataError, match=r"hdr\.npz.*declares shape \(900, 2, 3\)"):
+        read_structures(path)
+    path.write_bytes(raw.replace(b"'shape': (300, 2, 3)", b"'shape': (100, 2, 3)", 1))  # a short read
+    with pytest.raises(DataError, match=r"hdr\.npz.*declares shape \(100, 2, 3\)"):
+        read_structures(path)
+
+
 def test_corrupt_and_pickled_npz(tmp_path):
     path = tmp_path / "corrupt.npz"
     path.write_bytes(b"PK\x03\x04 this is not really a zip file")

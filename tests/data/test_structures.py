@@ -25,8 +25,8 @@ def make_set(rng: np.random.Generator, sizes=(3, 5, 2), stress: bool = True) -> 
 def test_nan_positions_rejected(rng):
     s = make_set(rng)
     pos = s.positions.copy()
-    pos[4, 1] = np.nan  # atom 4 belongs to structure 1
-    with pytest.raises(DataError, match=r"NaN.*\[1\]"):
+    pos[4, 1] = np.nan  # row 4 is atom 1 of structure 1 (structure 0 has 3 atoms)
+    with pytest.raises(DataError, match=r"NaN.*structure 1, atom 1\b"):
         StructureSet(s.atomic_numbers, pos, s.n_atoms, s.cell, s.pbc)
 
 
@@ -76,3 +76,42 @@ def test_to_atoms_round_trip(rng):
     back = StructureSet.from_atoms([s.to_atoms(k) for k in range(len(s))])
     for name in ("atomic_numbers", "positions", "n_atoms", "cell", "pbc", "energy", "forces", "stress"):
         np.testing.assert_array_equal(getattr(back, name), getattr(s, name))
+
+
+def test_partial_nan_stress_row_rejected(rng):
+    """A row of NaN means "no stress label"; a single NaN or inf in a labelled row is bad data."""
+    s = make_set(rng)
+    stress = s.stress.copy()
+    stress[0] = np.nan  # fine: structure 0 has no stress label
+    stress[2, 4] = np.nan
+    kwargs = {k: getattr(s, k) for k in ("atomic_numbers", "positions", "n_atoms", "cell", "pbc")}
+    with pytest.raises(DataError, match=r"stress.*structure 2\b"):
+        StructureSet(**kwargs, stress=stress)
+    stress[2] = np.nan
+    assert list(StructureSet(**kwargs, stress=stress).has_stress) == [False, True, False]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("atomic_numbers", np.array([1, 1, 1, 1, 0, 1, 1, 1, 1, 1]), r"1\.\.118, got 0 at structure 1, atom 1\b"),
+        ("forces", "nan", r"forces.*structure 2, atom 0\b"),
+        ("energy", [0.0, np.inf, 0.0], r"energy.*structure 1\b"),
+        ("cell", "nan-cell", r"cell.*structure 2\b"),
+        ("n_atoms", np.array([3.0, 5.0, 2.0]), r"n_atoms has dtype float64"),
+        ("pbc", np.full((3, 3), 2), r"pbc must be booleans"),
+    ],
+)
+def test_bad_values_name_structure_and_atom(rng, field, value, match):
+    s = make_set(rng)
+    names = ("atomic_numbers", "positions", "n_atoms", "cell", "pbc", "energy", "forces")
+    kwargs = {k: getattr(s, k) for k in names}
+    if isinstance(value, str) and value == "nan":
+        value = s.forces.copy()
+        value[8, 1] = np.nan  # row 8 is atom 0 of structure 2 (sizes 3, 5, 2)
+    elif isinstance(value, str) and value == "nan-cell":
+        value = s.cell.copy()
+        value[2, 0, 0] = np.nan
+    kwargs[field] = value
+    with pytest.raises(DataError, match=match):
+        StructureSet(**kwargs)

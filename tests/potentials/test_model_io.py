@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 
 import flax.serialization
 import jax
@@ -14,6 +15,7 @@ from equiforce.potentials.model_io import (
     FORMAT,
     FORMAT_VERSION,
     ModelFileError,
+    atomic_write_bytes,
     load_model,
     read_header,
     save_model,
@@ -245,3 +247,68 @@ class _Exploit:
 
     def __reduce__(self):
         return (os.mkdir, (self.marker,))
+
+
+# ------------------------------------------------------------------------------- file permissions
+@pytest.fixture
+def umask():
+    """Set a known umask for the test and restore the previous one afterwards."""
+    previous = os.umask(0o022)
+    yield lambda mask: os.umask(mask)
+    os.umask(previous)
+
+
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_atomic_write_gives_the_usual_permissions(tmp_path, umask, mask, mode):
+    """Like ``open(path, "w")``: 0o666 less the umask for a new file (not mkstemp's 0600)."""
+    umask(mask)
+    path = tmp_path / "f.bin"
+    atomic_write_bytes(path, b"abc")
+    assert path.read_bytes() == b"abc"
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_atomic_write_keeps_the_mode_of_a_replaced_file(tmp_path, umask):
+    path = tmp_path / "f.bin"
+    atomic_write_bytes(path, b"old")
+    path.chmod(0o640)
+    atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"new" and stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+def test_saved_model_file_mode(tmp_path, umask):
+    harness = get_harness("schnet")
+    path = save_model(tmp_path / "m.eqf", harness.potential, harness.params)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+# ------------------------------------------------------------------------------- integrity
+def test_checksum_detects_a_flipped_weight_bit(saved, tmp_path):
+    """A bit flip inside a weight leaves a parsable file with another number: the checksum refuses it."""
+    _, raw, doc = saved
+    leaf = np.asarray(jax.tree.leaves(doc["params"])[0])
+    at = raw.find(leaf.tobytes())
+    assert at > 0 and "checksum" in doc
+    damaged = bytearray(raw)
+    damaged[at] ^= 0x01  # lowest mantissa bit of the first weight
+    path = tmp_path / "flipped.eqf"
+    path.write_bytes(bytes(damaged))
+    _load_fails(path, "checksum")
+
+
+@pytest.mark.parametrize("where", ["weight", "e0", "scale", "shift", "r_max"])
+def test_non_finite_values_are_refused_at_load(saved, tmp_path, where):
+    """NaN weights (a diverged run) or a NaN/inf E0, scale, shift or r_max never load as a model."""
+    _, _, doc = saved
+    header = json.loads(doc["header"])
+    params = jax.tree.map(np.array, doc["params"])
+    if where == "weight":
+        jax.tree.leaves(params)[0].reshape(-1)[0] = np.nan
+    elif where == "e0":
+        header["potential"]["atomic_energies"][0] = float("nan")
+    else:
+        header["potential"][where] = float("inf")
+    path = tmp_path / "nonfinite.eqf"
+    _write_doc(path, header, params)
+    _load_fails(path, "NaN|inf|finite")

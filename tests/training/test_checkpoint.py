@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import flax.serialization
 import jax
 import jax.numpy as jnp
@@ -148,3 +151,21 @@ def test_template_structure_mismatch(tmp_path, rng):
     other = state._replace(opt_state=no_clip.init(state.params))
     with pytest.raises(CheckpointMismatchError):
         load_checkpoint(path, other)
+
+
+def test_checkpoint_file_gets_the_usual_permissions(tmp_path, rng):
+    """0o666 less the umask, like ``open(path, "w")`` (not the 0600 of a temporary file); a replaced
+    checkpoint keeps its mode."""
+    previous = os.umask(0o022)
+    try:
+        path = tmp_path / "last.ckpt"
+        save_checkpoint(path, _state(rng), HOST)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        path.chmod(0o600)
+        save_checkpoint(path, _state(rng), HOST)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        os.umask(0o002)
+        save_checkpoint(tmp_path / "other.ckpt", _state(rng), HOST)
+        assert stat.S_IMODE((tmp_path / "other.ckpt").stat().st_mode) == 0o664
+    finally:
+        os.umask(previous)
