@@ -7,6 +7,7 @@ XLA compilation, so the tests share runs through module-scoped fixtures.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -18,10 +19,10 @@ import pytest
 from equiforce.data.graph import batch_iterator, estimate_budget
 from equiforce.data.neighbours import build_neighbour_graphs
 from equiforce.potentials.model_io import load_model, read_header
-from equiforce.training import trainer
+from equiforce.training import finish, trainer
 from equiforce.training.checkpoint import load_checkpoint
 from equiforce.training.config import ConfigError, load_config
-from equiforce.training.evaluate import compute_metrics, e0_sum, evaluate, predict
+from equiforce.training.evaluate import _predict_fn, compute_metrics, e0_sum, evaluate, predict
 from equiforce.training.optim import make_optimizer
 from equiforce.training.trainer import TrainState, build_potential, load_datasets, make_train_step, train
 
@@ -164,18 +165,26 @@ def trained(tmp_path_factory):
     # the untrained model: the potential as training built it (E0s before the final re-fit), initial weights
     initial, _ = build_potential(cfg, data.train, build_neighbour_graphs(data.train, cfg.model.r_max))
     assert initial == load_model(result.model_path.parent / "best.eqf")[0]
-    untrained = evaluate(initial, initial.init(jax.random.PRNGKey(cfg.seed)), data.valid)
+    untrained_params = initial.init(jax.random.PRNGKey(cfg.seed))
+    untrained = evaluate(initial, untrained_params, data.valid)
+    # the untrained model with its E0s re-fitted on the training set exactly as training re-fits the trained
+    # model's: the energy comparison is then between two models that both had their constant offset removed
+    untrained_refit = trainer.refit_atomic_energies(initial, untrained_params, data.train, batch_size=20)
+    untrained["refit_energy_mae_meV"] = evaluate(untrained_refit, untrained_params, data.valid)["energy_mae_meV"]
     return cfg, result, data, untrained, spy
 
 
 def test_training_lowers_validation_error(trained):
     _, result, data, untrained, _ = trained
     f0, f1 = untrained["forces_mae_meV_per_A"], result.valid_metrics["forces_mae_meV_per_A"]
-    e0, e1 = untrained["energy_mae_meV"], result.valid_metrics["energy_mae_meV"]
+    # like with like: the final model's E0s are re-fitted after training, so the untrained baseline gets the
+    # same re-fit (comparing with the unfitted baseline would credit the offset removal to training)
+    e0, e1 = untrained["refit_energy_mae_meV"], result.valid_metrics["energy_mae_meV"]
     # measured (2 CPU cores, x64 on): untrained F MAE 963 meV/Å → 340–395 meV/Å after 10 epochs
-    # (ratio 0.35–0.41); energy MAE 1065 meV → 168 meV (ratio 0.16)
+    # (ratio 0.35–0.41); energy MAE, both E0-re-fitted: 234 → 167 meV (ratio 0.72; the force-dominated loss
+    # learns energies slowly: against the unfitted baseline, 1065 meV, the re-fit alone looked like 0.16)
     assert f1 < 0.6 * f0, (f0, f1)
-    assert e1 < 0.4 * e0, (e0, e1)
+    assert e1 < 0.85 * e0, (e0, e1)
     hist = result.history
     assert [h["epoch"] for h in hist] == list(range(1, 11))
     assert hist[-1]["train_loss"] < 0.5 * hist[0]["train_loss"]
@@ -252,6 +261,63 @@ def test_final_e0_refit_removes_the_energy_offset(trained):
     valid_after = compute_metrics(predict(after, params, data.valid, **kw))
     assert valid_after["energy_mae_meV"] <= valid_before["energy_mae_meV"]
     assert valid_after["energy_mae_meV"] == pytest.approx(result.valid_metrics["energy_mae_meV"], rel=1e-6)
+
+
+def test_e0_provenance_is_recorded(trained):
+    cfg, result, _, _, _ = trained
+    out = cfg.resolve_path(cfg.output_dir)
+    before, _, _ = load_model(out / "best.eqf")
+    meta = read_header(out / "model.eqf")["metadata"]
+    record = meta["atomic_energies"]
+    assert record["refit_setting"] is None and set(record["elements"]) == {"1", "6", "8"}
+    for z, e_start, e_final in zip(
+        before.species, before.atomic_energies, result.potential.atomic_energies, strict=True
+    ):
+        el = record["elements"][str(z)]
+        assert el["source"] == "fitted" and el["refitted"] is True  # fitted E0s are re-fitted by default
+        assert el["initial_eV"] == e_start and el["final_eV"] == e_final
+        assert el["final_eV"] == pytest.approx(el["initial_eV"] + el["offset_eV"], abs=1e-9)
+    assert meta["post_training"]["complete"] is True and meta["post_training"]["errors"] == {}
+
+
+@pytest.fixture(scope="module")
+def best_model(trained):
+    """The trained run's best weights with the E0s it started from, and one jitted prediction function for
+    them (it leaves E0s out, so it serves every E0 variant without recompiling)."""
+    cfg, *_ = trained
+    start, params, _ = load_model(cfg.resolve_path(cfg.output_dir) / "best.eqf")
+    return start, params, {"batch_size": 20, "predict_fn": _predict_fn(start, False)}
+
+
+@pytest.mark.parametrize(
+    ("source", "setting", "refitted"),
+    [("given", None, False), ("given", True, True), ("given", False, False), ("fit", False, False)],
+)
+def test_refit_setting_decides_whether_e0s_change(trained, best_model, source, setting, refitted):
+    """``model.refit_atomic_energies``: null re-fits fitted E0s only, true re-fits given ones too (and says
+    so), false never re-fits."""
+    cfg, _, data, _, _ = trained
+    start, params, kw = best_model
+    if source == "given":  # a user's E0s (eV), not the least-squares ones training would have fitted
+        e0s = {1: -13.6, 6: -1029.0, 8: -2041.0}
+        start = start.replace(atomic_energies=tuple(e0s[z] for z in start.species))
+        model = dataclasses.replace(cfg.model, atomic_energies=e0s, refit_atomic_energies=setting)
+    else:
+        model = dataclasses.replace(cfg.model, refit_atomic_energies=setting)
+    run_cfg = dataclasses.replace(cfg, model=model)
+    lines: list[str] = []
+    final, record = finish.resolve_atomic_energies(run_cfg, start, params, data.train, lines.append, **kw)
+    assert (final.atomic_energies != start.atomic_energies) is refitted
+    assert {el["refitted"] for el in record["elements"].values()} == {refitted}
+    assert {el["source"] for el in record["elements"].values()} == {"given" if source == "given" else "fitted"}
+    assert record["refit_setting"] is setting
+    if refitted:  # the training-set offset is gone after a re-fit
+        kept = trainer.refit_atomic_energies(final, params, data.train, **kw)
+        np.testing.assert_allclose(kept.atomic_energies, final.atomic_energies, rtol=0, atol=1e-6)
+        assert "re-fitted" in lines[0] and "C -1029.000000 →" in lines[0]
+    else:
+        assert "kept" in lines[0] and "meV/atom" in lines[0]
+        assert abs(record["train_energy_offset_meV_per_atom"]) > 1.0  # the offset that was left in place
 
 
 # ---------------------------------------------------------------------------------------------- resume

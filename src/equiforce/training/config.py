@@ -5,7 +5,9 @@ Every key is documented in the README ("Configuration reference"). Unknown keys 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -51,13 +53,20 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
-    """The potential: model family, its hyperparameters and the physics around it."""
+    """The potential: model family, its hyperparameters and the physics around it.
+
+    ``atomic_energies``: ``"fit"`` (least squares on the training set) or given E0s ``{Z: eV}``.
+    ``refit_atomic_energies``: after training, fold the network's remaining per-composition energy offset
+    into the E0s? ``None`` (default): only fitted E0s are re-fitted, given ones are kept as they are;
+    ``True``: re-fit whatever their source (the change is logged); ``False``: never.
+    """
 
     name: str = "nequip"
     r_max: float = 5.0
     dtype: str = "float32"
     atomic_energies: str | dict[int, float] = "fit"
     hyperparameters: dict[str, Any] = dataclasses.field(default_factory=dict)
+    refit_atomic_energies: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,12 +106,20 @@ class MDCheckConfig:
 
     ``steps: 0`` switches it off. The drift (meV/atom/ps) and fluctuation (meV/atom) of the total energy
     go into the final report and the model file's metadata next to the MAE.
+
+    The gate passes when ``|drift| <= max_drift_meV_per_atom_per_ps``; a blow-up, an unmeasurable drift or a
+    check that could not run is a failure too. ``on_failure``: ``warn`` (log a warning, record the verdict)
+    or ``fail`` (the same, then :func:`~equiforce.training.train` raises
+    :class:`~equiforce.training.finish.MDCheckFailedError` after the model is saved: ``equiforce train``
+    exits non-zero).
     """
 
     steps: int = 2000
     timestep_fs: float = 0.5
     temperature_K: float = 300.0
     report_interval: int = 50
+    max_drift_meV_per_atom_per_ps: float = 1.0
+    on_failure: str = "warn"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +137,7 @@ class TrainConfig:
     base_dir: str = "."
 
     def __post_init__(self) -> None:
+        _check_finite_fields(self, "")
         o = self.optim
         if o.optimizer not in ("adam", "amsgrad", "adamw"):
             raise ConfigError(f"optim.optimizer must be adam, amsgrad or adamw, got {o.optimizer!r}")
@@ -135,6 +153,23 @@ class TrainConfig:
             raise ConfigError("data.valid_fraction must lie in (0, 1) when data.valid is not given")
         if self.model.r_max <= 0:
             raise ConfigError("model.r_max must be positive")
+        self._check_md_check()
+
+    def _check_md_check(self) -> None:
+        c = self.md_check
+        if c.on_failure not in ("warn", "fail"):
+            raise ConfigError(f"md_check.on_failure must be warn or fail, got {c.on_failure!r}")
+        if not c.max_drift_meV_per_atom_per_ps > 0:
+            raise ConfigError("md_check.max_drift_meV_per_atom_per_ps must be positive")
+        if c.steps < 0 or c.report_interval < 1 or not c.timestep_fs > 0:
+            raise ConfigError(
+                "md_check.steps >= 0, md_check.report_interval >= 1 and md_check.timestep_fs > 0 required"
+            )
+        if 0 < c.steps <= c.report_interval:
+            raise ConfigError(
+                f"md_check.steps = {c.steps} gives a single energy sample every {c.report_interval} steps: the drift "
+                "needs at least two (steps > md_check.report_interval), or steps: 0 to switch the check off"
+            )
 
     def resolve_path(self, path: str) -> Path:
         p = Path(path).expanduser()
@@ -144,8 +179,52 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _check_finite_fields(obj: Any, where: str) -> None:
+    """Every float field of a config dataclass (recursively) must be finite: NaN and inf are never a
+    meaningful learning rate, cutoff, weight or time (use null where a setting can be switched off)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite_fields(value, f"{where}{f.name}.")
+        else:
+            _check_finite_values(value, f"{where}{f.name}")
+
+
+def _check_finite_values(value: Any, where: str, _seen: set[int] | None = None) -> None:
+    """Raise :class:`ConfigError` if a float inside ``value`` (nested dicts/lists included) is NaN or inf.
+
+    Containers shared through YAML aliases (even recursive ones) are visited once.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} = {value!r} is not a finite number")
+    if not isinstance(value, dict | list | tuple):
+        return
+    seen = set() if _seen is None else _seen
+    if id(value) in seen:
+        return
+    seen.add(id(value))
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for k, v in items:
+        _check_finite_values(v, f"{where}.{k}" if isinstance(value, dict) else f"{where}[{k}]", seen)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a key or value of a ``dict[K, V]`` field fits ``K``/``V`` (an int key may be written as a
+    string of digits: JSON, which the trainer's config dump goes through, only has string keys)."""
+    if hint is Any:
+        return True
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        if isinstance(value, str):
+            return bool(re.fullmatch(r"[+-]?[0-9]+", value.strip()))
+        return isinstance(value, int) and not isinstance(value, bool)
+    base = typing.get_origin(hint) or hint
+    return isinstance(value, base) if isinstance(base, type) else True
+
+
 def _type_check(cls: type, name: str, value: Any, where: str) -> Any:
-    """Coerce ints to floats where floats are expected; reject obviously wrong types."""
+    """Coerce ints to floats where floats are expected; reject wrong types and non-finite numbers."""
     hints = typing.get_type_hints(cls)
     hint = hints[name]
     origin = typing.get_origin(hint)
@@ -154,10 +233,14 @@ def _type_check(cls: type, name: str, value: Any, where: str) -> Any:
         if type(None) in args:
             return None
         raise ConfigError(f"{where} may not be null")
+    _check_finite_values(value, where)
     for a in args:
         base = typing.get_origin(a) or a
         if base is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise ConfigError(f"{where} = {value} is too large for a float") from None
         if base is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if base is bool and isinstance(value, bool):
@@ -165,13 +248,25 @@ def _type_check(cls: type, name: str, value: Any, where: str) -> Any:
         if base is str and isinstance(value, str):
             return value
         if base is dict and isinstance(value, dict):
+            key_hint, value_hint = typing.get_args(a) or (Any, Any)
+            for k, v in value.items():
+                if not _fits(k, key_hint):
+                    raise ConfigError(f"{where}: key {k!r} has the wrong type (expected {hint})")
+                if not _fits(v, value_hint):
+                    raise ConfigError(f"{where}.{k} = {v!r} has the wrong type (expected {hint})")
             return value
     raise ConfigError(f"{where} = {value!r} has the wrong type (expected {hint})")
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{where.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
+    bad_keys = [k for k in data if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(
+            f"config keys must be strings, got {bad_keys[0]!r} ({type(bad_keys[0]).__name__}) in "
+            f"{where.rstrip('.') or 'the top level'}"
+        )
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -207,39 +302,75 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested config dict."""
-    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested config dict.
+
+    ``data`` is not modified (the result is a deep copy).
+
+    Raises:
+      ConfigError: an override that is not a ``key=value`` string, has an empty key part, has a value
+        that is not valid YAML, or descends into a value that is not a section.
+    """
+    data = copy.deepcopy(data)
     for item in overrides:
-        if "=" not in item:
+        if not isinstance(item, str) or "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
+        if any(not p.strip() for p in parts):
+            raise ConfigError(f"override {item!r}: the key {key!r} has an empty part")
+        parts = [p.strip() for p in parts]
+        try:
+            parsed = _parse_value(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value of {key.strip()} is not valid YAML ({err})") from None
         node = data
-        for p in parts[:-1]:
+        for k, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {p} is not a section")
-        node[parts[-1]] = _parse_value(value)
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: k + 1])} is not a section")
+        node[parts[-1]] = parsed
     return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config (or the defaults when ``path`` is None) and apply overrides.
 
+    An empty file means all defaults. Every error names the file (when there is one) and the key.
+
     Raises:
-      ConfigError: unreadable YAML, unknown keys, wrong types, inconsistent settings.
+      ConfigError: unreadable file (missing, not UTF-8, not YAML), a top level that is not a mapping,
+        unknown keys, wrong types, NaN or inf numbers, inconsistent settings, malformed overrides.
     """
+    try:
+        return _load_config(path, overrides)
+    except ConfigError as err:
+        if path is None or str(path) in str(err):
+            raise
+        raise ConfigError(f"{path}: {err}") from err
+
+
+def _load_config(path: str | Path | None, overrides: list[str] | None) -> TrainConfig:
     data: dict[str, Any] = {}
     base = "."
     if path is not None:
         path = Path(path)
         try:
-            loaded = _yaml_load(path.read_text())
-        except (OSError, yaml.YAMLError) as err:
+            raw = path.read_bytes()
+        except OSError as err:
             raise ConfigError(f"cannot read config {path}: {err}") from err
-        data = loaded or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"cannot read config {path}: not UTF-8 text (byte {err.start})") from None
+        try:
+            loaded = _yaml_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"cannot read config {path}: {err}") from err
+        if loaded is None:  # an empty document: all defaults
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded
         base = str(path.resolve().parent)
     data = apply_overrides(data, overrides or [])
     data.setdefault("base_dir", base)

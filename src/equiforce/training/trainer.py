@@ -1,5 +1,6 @@
 """The training loop: data → statistics → potential → optax steps with EMA → validation, checkpoints,
-early stopping, wall-clock budget, exact resume, final E0 re-fit, test metrics and the model file.
+early stopping, wall-clock budget and exact resume. What follows the loop (E0s, final and test metrics,
+the model file, the NVE gate) is :mod:`equiforce.training.finish`.
 
 Everything a CLI run does is callable from Python: ``train(load_config("config.yaml"))``.
 """
@@ -11,7 +12,6 @@ import json
 import math
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -24,17 +24,38 @@ from equiforce.data.graph import Batch, batch_iterator, estimate_budget
 from equiforce.data.neighbours import NeighbourGraph, average_num_neighbours, build_neighbour_graphs
 from equiforce.data.readers import load_sample, read_structures
 from equiforce.data.splits import random_split
-from equiforce.data.statistics import compute_statistics, fit_atomic_energies
+from equiforce.data.statistics import compute_statistics
 from equiforce.data.structures import StructureSet
-from equiforce.potentials.model_io import atomic_write_bytes, save_model
+from equiforce.potentials.model_io import save_model
 from equiforce.potentials.potential import Potential
 from equiforce.potentials.registry import config_from_dict
 from equiforce.training.checkpoint import load_checkpoint, save_checkpoint
 from equiforce.training.config import ConfigError, TrainConfig
-from equiforce.training.evaluate import Predictions, _predict_fn, compute_metrics, e0_sum, predict
+from equiforce.training.evaluate import _predict_fn, compute_metrics, e0_sum, predict
+from equiforce.training.finish import (
+    LoopOutcome,
+    MDCheckFailedError,
+    TrainResult,
+    _with_energy,
+    finish_training,
+    format_metrics,
+    refit_atomic_energies,
+)
+from equiforce.training.nve_check import energy_conservation_check
 from equiforce.training.optim import PlateauState, make_optimizer, plateau_update, set_lr_factor
 
-__all__ = ["Datasets", "TrainResult", "TrainState", "build_potential", "load_datasets", "make_train_step", "train"]
+__all__ = [
+    "Datasets",
+    "MDCheckFailedError",
+    "TrainResult",
+    "TrainState",
+    "build_potential",
+    "energy_conservation_check",
+    "load_datasets",
+    "make_train_step",
+    "refit_atomic_energies",
+    "train",
+]
 
 
 class TrainState(NamedTuple):
@@ -51,19 +72,6 @@ class Datasets:
     train: StructureSet
     valid: StructureSet
     test: StructureSet | None
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainResult:
-    """What a run produced: the model file, final metrics and the per-epoch history."""
-
-    model_path: Path
-    potential: Potential
-    params: Any
-    valid_metrics: dict[str, float]
-    test_metrics: dict[str, float] | None
-    history: list[dict[str, Any]]
-    stopped_because: str
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -104,19 +112,6 @@ def load_datasets(cfg: TrainConfig) -> Datasets:
         if s.energy is None or s.forces is None:
             raise ConfigError(f"the {name} set needs energy and forces labels")
     return Datasets(train=train, valid=valid, test=test)
-
-
-def _with_energy(s: StructureSet, energy: np.ndarray) -> StructureSet:
-    return StructureSet(
-        atomic_numbers=s.atomic_numbers,
-        positions=s.positions,
-        n_atoms=s.n_atoms,
-        cell=s.cell,
-        pbc=s.pbc,
-        energy=energy,
-        forces=s.forces,
-        stress=s.stress,
-    )
 
 
 def build_potential(cfg: TrainConfig, train: StructureSet, graphs: list[NeighbourGraph]) -> tuple[Potential, dict]:
@@ -201,46 +196,36 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 def _val_loss(cfg: TrainConfig, m: dict[str, float]) -> float:
-    """Validation objective: the training loss's weighting of per-atom energy and force RMSEs (eV units)."""
-    return (
+    """Validation objective: the training loss's weighting of per-atom energy, force and (with
+    ``loss.stress_weight > 0``, where evaluated) stress RMSEs, in eV units."""
+    loss = (
         cfg.loss.energy_weight * (m["energy_per_atom_rmse_meV"] * 1e-3) ** 2
         + cfg.loss.forces_weight * (m["forces_rmse_meV_per_A"] * 1e-3) ** 2
     )
-
-
-def refit_atomic_energies(potential: Potential, params: Any, train: StructureSet, **kw: Any) -> Potential:
-    """Fold the network's remaining per-composition energy offset on the training set into the E0s.
-
-    Least squares of the residuals ``E_ref − E_pred`` on composition (well-posed for single-composition
-    sets, see :func:`~equiforce.data.statistics.fit_atomic_energies`), added to the E0s. Forces do not
-    change; the energy offset that a force-dominated loss leaves behind is removed.
-    """
-    pred = predict(potential, params, train, **kw)
-    residual = _with_energy(train, train.energy - pred.energy)
-    delta = fit_atomic_energies(residual, potential.species, warn=False)
-    e0 = tuple(e + delta[z] for z, e in zip(potential.species, potential.atomic_energies, strict=False))
-    return potential.replace(atomic_energies=e0)
-
-
-def _write_parity(path: Path, pred: Predictions, title: str) -> None:
-    from equiforce.training.plots import parity_plot
-
-    parity_plot(pred, path, title=title)
+    if cfg.loss.stress_weight > 0 and "stress_rmse_meV_per_A3" in m:
+        loss += cfg.loss.stress_weight * (m["stress_rmse_meV_per_A3"] * 1e-3) ** 2
+    return loss
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] | None = None) -> TrainResult:
     """Train a potential as ``cfg`` says; write checkpoints, metrics log and model files to ``cfg.output_dir``.
 
     Files written (atomically): ``checkpoints/last.ckpt`` (every epoch and on interruption),
-    ``best.eqf`` (best validation, EMA weights), ``model.eqf`` (final: best weights, E0s re-fitted,
-    test metrics in its metadata), ``metrics.jsonl`` (one line per epoch), ``config.yaml``,
-    ``parity_test.png``.
+    ``best.eqf`` (best validation, EMA weights), ``model.eqf`` and ``final_metrics.json`` (final: best
+    weights, E0s as ``model.refit_atomic_energies`` says; written before the optional post-training steps and
+    again with their results: test metrics, NVE gate), ``metrics.jsonl`` (one line per epoch),
+    ``config.yaml``, ``parity_test.png``. See :mod:`equiforce.training.finish`.
 
     Args:
       cfg: the configuration.
       resume: continue from ``checkpoints/last.ckpt`` (same config required); the loss curve continues
         exactly as an uninterrupted run's would.
       log: receives one line per event (default: ``tqdm.write``).
+
+    Raises:
+      ConfigError / DataError: bad configuration or data (before training starts).
+      FileNotFoundError: ``resume`` without a checkpoint.
+      MDCheckFailedError: the NVE gate failed with ``md_check.on_failure: fail`` (the model is saved first).
     """
     log = log or tqdm.write
     if cfg.model.dtype == "float64" and not jax.config.jax_enable_x64:
@@ -423,10 +408,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
             host["history"].append(record)
             with metrics_path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
+            s_mae = f"  S MAE {vm['stress_mae_meV_per_A3']:.3f} meV/Å³" if "stress_mae_meV_per_A3" in vm else ""
             log(
                 f"epoch {epoch + 1:4d}  loss {train_loss[0]:.4g}  valid E MAE {vm['energy_mae_meV']:.1f} meV "
-                f"({vm['energy_per_atom_mae_meV']:.2f} meV/atom)  F MAE {vm['forces_mae_meV_per_A']:.1f} meV/Å  "
-                f"lr×{plateau.factor:.3g}  {epoch_s:.1f} s{'  *' if improved else ''}"
+                f"({vm['energy_per_atom_mae_meV']:.2f} meV/atom)  F MAE {vm['forces_mae_meV_per_A']:.1f} meV/Å"
+                f"{s_mae}  lr×{plateau.factor:.3g}  {epoch_s:.1f} s{'  *' if improved else ''}"
             )
             host["epoch"] = epoch + 1
             host["batch_in_epoch"] = 0
@@ -453,107 +439,32 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
         _, best_params, _ = load_model(out / "best.eqf")
     else:  # no epoch finished (e.g. a tiny time budget): use the current EMA weights
         best_params = jax.tree.map(np.asarray, state.ema_params)
+    loop = LoopOutcome(
+        potential=potential,
+        params=best_params,
+        stats=stats,
+        trained_epochs=host["epoch"],
+        best_epoch=host["best_epoch"],
+        stopped_because=stopped,
+        first_step_s=compile_s,
+        history=host["history"],
+    )
     # One jitted prediction function serves all three sets (it leaves E0s out, so the re-fit keeps it valid).
-    predict_fn = predict_fn or _predict_fn(potential, periodic)
-    kw = {"batch_size": bs, "budget": budget, "predict_fn": predict_fn}
-    final = refit_atomic_energies(potential, best_params, data.train, graphs=train_graphs, **kw)
-    vm = compute_metrics(predict(final, best_params, data.valid, graphs=valid_graphs, **kw))
-    tm = None
-    if data.test is not None:
-        test_graphs = build_neighbour_graphs(data.test, r_max)
-        if all(budget.fits(int(n), g.n_edges, 1) for n, g in zip(data.test.n_atoms, test_graphs, strict=True)):
-            tpred = predict(final, best_params, data.test, graphs=test_graphs, **kw)
-        else:  # test structures larger than the training budget: a budget of their own
-            tpred = predict(final, best_params, data.test, batch_size=bs, graphs=test_graphs)
-        tm = compute_metrics(tpred)
-        _write_parity(out / "parity_test.png", tpred, f"{cfg.model.name} test set")
-    md_check = None
-    if cfg.md_check.steps > 0:
-        md_check = energy_conservation_check(final, best_params, data.valid, cfg, log)
-    metadata = {
-        "trained_epochs": host["epoch"],
-        "best_epoch": host["best_epoch"],
-        "stopped_because": stopped,
-        "training_time_s": elapsed(),
-        "first_step_s": compile_s,
-        "valid_metrics": vm,
-        "test_metrics": tm,
-        "nve_check": md_check,
-        "dataset_statistics": stats,
-        "n_train": len(data.train),
-        "n_valid": len(data.valid),
-        "n_test": None if data.test is None else len(data.test),
-        "config": cfg.to_dict(),
-    }
-    model_path = save_model(out / "model.eqf", final, best_params, metadata)
-    atomic_write_bytes(out / "final_metrics.json", json.dumps(metadata, indent=2, default=str).encode())
-    log(f"valid: {_fmt(vm)}")
-    if tm is not None:
-        log(f"test:  {_fmt(tm)}")
-    if md_check is not None and not md_check["blew_up"]:
-        log(
-            f"NVE:   drift {md_check['drift_meV_per_atom_per_ps']:.3f} meV/atom/ps, "
-            f"fluctuation {md_check['fluctuation_meV_per_atom']:.3f} meV/atom"
-        )
-    elif md_check is not None:
-        log("NVE:   the model blew up in the energy-conservation check (see above)")
-    log(f"model saved to {model_path}")
-    return TrainResult(model_path, final, best_params, vm, tm, host["history"], stopped)
-
-
-def energy_conservation_check(
-    potential: Potential, params: Any, structures: StructureSet, cfg: TrainConfig, log: Callable[[str], None]
-) -> dict[str, Any]:
-    """NVE from the first structure of ``structures``: total-energy drift and fluctuation per atom.
-
-    A low-MAE model can still be unstable in MD; this puts both numbers side by side. A blow-up is
-    reported (``"blew_up": True``), not raised.
-    """
-    from equiforce.md.engine import MDBlowUpError
-    from equiforce.md.run import run_md
-
-    c = cfg.md_check
-    atoms = structures.to_atoms(0)
-    atoms.calc = None
-    try:
-        r = run_md(
-            (potential, params),
-            atoms,
-            ensemble="nve",
-            temperature_K=c.temperature_K,
-            timestep_fs=c.timestep_fs,
-            steps=c.steps,
-            report_interval=c.report_interval,
-            progress=False,
-            log=log,
-        )
-    except MDBlowUpError as err:
-        log(f"NVE check: {err}")
-        return {"blew_up": True, "message": str(err), "steps": c.steps, "timestep_fs": c.timestep_fs}
-    result = {
-        "blew_up": False,
-        "steps": r.steps,
-        "timestep_fs": c.timestep_fs,
-        "temperature_K": c.temperature_K,
-        "drift_meV_per_atom_per_ps": r.drift_meV_per_atom_per_ps,
-        "fluctuation_meV_per_atom": r.fluctuation_meV_per_atom,
-        "mean_temperature_K": float(np.mean([f.temperature for f in r.frames])),
-        "steps_per_s": r.steps_per_s,
-    }
-    log(
-        f"NVE check ({r.steps} steps of {c.timestep_fs} fs, {potential.dtype}): energy drift "
-        f"{r.drift_meV_per_atom_per_ps:.3f} meV/atom/ps, fluctuation {r.fluctuation_meV_per_atom:.3f} meV/atom, "
-        f"{r.steps_per_s:.1f} steps/s"
+    return finish_training(
+        cfg,
+        out,
+        data,
+        loop,
+        train_graphs=train_graphs,
+        valid_graphs=valid_graphs,
+        budget=budget,
+        predict_fn=predict_fn or _predict_fn(potential, periodic),
+        elapsed=elapsed,
+        log=log,
     )
-    return result
 
 
-def _fmt(m: dict[str, float]) -> str:
-    return (
-        f"energy MAE {m['energy_mae_meV']:.1f} meV ({m['energy_per_atom_mae_meV']:.2f} meV/atom), "
-        f"RMSE {m['energy_rmse_meV']:.1f} meV; forces MAE {m['forces_mae_meV_per_A']:.1f} meV/Å, "
-        f"RMSE {m['forces_rmse_meV_per_A']:.1f} meV/Å"
-    )
+_fmt = format_metrics  # the summary line's formatter (kept under its old name)
 
 
 def _yaml_dump(d: dict[str, Any]) -> str:
