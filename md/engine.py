@@ -1,4 +1,8 @@
-"""The jit-compiled MD loop: jax-md integrators in chunks, overflow re-runs and blow-up detection.
+"""The jit-compiled MD loop: integrator steps in chunks, overflow re-runs and blow-up detection.
+
+The steps are :mod:`equiforce.md.integrators`' thin functions over jax-md's states and building blocks:
+each returns what its force call computed (the potential energy) and, for Langevin, the heat exchanged
+with the bath, carried through the chunk's loop as explicit outputs. NPT runs jax-md's own step.
 
 Each chunk of ``report_interval`` steps runs inside one jitted ``lax.fori_loop`` with the neighbour list
 updated (and rebuilt when atoms moved more than half the skin) inside the loop; nothing leaves the
@@ -11,7 +15,8 @@ device until the chunk ends. Then the host checks
   :class:`MDBlowUpError`; the last good frame is kept (and written out by :func:`run_md`).
 
 Units are ASE's: Å, eV, amu, time in ASE units internally (``timestep_fs * ase.units.fs``), reported in
-ps; temperatures in K (kT in eV inside).
+ps; temperatures in K (kT in eV inside), over the degrees of freedom of
+:func:`equiforce.md.integrators.degrees_of_freedom` (``3N - 3``; ``3N`` for Langevin).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import numpy as np
 from ase import units
 from jax_md import quantity, simulate
 
+from equiforce.md import integrators
 from equiforce.md.system import MDSystem, cell_heights
 
 __all__ = ["ENSEMBLES", "MDBlowUpError", "MDConfig", "MDEngine", "ThermoFrame"]
@@ -93,8 +99,9 @@ class MDConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ThermoFrame:
-    """Observables at the end of a chunk (host side, float64): energies eV, temperature K,
-    pressure eV/Å³ (instantaneous, kinetic part included; NaN when not periodic), volume Å³."""
+    """Observables at the end of a chunk (host side, float64): energies eV (E0s included), temperature K,
+    pressure eV/Å³ (instantaneous, kinetic part included; NaN when not periodic), volume Å³; ``conserved``:
+    see :meth:`MDEngine.conserved_quantity`."""
 
     step: int
     time_ps: float
@@ -106,8 +113,7 @@ class ThermoFrame:
     volume: float = float("nan")
 
 
-def _kinetic_energy(momentum: jnp.ndarray, mass: jnp.ndarray) -> jnp.ndarray:
-    return 0.5 * jnp.sum(momentum**2 / mass[:, None])
+_kinetic_energy = integrators.kinetic_energy
 
 
 class MDEngine:
@@ -129,71 +135,70 @@ class MDEngine:
         self.n_atoms = int(system.masses.shape[0])
         self.npt = config.ensemble == "npt_nose_hoover"
         self.pressure = config.pressure_GPa * units.GPa
+        self.dof = integrators.degrees_of_freedom(config.ensemble, self.n_atoms)
         self.reallocations = 0
         self.step = 0
+        self.heat = 0.0  # eV the Langevin bath put into the system since step 0 (see conserved_quantity)
         self.neighbor = None
         self.edge_capacity: int | None = None  # set by init() when config.compact_edges
         self._bind(None)
 
     def _bind(self, edge_capacity: int | None) -> None:
-        """(Re)build the jax-md integrator and the jitted chunk for an edge capacity (a static shape)."""
+        """(Re)build the integrator and the jitted chunk for an edge capacity (a static shape)."""
         config, system = self.config, self.system
         self.edge_capacity = edge_capacity
         self.energy_fn = partial(system.energy_fn, edge_capacity=edge_capacity)
-        # Outside NPT the integrators get a force function that also records the potential energy of its
-        # (single) call per step, so the chunk reports the energy at its last step without a separate energy
-        # evaluation (and its compilation). NPT differentiates the energy with respect to the box as well.
-        self._recorded: dict[str, jnp.ndarray] = {}
-        energy_fn = self.energy_fn if self.npt else self._recording_force_fn(self.energy_fn)
+        # jitted, so the model is traced once per shape: jax-md's energy-or-force check (eval_shape), the
+        # initial force, the step-0 observables and the chunk's loop body reuse that trace
+        value_and_grad = jax.jit(jax.value_and_grad(self.energy_fn))
+
+        def value_and_force(position: jnp.ndarray, **kwargs: Any) -> tuple[jnp.ndarray, jnp.ndarray]:
+            energy, grad = value_and_grad(position, **kwargs)
+            return energy, -grad
+
+        def force_fn(position: jnp.ndarray, **kwargs: Any) -> jnp.ndarray:
+            return value_and_force(position, **kwargs)[1]
+
+        self._value_and_force = value_and_force
+        shift_fn, dt, kT = system.shift_fn, self.dt, self.kT
+        self._step: Callable[..., tuple[Any, integrators.StepAux]] | None = None
         if config.ensemble == "nve":
-            self._init_fn, self._apply_fn = simulate.nve(energy_fn, system.shift_fn, self.dt)
+            self._init_fn, _ = simulate.nve(force_fn, shift_fn, dt)
+            self._step = integrators.nve_step_fn(value_and_force, shift_fn, dt)
         elif config.ensemble == "nvt_langevin":
             gamma = config.friction_per_ps / (1000.0 * units.fs)
-            self._init_fn, self._apply_fn = simulate.nvt_langevin(
-                energy_fn, system.shift_fn, self.dt, self.kT, gamma=gamma
-            )
+            self._init_fn, _ = simulate.nvt_langevin(force_fn, shift_fn, dt, kT, gamma=gamma)
+            self._step = integrators.langevin_step_fn(value_and_force, shift_fn, dt, kT, gamma)
         elif config.ensemble == "nvt_nose_hoover":
             tau = (config.thermostat_tau_fs or 100.0 * config.timestep_fs) * units.fs
-            self._init_fn, self._apply_fn = simulate.nvt_nose_hoover(
-                energy_fn, system.shift_fn, self.dt, self.kT, tau=tau
-            )
+            self._init_fn, _ = simulate.nvt_nose_hoover(force_fn, shift_fn, dt, kT, tau=tau)
+            chain = simulate.nose_hoover_chain(dt, 5, 2, 3, tau)  # jax-md's defaults
+            self._step = integrators.nose_hoover_step_fn(value_and_force, shift_fn, dt, kT, chain)
         else:
             if not system.fractional:
                 raise ValueError("NPT needs a periodic system built with make_system(..., fractional=True)")
             tau_t = (config.thermostat_tau_fs or 100.0 * config.timestep_fs) * units.fs
             tau_b = (config.barostat_tau_fs or 1000.0 * config.timestep_fs) * units.fs
+            # the barostat differentiates the energy with respect to the box: jax-md's step, given the energy
             self._init_fn, self._apply_fn = simulate.npt_nose_hoover(
-                energy_fn,
-                system.shift_fn,
-                self.dt,
+                self.energy_fn,
+                shift_fn,
+                dt,
                 self.pressure,
-                self.kT,
+                kT,
                 barostat_kwargs={"tau": tau_b},
                 thermostat_kwargs={"tau": tau_t},
             )
-        # the integrator step traced inline (jax-md jits its step functions), so the recorded energy belongs to
-        # the chunk's own trace
-        self._step_fn = getattr(self._apply_fn, "__wrapped__", None)
         self._chunk = jax.jit(self._chunk_impl, static_argnums=(2,))
-
-    def _recording_force_fn(self, energy_fn: Callable[..., jnp.ndarray]) -> Callable[..., jnp.ndarray]:
-        # jitted, so the model is traced once per shape: jax-md's energy-or-force check (eval_shape), the
-        # initial force and the chunk's loop body reuse that trace (tracing NequIP takes seconds)
-        value_and_grad = jax.jit(jax.value_and_grad(energy_fn))
-
-        def force_fn(position: jnp.ndarray, **kwargs: Any) -> jnp.ndarray:
-            energy, grad = value_and_grad(position, **kwargs)
-            self._recorded["energy"] = energy
-            return -grad
-
-        return force_fn
+        self._observe = jax.jit(self._observe_impl)
 
     # ------------------------------------------------------------------ state
     def init(self, positions: np.ndarray, velocities: np.ndarray | None = None) -> Any:
         """Initial integrator state at ``positions`` (Å).
 
         Velocities (Å per ASE time unit) are drawn from Maxwell–Boltzmann at ``temperature_K`` with the
-        seed, with zero total momentum, unless given.
+        seed, with zero total momentum and rescaled to exactly ``temperature_K`` over :attr:`dof` degrees of
+        freedom, unless given. Resets :attr:`step` to 0 and the bath heat :attr:`heat` to 0 eV.
         """
         pos = jnp.asarray(positions, self.system.dtype)
         key = jax.random.PRNGKey(self.config.seed)
@@ -216,11 +221,18 @@ class MDEngine:
         else:
             # jax-md draws MB momenta; remove the centre-of-mass motion and rescale to the exact temperature
             momentum = state.momentum - jnp.mean(state.momentum, axis=0)
-            dof = max(3 * self.n_atoms - 3, 1)
             ke = _kinetic_energy(momentum, self.system.masses)
-            target = 0.5 * dof * self.kT
+            target = 0.5 * self.dof * self.kT
             momentum = jnp.where(ke > 0, momentum * jnp.sqrt(target / jnp.maximum(ke, 1e-30)), momentum)
-        return dataclasses.replace(state, momentum=momentum.astype(self.system.dtype))
+        state = dataclasses.replace(state, momentum=momentum.astype(self.system.dtype))
+        ke = _kinetic_energy(state.momentum, self.system.masses)
+        if self.config.ensemble == "nvt_nose_hoover":  # the chain aims at the reported degrees of freedom
+            state = state.set(chain=integrators.set_chain_dof(state.chain, self.dof).set(kinetic_energy=ke))
+        elif self.npt:
+            state = state.set(thermostat=integrators.set_chain_dof(state.thermostat, self.dof).set(kinetic_energy=ke))
+        self.step = 0
+        self.heat = 0.0
+        return state
 
     # ------------------------------------------------------------------ chunks
     def box(self, state: Any) -> jnp.ndarray | None:
@@ -233,55 +245,94 @@ class MDEngine:
     def _edge_capacity_for(self, count: int) -> int:
         return max(int(np.ceil(count * self.config.edge_capacity_multiplier)), count + 8)
 
+    def _kinetic_pressure_volume(self, state: Any, neighbor: Any) -> tuple[jnp.ndarray, ...]:
+        """Kinetic energy, instantaneous pressure (kinetic part included) and volume of ``state`` (traceable)."""
+        ekin = _kinetic_energy(state.momentum, state.mass.reshape(-1))
+        if not self.system.periodic:
+            zero = jnp.zeros((), ekin.dtype)  # set to NaN on the host (no NaN inside jit)
+            return ekin, zero, zero
+        box = self.box(state)
+        energy_at_box = partial(self.energy_fn, **self._space_kwargs(state))  # NPT: the current box goes in
+        pressure = quantity.pressure(energy_at_box, state.position, box, ekin, neighbor=neighbor)
+        return ekin, pressure, jnp.abs(jnp.linalg.det(box))
+
+    def _observe_impl(self, state: Any, neighbor: Any) -> tuple[jnp.ndarray, ...]:
+        epot = self.energy_fn(state.position, neighbor, **self._space_kwargs(state))
+        return (epot, *self._kinetic_pressure_volume(state, neighbor))
+
     def _chunk_impl(self, state: Any, neighbor: Any, n_steps: int):
-        recorded = not self.npt and self._step_fn is not None
+        step_fn = self._step
 
         def body(_, carry):
-            state, neighbor, max_edges, epot = carry
-            if recorded:
-                state = self._step_fn(state, neighbor=neighbor)
-                epot = self._recorded.pop("energy")  # at the new positions, from this step's force call
+            state, neighbor, max_edges, epot, heat = carry
+            if step_fn is not None:
+                state, aux = step_fn(state, neighbor=neighbor)
+                epot, heat = aux.potential_energy, heat + aux.heat  # epot at the new positions
             else:
                 state = self._apply_fn(state, neighbor=neighbor)
             space = self._space_kwargs(state)
             # the pairs the force call of this step saw (within r_max, so the same in the old and new list)
             max_edges = jnp.maximum(max_edges, self.system.edge_count(state.position, neighbor, **space))
             neighbor = neighbor.update(state.position, **space)
-            return state, neighbor, max_edges, epot
+            return state, neighbor, max_edges, epot, heat
 
-        # the energy has the dtype of the positions (float64 in mixed precision too)
-        carry = (state, neighbor, jnp.zeros((), jnp.int32), jnp.zeros((), state.position.dtype))
-        state, neighbor, max_edges, epot = jax.lax.fori_loop(0, n_steps, body, carry)
-        kw = self._space_kwargs(state)
-        if not recorded:
-            epot = self.energy_fn(state.position, neighbor, **kw)
-        ekin = _kinetic_energy(state.momentum, state.mass.reshape(-1))
-        if self.system.periodic:
-            box = self.box(state)
-            energy_at_box = partial(self.energy_fn, **kw)  # NPT: the current box goes to the energy
-            pressure = quantity.pressure(energy_at_box, state.position, box, ekin, neighbor=neighbor)
-            volume = jnp.abs(jnp.linalg.det(box))
-        else:
-            pressure = volume = jnp.zeros((), epot.dtype)  # set to NaN on the host (no NaN inside jit)
-        return state, neighbor, epot, ekin, pressure, volume, max_edges
+        # energies have the dtype of the positions (float64 in mixed precision too)
+        zero = jnp.zeros((), state.position.dtype)
+        carry = (state, neighbor, jnp.zeros((), jnp.int32), zero, zero)
+        state, neighbor, max_edges, epot, heat = jax.lax.fori_loop(0, n_steps, body, carry)
+        if step_fn is None:
+            epot = self.energy_fn(state.position, neighbor, **self._space_kwargs(state))
+        ekin, pressure, volume = self._kinetic_pressure_volume(state, neighbor)
+        return state, neighbor, epot, ekin, pressure, volume, max_edges, heat
 
     def _temperature(self, ekin: float) -> float:
-        dof = max(3 * self.n_atoms - 3, 1)
-        return 2.0 * ekin / (dof * units.kB)
+        return 2.0 * ekin / (self.dof * units.kB)
 
     def conserved_quantity(self, state: Any, epot: float, ekin: float) -> float:
-        """Total energy (NVE) or the thermostat's conserved quantity (Nosé–Hoover), eV; NaN for Langevin."""
+        """The run's conserved quantity, eV (``epot`` with E0s, ``ekin`` at ``state``).
+
+        NVE: the total energy. Langevin: the total energy minus the heat the bath put in since step 0
+        (:attr:`heat`). Nosé–Hoover: the extended Hamiltonian (system + chain); NPT also the barostat
+        chain, ``P V`` and the box kinetic energy (jax-md's ``npt_nose_hoover_invariant`` with the chain's
+        degrees of freedom).
+        """
+        total = epot + ekin
         if self.config.ensemble == "nve":
-            return epot + ekin
+            return total
+        if self.config.ensemble == "nvt_langevin":
+            return total - self.heat
         if self.config.ensemble == "nvt_nose_hoover":
-            invariant = simulate.nvt_nose_hoover_invariant(self.energy_fn, state, self.kT, neighbor=self.neighbor)
-            return float(invariant) + self.system.e0_total
-        if self.npt:
-            invariant = simulate.npt_nose_hoover_invariant(
-                self.energy_fn, state, self.pressure, self.kT, neighbor=self.neighbor
-            )
-            return float(invariant) + self.system.e0_total
-        return float("nan")
+            return total + float(integrators.nose_hoover_chain_energy(state.chain, self.kT))
+        thermostat = float(integrators.nose_hoover_chain_energy(state.thermostat, self.kT))
+        b = state.barostat
+        barostat = float(jnp.sum(b.momentum**2 / (2 * b.mass)) + self.kT * jnp.sum(b.position))
+        volume = float(jnp.abs(jnp.linalg.det(self.box(state))))
+        box_ke = float(state.box_momentum**2 / (2 * state.box_mass))
+        return total + thermostat + barostat + self.pressure * volume + box_ke
+
+    def _frame(self, state: Any, epot: Any, ekin: Any, pressure: Any, volume: Any) -> ThermoFrame:
+        epot, ekin = float(epot) + self.system.e0_total, float(ekin)
+        return ThermoFrame(
+            step=self.step,
+            time_ps=self.step * self.config.timestep_fs / 1000.0,
+            potential_energy=epot,
+            kinetic_energy=ekin,
+            temperature=self._temperature(ekin),
+            conserved=self.conserved_quantity(state, epot, ekin),
+            pressure=float(pressure) if self.system.periodic else float("nan"),
+            volume=float(volume) if self.system.periodic else float("nan"),
+        )
+
+    def observe(self, state: Any) -> ThermoFrame:
+        """The thermo frame of ``state`` at the current :attr:`step` without stepping (e.g. step 0).
+
+        Raises:
+          MDBlowUpError: a non-finite energy or position.
+        """
+        frame = self._frame(state, *self._observe(state, self.neighbor))
+        if not (np.isfinite(frame.potential_energy) and np.isfinite(frame.kinetic_energy)):
+            raise MDBlowUpError(f"non-finite energy at step {self.step}: E_pot={frame.potential_energy:.6g} eV")
+        return frame
 
     def run_chunk(self, state: Any, n_steps: int | None = None) -> tuple[Any, ThermoFrame]:
         """Advance ``n_steps`` (default ``report_interval``) steps; re-run on neighbour-list overflow.
@@ -293,7 +344,9 @@ class MDEngine:
         n = n_steps or self.config.report_interval
         start_state, start_neighbor = state, self.neighbor
         while True:
-            new_state, neighbor, epot, ekin, pressure, volume, max_edges = self._chunk(start_state, start_neighbor, n)
+            new_state, neighbor, epot, ekin, pressure, volume, max_edges, heat = self._chunk(
+                start_state, start_neighbor, n
+            )
             if not bool(neighbor.did_buffer_overflow):
                 if self.edge_capacity is None or int(max_edges) <= self.edge_capacity:
                     break
@@ -315,12 +368,17 @@ class MDEngine:
                 f"neighbour list overflow at step {self.step}: capacity {old} -> {int(start_neighbor.idx.shape[-1])}"
                 f" (reallocation {self.reallocations}); re-running the chunk"
             )
-        epot, ekin = float(epot) + self.system.e0_total, float(ekin)
-        temperature = self._temperature(ekin)
-        finite = np.isfinite(epot) and np.isfinite(ekin) and bool(jnp.all(jnp.isfinite(new_state.position)))
+        e_total, ke = float(epot) + self.system.e0_total, float(ekin)
+        temperature = self._temperature(ke)
+        finite = (
+            np.isfinite(e_total)
+            and np.isfinite(ke)
+            and np.isfinite(float(heat))
+            and bool(jnp.all(jnp.isfinite(new_state.position)))
+        )
         if not finite or temperature > self.config.max_temperature_K:
             raise MDBlowUpError(
-                f"simulation blew up between steps {self.step} and {self.step + n}: E_pot={epot:.6g} eV, "
+                f"simulation blew up between steps {self.step} and {self.step + n}: E_pot={e_total:.6g} eV, "
                 f"T={temperature:.6g} K (limit {self.config.max_temperature_K:g} K)"
             )
         if self.npt:
@@ -333,17 +391,8 @@ class MDEngine:
                 )
         self.neighbor = neighbor
         self.step += n
-        frame = ThermoFrame(
-            step=self.step,
-            time_ps=self.step * self.config.timestep_fs / 1000.0,
-            potential_energy=epot,
-            kinetic_energy=ekin,
-            temperature=temperature,
-            conserved=self.conserved_quantity(new_state, epot, ekin),
-            pressure=float(pressure) if self.system.periodic else float("nan"),
-            volume=float(volume) if self.system.periodic else float("nan"),
-        )
-        return new_state, frame
+        self.heat += float(heat)
+        return new_state, self._frame(new_state, epot, ekin, pressure, volume)
 
     def positions(self, state: Any) -> np.ndarray:
         """Cartesian positions, Å (converted from fractional coordinates for NPT)."""
