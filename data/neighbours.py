@@ -17,7 +17,43 @@ from ase.neighborlist import primitive_neighbor_list
 from equiforce.data.errors import DataError
 from equiforce.data.structures import StructureSet
 
-__all__ = ["NeighbourGraph", "average_num_neighbours", "build_neighbour_graph", "build_neighbour_graphs"]
+__all__ = [
+    "MIN_PAIR_DISTANCE",
+    "NeighbourGraph",
+    "average_num_neighbours",
+    "build_neighbour_graph",
+    "build_neighbour_graphs",
+    "check_finite_positions",
+    "check_pair_distances",
+]
+
+#: Atoms closer than this (Å) are refused as overlapping, by the data pipeline, the ASE calculator and MD
+#: alike. Why 0.5 Å: the shortest chemical bond (H2) is 0.74 Å and even 3000 K AIMD of hydrogen-rich
+#: systems stays above ~0.55 Å, while below 0.5 Å every potential trained on DFT data is extrapolating
+#: into a region it has never seen (its energy there is meaningless, typically far too low): such a
+#: structure is a bug (duplicated atom, wrong units, a blown-up run), not a physical configuration.
+MIN_PAIR_DISTANCE = 0.5
+
+
+def check_finite_positions(positions: np.ndarray) -> None:
+    """Raise a :class:`DataError` naming the atoms (0-based) whose positions are NaN or inf."""
+    bad = np.nonzero(~np.all(np.isfinite(np.asarray(positions, dtype=np.float64)), axis=-1))[0]
+    if bad.size:
+        more = f" and {bad.size - 10} more" if bad.size > 10 else ""
+        raise DataError(f"positions contain NaN or inf (atom{'s' if bad.size > 1 else ''} {bad[:10].tolist()}{more})")
+
+
+def check_pair_distances(
+    i: np.ndarray, j: np.ndarray, dist: np.ndarray, min_distance: float = MIN_PAIR_DISTANCE
+) -> None:
+    """Raise a :class:`DataError` naming the closest pair if any pair (i, j) at ``dist`` (Å) is below
+    ``min_distance`` (default :data:`MIN_PAIR_DISTANCE`)."""
+    if dist.size and dist.min() < min_distance:
+        k = int(np.argmin(dist))
+        raise DataError(
+            f"atoms {int(i[k])} and {int(j[k])} overlap (distance {dist[k]:.3g} Å < {min_distance} Å; "
+            "see equiforce.data.neighbours.MIN_PAIR_DISTANCE)"
+        )
 
 
 @dataclass(frozen=True)
@@ -51,7 +87,7 @@ def build_neighbour_graph(
     pbc: np.ndarray,
     r_max: float,
     *,
-    min_distance: float = 0.1,
+    min_distance: float = MIN_PAIR_DISTANCE,
 ) -> NeighbourGraph:
     """All pairs within ``r_max`` (Å) of one structure, periodic images included.
 
@@ -60,7 +96,8 @@ def build_neighbour_graph(
       cell: ``[3, 3]`` lattice vectors as rows, Å (ignored along non-periodic directions).
       pbc: ``[3]`` bool.
       r_max: cutoff radius in Å (> 0).
-      min_distance: pairs closer than this (Å) raise — overlapping atoms give meaningless energies.
+      min_distance: pairs closer than this (Å) raise — overlapping atoms give meaningless energies
+        (default :data:`MIN_PAIR_DISTANCE`).
 
     Raises:
       DataError: non-positive cutoff, non-finite positions, overlapping atoms, a singular periodic cell.
@@ -70,8 +107,7 @@ def build_neighbour_graph(
     positions = np.asarray(positions, dtype=np.float64)
     if positions.shape[0] == 0:
         raise DataError("empty structure (0 atoms)")
-    if not np.all(np.isfinite(positions)):
-        raise DataError("positions contain NaN or inf")
+    check_finite_positions(positions)
     pbc = np.asarray(pbc, dtype=bool)
     cell = np.asarray(cell, dtype=np.float64)
     _check_cell(cell, pbc)
@@ -80,9 +116,7 @@ def build_neighbour_graph(
         extent = positions.max(0) - positions.min(0)
         cell = np.diag(extent + 2 * r_max + 1.0)
     i, j, shift, dist = primitive_neighbor_list("ijSd", pbc, cell, positions, float(r_max), self_interaction=False)
-    if dist.size and dist.min() < min_distance:
-        k = int(np.argmin(dist))
-        raise DataError(f"atoms {int(i[k])} and {int(j[k])} overlap (distance {dist[k]:.3g} Å < {min_distance} Å)")
+    check_pair_distances(i, j, dist, min_distance)
     return NeighbourGraph(senders=j.astype(np.int32), receivers=i.astype(np.int32), shifts=shift.astype(np.int32))
 
 

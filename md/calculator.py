@@ -38,7 +38,7 @@ from ase.geometry import wrap_positions
 
 from equiforce.data.errors import DataError
 from equiforce.data.graph import Graph, PaddingBudget, collate
-from equiforce.data.neighbours import build_neighbour_graph
+from equiforce.data.neighbours import MIN_PAIR_DISTANCE, build_neighbour_graph, check_finite_positions
 from equiforce.data.structures import StructureSet
 from equiforce.potentials.potential import Potential
 
@@ -85,7 +85,8 @@ class EquiforceCalculator(Calculator):
       model_path: a model file written by :func:`~equiforce.potentials.save_model`.
       edge_headroom: the edge budget holds at least ``edge_headroom`` times the current edge count
         (then rounded up to a bucket), so neighbour-count fluctuations do not force a recompilation.
-      min_distance: atoms closer than this (Å) are rejected as overlapping.
+      min_distance: atoms closer than this (Å) are rejected as overlapping (default
+        :data:`equiforce.data.neighbours.MIN_PAIR_DISTANCE`, the same threshold as training data and MD).
       **kwargs: passed to :class:`ase.calculators.calculator.Calculator` (e.g. ``label``, ``directory``).
 
     Raises (when evaluating):
@@ -112,7 +113,7 @@ class EquiforceCalculator(Calculator):
         model_path: str | os.PathLike | None = None,
         *,
         edge_headroom: float = 1.1,
-        min_distance: float = 0.1,
+        min_distance: float = MIN_PAIR_DISTANCE,
         _potential: Potential | None = None,
         _params: Any = None,
         **kwargs: Any,
@@ -188,9 +189,7 @@ class EquiforceCalculator(Calculator):
         numbers = np.asarray(atoms.get_atomic_numbers())
         self.potential.check_species(numbers)
         positions = np.asarray(atoms.get_positions(), dtype=np.float64)
-        bad = np.nonzero(~np.all(np.isfinite(positions), axis=1))[0]
-        if bad.size:
-            raise DataError(f"positions contain NaN or inf (atoms {bad[:10].tolist()})")
+        check_finite_positions(positions)
         pbc = np.asarray(atoms.get_pbc(), dtype=bool)
         cell = np.asarray(atoms.get_cell()[:], dtype=np.float64)
         if not np.all(np.isfinite(cell)):

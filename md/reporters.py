@@ -68,6 +68,12 @@ Crash safety (what is guaranteed)
 * A file killed while open (consistency flags set) can be read by :func:`read_h5md` (it falls back
   to an SWMR read) but plain ``h5py.File(path)`` refuses it; ``H5MDWriter(..., mode="a")`` recovers
   it by copying it to a fresh file (cost: one copy of the file) and continues.
+  :func:`repair_h5md` (``equiforce md --repair FILE``) does the same without continuing: afterwards
+  plain h5py, MDAnalysis and any HDF5 reader open the file, and it holds exactly the committed frames.
+  **What a kill leaves behind:** the committed frames (all but at most the chunk being written), the
+  restart state of the last or second-to-last committed frame, possibly an uncommitted tail of
+  frames (ignored by :func:`read_h5md`, dropped by ``mode="a"`` and by :func:`repair_h5md`) and, in
+  SWMR mode, the consistency flags.
 * With ``swmr=False`` the file uses h5py's default (oldest compatible) format, which has no
   consistency flags: it opens anywhere after a kill, but a kill during a flush can corrupt it.
 * Never open a file with ``mode="a"`` (or ``"w"``) while another process is writing it.
@@ -95,6 +101,7 @@ from equiforce.data.errors import DataError
 from equiforce.potentials.model_io import to_jsonable
 
 __all__ = [
+    "ASE_VELOCITY_TO_A_PER_PS",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "OBSERVABLE_UNITS",
@@ -102,6 +109,7 @@ __all__ = [
     "ThermoLog",
     "read_h5md",
     "read_restart_state",
+    "repair_h5md",
 ]
 
 PathLike = str | os.PathLike
@@ -109,6 +117,10 @@ PathLike = str | os.PathLike
 FORMAT_NAME = "equiforce-h5md"
 FORMAT_VERSION = 1
 H5MD_VERSION = (1, 1)
+
+#: Multiply an ASE velocity (Å per ASE time unit, ``ase.units.fs`` ASE time units per fs) by this to
+#: get Å/ps (about 98.23); divide an Å/ps velocity by it to get ASE's.
+ASE_VELOCITY_TO_A_PER_PS = 1000.0 * units.fs
 
 #: H5MD unit strings of the known observables (values are stored as handed in, in these units).
 OBSERVABLE_UNITS: dict[str, str] = {
@@ -119,6 +131,7 @@ OBSERVABLE_UNITS: dict[str, str] = {
     "pressure": "eV Angstrom-3",
     "volume": "Angstrom3",
     "conserved_energy": "eV",
+    "dt": "ps",  # time between frames: MDAnalysis takes its Timestep.dt from an observable of this name
 }
 _BASE_OBSERVABLES = ("potential_energy", "kinetic_energy", "total_energy", "temperature")
 _PERIODIC_OBSERVABLES = ("pressure", "volume")
@@ -221,6 +234,36 @@ class ThermoLog:
             fh.truncate(keep)
             os.fsync(fh.fileno())
         fh.seek(0, os.SEEK_END)
+
+    def truncate_after_step(self, step: int) -> int:
+        """Drop rows with a step above ``step`` (rows a killed run wrote after its last restart state).
+
+        Returns:
+          The number of data rows kept.
+        """
+        fh = self._fh
+        fh.seek(0)
+        data = fh.read()
+        lines = data.split(b"\n")
+        offset = len(lines[0]) + 1
+        kept = 0
+        for line in lines[1:]:
+            if not line:
+                break
+            try:
+                row_step = int(line.split(b",", 1)[0])
+            except ValueError as err:
+                raise DataError(f"{self.path}: corrupt row {kept + 2}: {line[:80]!r}") from err
+            if row_step > step:
+                break
+            offset += len(line) + 1
+            kept += 1
+        if offset < len(data):
+            fh.truncate(offset)
+            fh.flush()
+            os.fsync(fh.fileno())
+        fh.seek(0, os.SEEK_END)
+        return kept
 
     def _write_bytes(self, data: bytes) -> None:
         self._fh.write(data)
@@ -405,6 +448,48 @@ def _recover_copy(path: Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def repair_h5md(path: PathLike) -> tuple[int, int, bool]:
+    """Make an equiforce H5MD file left by a killed writer readable by any HDF5 reader.
+
+    Clears HDF5's consistency flags (by rewriting the file, atomically: the same result as
+    ``h5clear -s``, without needing the HDF5 tools) and drops an uncommitted tail of frames, so
+    that plain ``h5py.File(path)``, MDAnalysis' ``H5MDReader`` and other H5MD readers see exactly
+    the committed frames. Restart state and all attributes are kept. A clean file is left untouched.
+
+    Returns:
+      ``(committed_frames, dropped_frames, rewritten)``.
+
+    Raises:
+      DataError: a missing, corrupt or foreign file, or one another process has open for writing
+        outside SWMR mode.
+    """
+    path = Path(path)
+    clean = True
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        if not path.is_file():
+            raise DataError(f"{path}: no such file") from err
+        if not _flags_set(err):
+            raise DataError(f"{path}: not a readable HDF5 file ({err})") from err
+        clean = False
+        f = _open_read(path)
+    with f, _h5_errors(path, "repair"):
+        n = _check_format(f, path)
+        lengths = {g[ds].shape[0] for g in _td_groups(f).values() for ds in ("step", "time", "value")}
+    dropped = max(lengths, default=n) - n
+    if clean and lengths <= {n}:
+        return n, 0, False
+    with _h5_errors(path, "repair"):
+        _recover_copy(path)
+        with h5py.File(path, "r+", libver="latest") as f:
+            for g in _td_groups(f).values():
+                for ds in ("step", "time", "value"):
+                    if g[ds].shape[0] != n:
+                        g[ds].resize(n, axis=0)
+    return n, dropped, True
 
 
 # ============================================================================ H5MD writer

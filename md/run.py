@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from ase import units
 from tqdm.auto import tqdm
 
+from equiforce.data.errors import DataError
 from equiforce.md.engine import MDBlowUpError, MDConfig, MDEngine, ThermoFrame
-from equiforce.md.reporters import H5MDWriter, ThermoLog, read_restart_state
+from equiforce.md.outputs import RunOutputs, restore_state
+from equiforce.md.reporters import read_restart_state
 from equiforce.md.system import make_system
 from equiforce.potentials.model_io import enable_x64_for, load_model
 from equiforce.potentials.potential import Potential
@@ -62,7 +62,12 @@ class MDResult:
 
 def load_structure(spec: str | Path) -> Any:
     """An ``ase.Atoms`` from a file ase reads (``path`` or ``path@index``, default the last frame) or from
-    the shipped sample (``sample:train:K`` / ``sample:test:K``, default frame 0)."""
+    the shipped sample (``sample:train:K`` / ``sample:test:K``, default frame 0).
+
+    Raises:
+      FileNotFoundError: no such file.
+      DataError: a file ase cannot read (unknown format, empty, truncated) or holding no atoms.
+    """
     spec = str(spec)
     if spec.startswith("sample:"):
         from equiforce.data.readers import load_sample
@@ -73,7 +78,17 @@ def load_structure(spec: str | Path) -> Any:
     import ase.io
 
     path, _, index = spec.partition("@")
-    return ase.io.read(path, index=index or -1)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no such structure file: {path}")
+    try:
+        atoms = ase.io.read(path, index=index or -1)
+    except Exception as err:  # ase raises many types (UnknownFileTypeError, StopIteration, ...) for bad files
+        raise DataError(f"{path}: cannot read a structure ({type(err).__name__}: {err})") from err
+    if isinstance(atoms, list):
+        raise DataError(f"{spec}: selects {len(atoms)} frames; give one index (path@K)")
+    if len(atoms) == 0:
+        raise DataError(f"{spec}: the structure has no atoms")
+    return atoms
 
 
 def energy_drift(frames: list[ThermoFrame], n_atoms: int) -> tuple[float, float]:
@@ -85,25 +100,6 @@ def energy_drift(frames: list[ThermoFrame], n_atoms: int) -> tuple[float, float]
     slope, intercept = np.polyfit(t, e, 1)
     residual = e - (slope * t + intercept)
     return 1e3 * float(slope), 1e3 * float(np.std(residual))
-
-
-def _state_arrays(state: Any) -> dict[str, np.ndarray]:
-    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-    return {jax.tree_util.keystr(path).strip(".").replace("/", "_") or "leaf": np.asarray(x) for path, x in leaves}
-
-
-def _restore_state(template: Any, arrays: dict[str, np.ndarray]) -> Any:
-    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
-    leaves = []
-    for path, leaf in paths:
-        key = jax.tree_util.keystr(path).strip(".").replace("/", "_") or "leaf"
-        if key not in arrays:
-            raise ValueError(f"restart state lacks {key!r}: written by another ensemble or version?")
-        value = arrays[key]
-        if value.shape != np.shape(leaf):
-            raise ValueError(f"restart state {key!r} has shape {value.shape}, expected {np.shape(leaf)}")
-        leaves.append(jnp.asarray(value, dtype=leaf.dtype))
-    return jax.tree_util.tree_unflatten(treedef, [x for x in leaves])
 
 
 def run_md(
@@ -125,6 +121,7 @@ def run_md(
     thermo: str | Path | None = None,
     write_forces: bool = False,
     restart: bool = False,
+    more_steps: int | None = None,
     progress: bool = True,
     max_temperature_K: float = 1.0e5,
     precision: str | None = None,
@@ -132,15 +129,27 @@ def run_md(
 ) -> MDResult:
     """Run MD of ``atoms`` with a trained potential.
 
+    A new run writes the starting structure as frame 0 (step 0), then one frame per chunk of
+    ``report_interval`` steps, to the trajectory and thermo files.
+
     Args:
       model: a model file path, or ``(potential, params)``.
       atoms: an ``ase.Atoms`` (or a spec for :func:`load_structure`); atoms outside the cell are wrapped.
+        Velocities already set on ``atoms`` are used (zero total momentum is not enforced); otherwise
+        Maxwell–Boltzmann at ``temperature_K``.
       ensemble: ``nve``, ``nvt_langevin``, ``nvt_nose_hoover`` or ``npt_nose_hoover`` (periodic only).
       temperature_K, timestep_fs, friction_per_ps, thermostat_tau_fs, pressure_GPa, barostat_tau_fs, skin,
         seed: see :class:`MDConfig`.
-      steps: total steps (rounded up to whole chunks of ``report_interval``).
+      steps: the run's total length in steps, counted from step 0 and rounded up to whole chunks of
+        ``report_interval``. With ``restart=True`` the run continues *up to* this total (like GROMACS
+        ``-cpi`` or LAMMPS ``run N upto``): re-issuing the command of a killed run finishes it, and
+        re-issuing a finished run's command does nothing (it logs so and returns an empty result).
       trajectory: H5MD output (``.h5``); thermo: CSV output.
-      restart: continue from the restart state in ``trajectory`` (exactly, from its last committed frame).
+      restart: continue from the restart state in ``trajectory`` exactly (from its last committed frame;
+        frames and thermo rows written after it by a killed run are dropped, and HDF5's consistency flags
+        left by the kill are cleared).
+      more_steps: with ``restart=True``, run this many steps beyond the stored step instead of up to
+        ``steps`` (rounded up to whole chunks).
       progress: show a progress bar with ns/day and ETA.
       precision: ``float32``, ``float64`` or ``mixed`` (float32 network; float64 positions, per-atom energy
         sums and integrator); default: the potential's dtype. ``float64`` and ``mixed`` switch on JAX's
@@ -153,9 +162,14 @@ def run_md(
       MDBlowUpError: the run became unphysical; the trajectory up to the last good chunk is kept, the
         last good frame is attached as ``err.last_good_atoms`` and, when an output file was given, written
         to ``<trajectory or thermo stem>_last_good.extxyz``.
-      DataError / UnknownSpeciesError: bad structure (see :func:`equiforce.md.system.check_structure`).
+      DataError / UnknownSpeciesError: bad structure (see :func:`equiforce.md.system.check_structure`) or
+        unreadable structure file.
+      FileNotFoundError: ``restart=True`` without an existing trajectory, or a missing structure file.
+      ValueError: ``more_steps`` without ``restart``, or a restart file written by another ensemble.
     """
     log = log or tqdm.write
+    if more_steps is not None and not restart:
+        raise ValueError("more_steps needs restart=True (a new run takes its length from steps)")
     if isinstance(model, tuple):
         potential, params = model
     else:
@@ -185,50 +199,39 @@ def run_md(
         potential, params, atoms, skin=skin, fractional=ensemble == "npt_nose_hoover", precision=precision
     )
     engine = MDEngine(system, config, log=log)
-    state = engine.init(atoms.get_positions())
+    velocities = atoms.get_velocities() if np.any(atoms.get_velocities()) else None
+    state = engine.init(atoms.get_positions(), velocities)
     if restart:
-        if trajectory is None or not Path(trajectory).is_file():
-            raise FileNotFoundError(f"restart=True needs an existing trajectory file, got {trajectory}")
-        arrays, meta = read_restart_state(trajectory)
-        if meta.get("ensemble") != ensemble:
-            raise ValueError(f"{trajectory} was written by a {meta.get('ensemble')} run, not {ensemble}")
-        state = _restore_state(state, arrays)
-        engine.step = int(meta["step"])
-        engine.neighbor = system.neighbor_fn.allocate(
-            state.position, **({"box": engine.box(state)} if system.fractional else {})
-        )
-        log(f"restarting from {trajectory} at step {engine.step}")
+        state = _resume(engine, state, trajectory, ensemble, log)
+    target = int(np.ceil(steps / report_interval)) * report_interval
+    if more_steps is not None:
+        target = engine.step + int(np.ceil(more_steps / report_interval)) * report_interval
+    n_chunks = max(0, int(np.ceil((target - engine.step) / report_interval)))
+    if restart and n_chunks == 0:
+        log(f"{trajectory} already holds step {engine.step} (requested {target}): nothing to do")
+        return _result(engine, state, atoms, [], 0, float("nan"), float("nan"), timestep_fs)
+    if not restart:
+        n_chunks = max(n_chunks, 1)
 
-    periodic = system.periodic
-    n = len(atoms)
-    writer = None
-    thermo_log = None
-    extra = ("conserved_eV",)
-    if trajectory is not None:
-        obs = ("potential_energy", "kinetic_energy", "total_energy", "temperature", "conserved_energy")
-        if periodic:
-            obs = (*obs, "pressure", "volume")
-        writer = H5MDWriter(
-            trajectory,
-            atoms.get_atomic_numbers(),
-            atoms.get_masses(),
-            atoms.get_pbc(),
-            forces=write_forces,
-            observables=obs,
-            mode="a" if restart else "w",
-        )
-        if restart:
-            writer.truncate_after_step(engine.step)
-    if thermo is not None:
-        thermo_log = ThermoLog(thermo, periodic=periodic, append=restart, extra_columns=extra)
-
-    n_chunks = max(1, int(np.ceil(steps / report_interval)))
-    to_ps_velocity = 1.0 / (units.fs * 1000.0)  # Å per ASE time unit -> Å/ps
+    outputs = RunOutputs(
+        trajectory=trajectory,
+        thermo=thermo,
+        atoms=atoms,
+        periodic=system.periodic,
+        write_forces=write_forces,
+        frame_interval_ps=report_interval * timestep_fs / 1000.0,
+        ensemble=ensemble,
+        restart_step=engine.step if restart else None,
+    )
     frames: list[ThermoFrame] = []
     bar = tqdm(total=n_chunks * report_interval, disable=not progress, unit="step", dynamic_ncols=True)
     t_first = t_start = time.perf_counter()
     first_chunk_s = float("nan")
     try:
+        if not restart:
+            frames.append(engine.observe(state))
+            outputs.write(engine, state, frames[-1])
+            t_first = t_start = time.perf_counter()
         for k in range(n_chunks):
             try:
                 new_state, frame = engine.run_chunk(state)
@@ -242,67 +245,57 @@ def run_md(
                 first_chunk_s = time.perf_counter() - t_first
                 t_start = time.perf_counter()
             frames.append(frame)
-            total = frame.potential_energy + frame.kinetic_energy
-            if writer is not None:
-                observables = {
-                    "potential_energy": frame.potential_energy,
-                    "kinetic_energy": frame.kinetic_energy,
-                    "total_energy": total,
-                    "temperature": frame.temperature,
-                    "conserved_energy": frame.conserved,
-                }
-                if periodic:
-                    observables["pressure"] = frame.pressure
-                    observables["volume"] = frame.volume
-                writer.write(
-                    frame.step,
-                    frame.time_ps,
-                    engine.positions(state),
-                    engine.velocities(state) * to_ps_velocity,
-                    box=engine.cell(state) if periodic else None,
-                    forces=engine.forces(state) if write_forces else None,
-                    **observables,
-                )
-                writer.write_restart_state(
-                    _state_arrays(state), {"step": frame.step, "ensemble": ensemble, "time_ps": frame.time_ps}
-                )
-            if thermo_log is not None:
-                periodic_columns = (
-                    {"pressure": np.array([frame.pressure]), "volume": np.array([frame.volume])} if periodic else {}
-                )
-                thermo_log.write(
-                    np.array([frame.step]),
-                    np.array([frame.time_ps]),
-                    potential_energy=np.array([frame.potential_energy]),
-                    kinetic_energy=np.array([frame.kinetic_energy]),
-                    total_energy=np.array([total]),
-                    temperature=np.array([frame.temperature]),
-                    conserved_eV=np.array([frame.conserved]),
-                    **periodic_columns,
-                )
+            outputs.write(engine, state, frame)
             bar.update(report_interval)
             if k > 0:
                 rate = k * report_interval / (time.perf_counter() - t_start)
                 bar.set_postfix(T=f"{frame.temperature:.0f}K", ns_day=f"{rate * timestep_fs * 86400 / 1e6:.3g}")
     finally:
         bar.close()
-        if writer is not None:
-            writer.close()
-        if thermo_log is not None:
-            thermo_log.close()
+        outputs.close()
 
     wall = time.perf_counter() - t_start
     timed_steps = (n_chunks - 1) * report_interval
     steps_per_s = timed_steps / wall if timed_steps and wall > 0 else float("nan")
-    drift, fluct = energy_drift(frames, n) if ensemble != "nvt_langevin" else (float("nan"), float("nan"))
-    final = atoms.copy()
-    if periodic:
-        final.set_cell(engine.cell(state))
-    final.set_positions(engine.positions(state))
-    final.set_velocities(engine.velocities(state))
+    return _result(
+        engine, state, atoms, frames, n_chunks * report_interval, wall, first_chunk_s, timestep_fs, steps_per_s
+    )
+
+
+def _resume(
+    engine: MDEngine, state: Any, trajectory: str | Path | None, ensemble: str, log: Callable[[str], None]
+) -> Any:
+    """Restore ``engine`` (step, bath heat, neighbour list) and return the state stored in ``trajectory``."""
+    if trajectory is None or not Path(trajectory).is_file():
+        raise FileNotFoundError(f"restart=True needs an existing trajectory file, got {trajectory}")
+    arrays, meta = read_restart_state(trajectory)
+    if meta.get("ensemble") != ensemble:
+        raise ValueError(f"{trajectory} was written by a {meta.get('ensemble')} run, not {ensemble}")
+    state = restore_state(state, arrays)
+    engine.step = int(meta["step"])
+    engine.heat = float(meta.get("heat_eV", 0.0))
+    engine.neighbor = engine.system.neighbor_fn.allocate(
+        state.position, **({"box": engine.box(state)} if engine.system.fractional else {})
+    )
+    log(f"restarting from {trajectory} at step {engine.step}")
+    return state
+
+
+def _result(
+    engine: MDEngine,
+    state: Any,
+    atoms: Any,
+    frames: list[ThermoFrame],
+    steps: int,
+    wall: float,
+    first_chunk_s: float,
+    timestep_fs: float,
+    steps_per_s: float = float("nan"),
+) -> MDResult:
+    drift, fluct = energy_drift(frames, len(atoms))
     return MDResult(
         frames=frames,
-        steps=n_chunks * report_interval,
+        steps=steps,
         wall_s=wall,
         first_chunk_s=first_chunk_s,
         steps_per_s=steps_per_s,
@@ -310,7 +303,7 @@ def run_md(
         drift_meV_per_atom_per_ps=drift,
         fluctuation_meV_per_atom=fluct,
         reallocations=engine.reallocations,
-        final_atoms=final,
+        final_atoms=_last_good(engine, state, atoms),
     )
 
 

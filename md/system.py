@@ -16,6 +16,7 @@ import numpy as np
 from jax_md import partition, space
 
 from equiforce.data.errors import DataError
+from equiforce.data.neighbours import MIN_PAIR_DISTANCE, check_finite_positions, check_pair_distances
 from equiforce.potentials.potential import Potential
 
 __all__ = ["PRECISIONS", "MDSystem", "cell_heights", "check_structure", "make_system", "with_precision"]
@@ -28,19 +29,18 @@ def cell_heights(cell: np.ndarray) -> np.ndarray:
     return volume / np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=-1)
 
 
-def check_structure(atoms: Any, potential: Potential, *, min_distance: float = 0.5) -> None:
+def check_structure(atoms: Any, potential: Potential, *, min_distance: float = MIN_PAIR_DISTANCE) -> None:
     """Validate an ``ase.Atoms`` for MD with ``potential``.
 
     Raises:
-      DataError: empty structure, NaN/inf positions, overlapping atoms (closer than ``min_distance`` Å),
+      DataError: empty structure, NaN/inf positions (naming the atoms), overlapping atoms (closer than
+        ``min_distance`` Å, default :data:`equiforce.data.neighbours.MIN_PAIR_DISTANCE`),
         partial periodicity, or a cutoff longer than half the shortest cell height (minimum image).
       UnknownSpeciesError: an element the potential does not know.
     """
     if len(atoms) == 0:
         raise DataError("empty structure (0 atoms)")
-    pos = atoms.get_positions()
-    if not np.all(np.isfinite(pos)):
-        raise DataError("positions contain NaN or inf")
+    check_finite_positions(atoms.get_positions())
     potential.check_species(atoms.get_atomic_numbers())
     pbc = atoms.get_pbc()
     if np.any(pbc) and not np.all(pbc):
@@ -61,9 +61,7 @@ def check_structure(atoms: Any, potential: Potential, *, min_distance: float = 0
         from ase.neighborlist import neighbor_list
 
         i, j, d = neighbor_list("ijd", atoms, min_distance)
-        if d.size:
-            k = int(np.argmin(d))
-            raise DataError(f"atoms {int(i[k])} and {int(j[k])} overlap (closest pair {d[k]:.3f} Å < {min_distance} Å)")
+        check_pair_distances(i, j, d, min_distance)
 
 
 PRECISIONS = ("float32", "float64", "mixed")

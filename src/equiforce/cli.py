@@ -3,7 +3,9 @@
     equiforce train CONFIG.yaml [key.sub=value ...] [--resume]
     equiforce evaluate MODEL.eqf DATA [--parity parity.png] [--batch-size 16] [--energy-unit eV]
     equiforce md MODEL.eqf STRUCTURE [--ensemble nvt_langevin] [--temperature 300] [--timestep 0.5]
-                 [--steps N] [--out traj.h5] [--thermo thermo.csv] [--restart]
+                 [--steps N] [--out traj.h5] [--thermo thermo.csv] [--restart [--more-steps N]]
+                 [--no-progress]
+    equiforce md --repair traj.h5
     equiforce info MODEL.eqf
     equiforce benchmark rmd17 [--molecules aspirin ethanol] [--models mace nequip ...] [--split 1]
                  [--budget-minutes 30] [--size cpu|paper] [--data-dir DIR] [--out DIR]
@@ -68,6 +70,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_md(args: argparse.Namespace) -> int:
+    if args.repair is not None:
+        from equiforce.md.reporters import repair_h5md
+
+        n, dropped, rewritten = repair_h5md(args.repair)
+        if rewritten:
+            print(
+                f"{args.repair}: repaired ({n} committed frames kept, {dropped} uncommitted frames dropped, "
+                "HDF5 consistency flags cleared); any HDF5 reader opens it now"
+            )
+        else:
+            print(f"{args.repair}: clean ({n} committed frames), nothing to repair")
+        return 0
+    if args.model is None or args.structure is None:
+        raise ValueError("md needs MODEL and STRUCTURE (or --repair FILE)")
+    if args.more_steps is not None and not args.restart:
+        raise ValueError("--more-steps continues a run: use it with --restart")
     from equiforce.md.run import run_md
 
     _enable_x64_for(args.model)
@@ -88,20 +106,24 @@ def _cmd_md(args: argparse.Namespace) -> int:
         thermo=args.thermo,
         write_forces=args.forces,
         restart=args.restart,
+        more_steps=args.more_steps,
+        progress=not args.no_progress,
         precision=args.precision,
     )
+    if not result.frames:  # a restart of a finished run
+        return 0
     last = result.frames[-1]
     print(
-        f"{result.steps} steps ({last.time_ps:.3f} ps) of {args.ensemble}: final T {last.temperature:.1f} K, "
-        f"{result.steps_per_s:.1f} steps/s = {result.ns_per_day:.3f} ns/day "
+        f"{result.steps} steps to step {last.step} ({last.time_ps:.3f} ps) of {args.ensemble}: final T "
+        f"{last.temperature:.1f} K, {result.steps_per_s:.1f} steps/s = {result.ns_per_day:.3f} ns/day "
         f"(first chunk with compilation {result.first_chunk_s:.1f} s), {result.reallocations} neighbour-list "
         "reallocations"
     )
-    if args.ensemble != "nvt_langevin":
-        print(
-            f"conserved-energy drift {result.drift_meV_per_atom_per_ps:.3f} meV/atom/ps, "
-            f"fluctuation {result.fluctuation_meV_per_atom:.3f} meV/atom"
-        )
+    label = "total energy" if args.ensemble == "nve" else "conserved quantity"
+    print(
+        f"{label} drift {result.drift_meV_per_atom_per_ps:.3f} meV/atom/ps, "
+        f"fluctuation {result.fluctuation_meV_per_atom:.3f} meV/atom"
+    )
     if args.out:
         print(f"trajectory (H5MD) written to {args.out}")
     return 0
@@ -145,8 +167,27 @@ def _cmd_benchmark_rmd17(args: argparse.Namespace) -> int:
     return 0
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """Flags may come anywhere, also between positionals and overrides (``train CONFIG --resume k=v``).
+
+    argparse's ``parse_intermixed_args`` refuses parsers with subcommands, so every (sub)command parser
+    without subcommands of its own parses intermixed; subcommand parsers inherit this class.
+    """
+
+    _intermixed_active = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if self._intermixed_active or any(isinstance(a, argparse._SubParsersAction) for a in self._actions):
+            return super().parse_known_args(args, namespace)
+        self._intermixed_active = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixed_active = False
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="equiforce", description=__doc__.split("\n\n")[0])
+    parser = _IntermixedParser(prog="equiforce", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a potential from a YAML config")
@@ -166,14 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("md", help="molecular dynamics with a trained model (jax-md, jit-compiled)")
-    p.add_argument("model", help="model file (.eqf)")
-    p.add_argument("structure", help="structure file ase reads (path or path@index) or sample:test:K")
+    p.add_argument("model", nargs="?", help="model file (.eqf)")
+    p.add_argument("structure", nargs="?", help="structure file ase reads (path or path@index) or sample:test:K")
     p.add_argument(
         "--ensemble", default="nvt_langevin", choices=["nve", "nvt_langevin", "nvt_nose_hoover", "npt_nose_hoover"]
     )
     p.add_argument("--temperature", type=float, default=300.0, help="K (initial velocities and thermostat)")
     p.add_argument("--timestep", type=float, default=0.5, help="fs")
-    p.add_argument("--steps", type=int, default=10000)
+    p.add_argument(
+        "--steps", type=int, default=10000, help="total steps from step 0 (with --restart: continue up to this total)"
+    )
     p.add_argument("--report-interval", type=int, default=100, help="steps per frame (and per jitted chunk)")
     p.add_argument("--friction", type=float, default=1.0, help="Langevin friction, 1/ps")
     p.add_argument("--pressure", type=float, default=0.0, help="NPT target pressure, GPa")
@@ -183,7 +226,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="H5MD trajectory file (.h5)")
     p.add_argument("--thermo", default=None, help="thermo CSV file")
     p.add_argument("--forces", action="store_true", help="also store forces in the trajectory")
-    p.add_argument("--restart", action="store_true", help="continue the run stored in --out exactly")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="continue the run stored in --out exactly, up to --steps in total (a finished run is a no-op)",
+    )
+    p.add_argument("--more-steps", type=int, default=None, help="with --restart: run N steps beyond the stored step")
+    p.add_argument(
+        "--repair",
+        metavar="FILE",
+        default=None,
+        help="only make the H5MD FILE left by a killed run readable by any HDF5 reader (clear HDF5's consistency "
+        "flags, drop uncommitted frames), then exit",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs and batch jobs)")
     p.add_argument(
         "--precision",
         default=None,

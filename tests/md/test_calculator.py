@@ -180,7 +180,8 @@ def test_bucket_ladder():
 
 
 def test_md_run_compiles_once(model):
-    calc = EquiforceCalculator.from_potential(*model)
+    # the untrained test model lets two H atoms of ethanol come to 0.48 Å within 100 steps: allow it here
+    calc = EquiforceCalculator.from_potential(*model, min_distance=0.1)
     atoms = ethanol()
     atoms.calc = calc
     rng = np.random.default_rng(0)
@@ -189,7 +190,7 @@ def test_md_run_compiles_once(model):
     edges, total = [], []
 
     def record():
-        edges.append(build_neighbour_graph(atoms.positions, atoms.cell, atoms.pbc, R_MAX).n_edges)
+        edges.append(build_neighbour_graph(atoms.positions, atoms.cell, atoms.pbc, R_MAX, min_distance=0.1).n_edges)
         total.append(atoms.get_total_energy())
 
     dyn.attach(record)

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from equiforce.data.errors import DataError
 from equiforce.md.reporters import read_h5md
 from equiforce.md.run import load_structure, run_md
 from equiforce.potentials import read_header
@@ -22,26 +23,48 @@ def test_run_md_writes_trajectory_and_thermo(trained_aspirin_model, tmp_path):
         progress=False,
     )
     d = read_h5md(traj)
-    assert list(d["step"]) == [100, 200, 300]
-    assert d["positions"].shape == (3, 21, 3)
-    np.testing.assert_allclose(d["time"], [0.05, 0.1, 0.15])
+    assert list(d["step"]) == [0, 100, 200, 300]  # frame 0 is the starting structure
+    assert d["positions"].shape == (4, 21, 3)
+    np.testing.assert_allclose(d["time"], [0.0, 0.05, 0.1, 0.15])
+    np.testing.assert_allclose(d["positions"][0], load_structure("sample:test:3").get_positions(), atol=1e-12)
     np.testing.assert_allclose(d["positions"][-1], r.final_atoms.get_positions(), rtol=0, atol=1e-12)
     rows = thermo.read_text().splitlines()
-    assert rows[0].startswith("step,time_ps,potential_energy_eV") and len(rows) == 4
+    assert rows[0].startswith("step,time_ps,potential_energy_eV") and len(rows) == 5
+    assert [int(r.split(",")[0]) for r in rows[1:]] == [0, 100, 200, 300]
     assert r.steps == 300 and r.ns_per_day > 0 and r.reallocations == 0
 
 
 def test_restart_equals_uninterrupted_run(trained_aspirin_model, tmp_path):
-    """300 + 200 steps with a restart from the H5MD file equal 500 uninterrupted steps (Langevin noise too)."""
+    """300 steps, then a restart of the same command with steps=500, equal 500 uninterrupted steps (Langevin
+    noise and the bath heat in the conserved quantity too); re-issuing it is a no-op; more_steps adds."""
     kw = {"ensemble": "nvt_langevin", "report_interval": 100, "progress": False, "seed": 7}
-    full = run_md(trained_aspirin_model, "sample:test:5", steps=500, trajectory=tmp_path / "a.h5", **kw)
-    run_md(trained_aspirin_model, "sample:test:5", steps=300, trajectory=tmp_path / "b.h5", **kw)
-    rest = run_md(trained_aspirin_model, "sample:test:5", steps=200, trajectory=tmp_path / "b.h5", restart=True, **kw)
+    full = run_md(
+        trained_aspirin_model, "sample:test:5", steps=500, trajectory=tmp_path / "a.h5", thermo=tmp_path / "a.csv", **kw
+    )
+    b_files = {"trajectory": tmp_path / "b.h5", "thermo": tmp_path / "b.csv"}
+    run_md(trained_aspirin_model, "sample:test:5", steps=300, **b_files, **kw)
+    # a kill after the thermo row of step 400 but before its trajectory frame leaves an extra CSV row
+    with open(tmp_path / "b.csv", "a") as fh:
+        fh.write("400,0.2,1,1,1,1,1\n")
+    rest = run_md(trained_aspirin_model, "sample:test:5", steps=500, restart=True, **b_files, **kw)
+    assert rest.steps == 200 and [f.step for f in rest.frames] == [400, 500]
     a, b = read_h5md(tmp_path / "a.h5"), read_h5md(tmp_path / "b.h5")
-    assert list(b["step"]) == list(a["step"]) == [100, 200, 300, 400, 500]
+    assert list(b["step"]) == list(a["step"]) == [0, 100, 200, 300, 400, 500]
     np.testing.assert_allclose(b["positions"], a["positions"], rtol=0, atol=1e-9)
     np.testing.assert_allclose(b["velocities"], a["velocities"], rtol=0, atol=1e-9)
     np.testing.assert_allclose(rest.final_atoms.get_positions(), full.final_atoms.get_positions(), atol=1e-9)
+    ta = np.genfromtxt(tmp_path / "a.csv", delimiter=",", names=True)
+    tb = np.genfromtxt(tmp_path / "b.csv", delimiter=",", names=True)
+    assert list(tb["step"]) == [0, 100, 200, 300, 400, 500]
+    np.testing.assert_allclose(tb["conserved_eV"], ta["conserved_eV"], rtol=0, atol=1e-8)
+
+    again = run_md(trained_aspirin_model, "sample:test:5", steps=500, restart=True, **b_files, **kw)
+    assert again.steps == 0 and again.frames == []
+    assert list(read_h5md(tmp_path / "b.h5")["step"]) == [0, 100, 200, 300, 400, 500]
+    more = run_md(trained_aspirin_model, "sample:test:5", steps=500, restart=True, more_steps=150, **b_files, **kw)
+    assert [f.step for f in more.frames] == [600, 700]
+    with pytest.raises(ValueError, match="restart"):
+        run_md(trained_aspirin_model, "sample:test:5", more_steps=100, **b_files, **kw)
 
 
 def test_training_reports_nve_gate(trained_aspirin_model):
@@ -84,6 +107,9 @@ def test_load_structure_specs(tmp_path):
     assert len(load_structure(f"{path}@0")) == 21
     with pytest.raises(FileNotFoundError):
         load_structure(tmp_path / "missing.xyz")
+    (tmp_path / "empty.xyz").write_text("")
+    with pytest.raises(DataError, match=r"empty\.xyz"):
+        load_structure(tmp_path / "empty.xyz")
 
 
 def test_blow_up_keeps_trajectory_and_writes_last_good_frame(trained_aspirin_model, tmp_path):

@@ -1,0 +1,163 @@
+"""The files of one MD run: H5MD trajectory (with its restart state) and thermo CSV, written per frame.
+
+:class:`RunOutputs` owns both writers for :func:`equiforce.md.run.run_md`. Per frame it writes, in this
+order, the thermo row, the trajectory frame, then the restart state; a kill between any two leaves
+rows/frames after the last restart state, and a restart (:meth:`RunOutputs.open` with
+``restart_step``) drops exactly those, so the files never hold a duplicated or missing frame.
+
+Units (see :mod:`equiforce.md.reporters`): positions Å, velocities Å/ps (ASE velocities ×
+:data:`~equiforce.md.reporters.ASE_VELOCITY_TO_A_PER_PS`), forces eV/Å, energies eV, pressure eV/Å³
+in H5MD and GPa in the CSV, time ps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from equiforce.md.engine import MDEngine, ThermoFrame
+from equiforce.md.reporters import ASE_VELOCITY_TO_A_PER_PS, H5MDWriter, ThermoLog
+
+__all__ = ["RunOutputs", "restore_state", "state_arrays"]
+
+
+def state_arrays(state: Any) -> dict[str, np.ndarray]:
+    """The integrator state as named NumPy arrays (names from the pytree paths)."""
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    return {jax.tree_util.keystr(path).strip(".").replace("/", "_") or "leaf": np.asarray(x) for path, x in leaves}
+
+
+def restore_state(template: Any, arrays: dict[str, np.ndarray]) -> Any:
+    """Rebuild a state like ``template`` from :func:`state_arrays` output.
+
+    Raises:
+      ValueError: a missing array or a shape mismatch (a file from another ensemble or system).
+    """
+    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+    leaves = []
+    for path, leaf in paths:
+        key = jax.tree_util.keystr(path).strip(".").replace("/", "_") or "leaf"
+        if key not in arrays:
+            raise ValueError(f"restart state lacks {key!r}: written by another ensemble or version?")
+        value = arrays[key]
+        if value.shape != np.shape(leaf):
+            raise ValueError(f"restart state {key!r} has shape {value.shape}, expected {np.shape(leaf)}")
+        leaves.append(jnp.asarray(value, dtype=leaf.dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+class RunOutputs:
+    """Trajectory (H5MD) and thermo (CSV) of one run; either may be None.
+
+    Args:
+      trajectory, thermo: output paths or None.
+      atoms: the run's ``ase.Atoms`` (species, masses, pbc).
+      periodic: write box, pressure and volume.
+      write_forces: store forces in the trajectory.
+      frame_interval_ps: time between frames (``report_interval × timestep``), stored as the H5MD
+        observable ``dt`` so that MDAnalysis reads the time step.
+      ensemble: stored in the restart meta (a restart checks it).
+      restart_step: None for a new run (files overwritten); else continue the files, dropping frames
+        and rows after this step.
+    """
+
+    def __init__(
+        self,
+        *,
+        trajectory: str | Path | None,
+        thermo: str | Path | None,
+        atoms: Any,
+        periodic: bool,
+        write_forces: bool,
+        frame_interval_ps: float,
+        ensemble: str,
+        restart_step: int | None = None,
+    ) -> None:
+        self.periodic = periodic
+        self.write_forces = write_forces
+        self.frame_interval_ps = float(frame_interval_ps)
+        self.ensemble = ensemble
+        self.writer: H5MDWriter | None = None
+        self.thermo_log: ThermoLog | None = None
+        restart = restart_step is not None
+        try:
+            if trajectory is not None:
+                obs = ("potential_energy", "kinetic_energy", "total_energy", "temperature", "conserved_energy", "dt")
+                if periodic:
+                    obs = (*obs, "pressure", "volume")
+                self.writer = H5MDWriter(
+                    trajectory,
+                    atoms.get_atomic_numbers(),
+                    atoms.get_masses(),
+                    atoms.get_pbc(),
+                    forces=write_forces,
+                    observables=obs,
+                    mode="a" if restart else "w",
+                )
+                if restart:
+                    self.writer.truncate_after_step(restart_step)
+            if thermo is not None:
+                self.thermo_log = ThermoLog(thermo, periodic=periodic, append=restart, extra_columns=("conserved_eV",))
+                if restart:
+                    self.thermo_log.truncate_after_step(restart_step)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def any(self) -> bool:
+        return self.writer is not None or self.thermo_log is not None
+
+    def write(self, engine: MDEngine, state: Any, frame: ThermoFrame) -> None:
+        """Write ``frame`` (the state ``state`` at ``engine.step``): thermo row, trajectory frame, restart state."""
+        total = frame.potential_energy + frame.kinetic_energy
+        if self.thermo_log is not None:
+            periodic_columns = (
+                {"pressure": np.array([frame.pressure]), "volume": np.array([frame.volume])} if self.periodic else {}
+            )
+            self.thermo_log.write(
+                np.array([frame.step]),
+                np.array([frame.time_ps]),
+                potential_energy=np.array([frame.potential_energy]),
+                kinetic_energy=np.array([frame.kinetic_energy]),
+                total_energy=np.array([total]),
+                temperature=np.array([frame.temperature]),
+                conserved_eV=np.array([frame.conserved]),
+                **periodic_columns,
+            )
+        if self.writer is None:
+            return
+        observables = {
+            "potential_energy": frame.potential_energy,
+            "kinetic_energy": frame.kinetic_energy,
+            "total_energy": total,
+            "temperature": frame.temperature,
+            "conserved_energy": frame.conserved,
+            "dt": self.frame_interval_ps,
+        }
+        if self.periodic:
+            observables["pressure"] = frame.pressure
+            observables["volume"] = frame.volume
+        self.writer.write(
+            frame.step,
+            frame.time_ps,
+            engine.positions(state),
+            engine.velocities(state) * ASE_VELOCITY_TO_A_PER_PS,
+            box=engine.cell(state) if self.periodic else None,
+            forces=engine.forces(state) if self.write_forces else None,
+            **observables,
+        )
+        self.writer.write_restart_state(
+            state_arrays(state),
+            {"step": frame.step, "ensemble": self.ensemble, "time_ps": frame.time_ps, "heat_eV": engine.heat},
+        )
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.thermo_log is not None:
+            self.thermo_log.close()
