@@ -3,14 +3,18 @@
 Units are ASE's everywhere (Å, eV, eV/Å, eV/Å³); readers convert at the edge.
 """
 
+from equiforce.data.deepmd import read_deepmd
 from equiforce.data.errors import DataError
 from equiforce.data.graph import Batch, Graph, PaddingBudget, batch_iterator, collate, estimate_budget
 from equiforce.data.hdf5 import HDF5Dataset, append_hdf5, read_hdf5, write_hdf5
 from equiforce.data.neighbours import (
+    MIN_PAIR_DISTANCE,
     NeighbourGraph,
     average_num_neighbours,
     build_neighbour_graph,
     build_neighbour_graphs,
+    check_finite_positions,
+    check_pair_distances,
 )
 from equiforce.data.readers import (
     load_sample,
@@ -34,6 +38,7 @@ from equiforce.data.statistics import (
 from equiforce.data.structures import StructureSet, full_3x3_to_voigt, voigt_to_full_3x3
 
 __all__ = [
+    "MIN_PAIR_DISTANCE",
     "Batch",
     "DataError",
     "DatasetStatistics",
@@ -48,7 +53,9 @@ __all__ = [
     "build_neighbour_graph",
     "build_neighbour_graphs",
     "check_atomic_energies",
+    "check_finite_positions",
     "check_indices",
+    "check_pair_distances",
     "collate",
     "composition_matrix",
     "compute_statistics",
@@ -60,6 +67,7 @@ __all__ = [
     "load_sample",
     "random_split",
     "read_ase",
+    "read_deepmd",
     "read_hdf5",
     "read_index_file",
     "read_md17_npz",

@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ase.io
     import numpy as np
-    from ase import Atoms, units
+    from ase import Atoms
 
-    from equiforce.md import load_structure, read_h5md, run_md
+    from equiforce.md import ASE_VELOCITY_TO_A_PER_PS, load_structure, read_h5md, run_md
 
     atoms = load_structure(args.structure)  # an ase.Atoms; a DFT label calculator on it is ignored
     args.out.mkdir(parents=True, exist_ok=True)
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     # Any frame as an ase.Atoms, e.g. to continue with ASE or to look at it in a viewer (velocities Å/ps ->
     # ASE units; result.final_atoms is the same last state).
     final = Atoms(numbers=traj["species"], positions=traj["positions"][-1], pbc=traj["pbc"])
-    final.set_velocities(traj["velocities"][-1] / (1000.0 * units.fs))
+    final.set_velocities(traj["velocities"][-1] / ASE_VELOCITY_TO_A_PER_PS)
     ase.io.write(args.out / "final.extxyz", final)
     print(f"last frame written to {args.out / 'final.extxyz'}")
     return 0

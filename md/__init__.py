@@ -8,11 +8,19 @@
 
 from equiforce.md.calculator import EquiforceCalculator, bucket_size
 from equiforce.md.engine import ENSEMBLES, MDBlowUpError, MDConfig, MDEngine, ThermoFrame
-from equiforce.md.reporters import H5MDWriter, ThermoLog, read_h5md, read_restart_state
+from equiforce.md.reporters import (
+    ASE_VELOCITY_TO_A_PER_PS,
+    H5MDWriter,
+    ThermoLog,
+    read_h5md,
+    read_restart_state,
+    repair_h5md,
+)
 from equiforce.md.run import MDResult, energy_drift, load_structure, run_md
 from equiforce.md.system import MDSystem, check_structure, make_system
 
 __all__ = [
+    "ASE_VELOCITY_TO_A_PER_PS",
     "ENSEMBLES",
     "EquiforceCalculator",
     "H5MDWriter",
@@ -30,5 +38,6 @@ __all__ = [
     "make_system",
     "read_h5md",
     "read_restart_state",
+    "repair_h5md",
     "run_md",
 ]

@@ -21,9 +21,11 @@ ps; temperatures in K (kT in eV inside), over the degrees of freedom of
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -114,6 +116,16 @@ class ThermoFrame:
 
 
 _kinetic_energy = integrators.kinetic_energy
+
+
+@contextlib.contextmanager
+def _quiet_jax_md_sums():
+    """jax-md's ``high_precision_sum`` (NPT kinetic energy and pressure) asks for float64 even when JAX's
+    64-bit types are off; JAX then warns at trace time and sums in float32, the precision the float32 user
+    chose. Silence that one warning, which says nothing actionable to them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Explicitly requested dtype float64 requested in ")
+        yield
 
 
 class MDEngine:
@@ -212,10 +224,11 @@ class MDEngine:
         count = self.system.edge_count(pos, self.neighbor, **space)
         if self.config.compact_edges:
             self._bind(self._edge_capacity_for(int(count)))
-        if self.npt:
-            state = self._init_fn(key, pos, box, mass=self.system.masses, kT=self.kT, neighbor=self.neighbor)
-        else:
-            state = self._init_fn(key, pos, kT=self.kT, mass=self.system.masses, neighbor=self.neighbor)
+        with _quiet_jax_md_sums():
+            if self.npt:
+                state = self._init_fn(key, pos, box, mass=self.system.masses, kT=self.kT, neighbor=self.neighbor)
+            else:
+                state = self._init_fn(key, pos, kT=self.kT, mass=self.system.masses, neighbor=self.neighbor)
         if velocities is not None:
             momentum = jnp.asarray(velocities, self.system.dtype) * self.system.masses[:, None]
         else:
@@ -329,7 +342,8 @@ class MDEngine:
         Raises:
           MDBlowUpError: a non-finite energy or position.
         """
-        frame = self._frame(state, *self._observe(state, self.neighbor))
+        with _quiet_jax_md_sums():
+            frame = self._frame(state, *self._observe(state, self.neighbor))
         if not (np.isfinite(frame.potential_energy) and np.isfinite(frame.kinetic_energy)):
             raise MDBlowUpError(f"non-finite energy at step {self.step}: E_pot={frame.potential_energy:.6g} eV")
         return frame
@@ -344,9 +358,10 @@ class MDEngine:
         n = n_steps or self.config.report_interval
         start_state, start_neighbor = state, self.neighbor
         while True:
-            new_state, neighbor, epot, ekin, pressure, volume, max_edges, heat = self._chunk(
-                start_state, start_neighbor, n
-            )
+            with _quiet_jax_md_sums():
+                new_state, neighbor, epot, ekin, pressure, volume, max_edges, heat = self._chunk(
+                    start_state, start_neighbor, n
+                )
             if not bool(neighbor.did_buffer_overflow):
                 if self.edge_capacity is None or int(max_edges) <= self.edge_capacity:
                     break

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from equiforce.data.errors import DataError
 from equiforce.md.engine import MDBlowUpError, MDConfig, MDEngine, ThermoFrame
 from equiforce.md.outputs import RunOutputs, restore_state
-from equiforce.md.reporters import read_restart_state
+from equiforce.md.reporters import read_h5md, read_restart_state
 from equiforce.md.system import make_system
 from equiforce.potentials.model_io import enable_x64_for, load_model
 from equiforce.potentials.potential import Potential
@@ -147,7 +147,9 @@ def run_md(
       trajectory: H5MD output (``.h5``); thermo: CSV output.
       restart: continue from the restart state in ``trajectory`` exactly (from its last committed frame;
         frames and thermo rows written after it by a killed run are dropped, and HDF5's consistency flags
-        left by the kill are cleared).
+        left by the kill are cleared). Without a trajectory to continue (no file yet, or one a kill left
+        before its first frame) the run starts from step 0, so a job script can always re-issue the same
+        command.
       more_steps: with ``restart=True``, run this many steps beyond the stored step instead of up to
         ``steps`` (rounded up to whole chunks).
       progress: show a progress bar with ns/day and ETA.
@@ -164,8 +166,9 @@ def run_md(
         to ``<trajectory or thermo stem>_last_good.extxyz``.
       DataError / UnknownSpeciesError: bad structure (see :func:`equiforce.md.system.check_structure`) or
         unreadable structure file.
-      FileNotFoundError: ``restart=True`` without an existing trajectory, or a missing structure file.
-      ValueError: ``more_steps`` without ``restart``, or a restart file written by another ensemble.
+      FileNotFoundError: a missing structure file.
+      ValueError: ``more_steps`` without ``restart``, ``restart`` without ``trajectory``, or a restart file
+        written by another ensemble.
     """
     log = log or tqdm.write
     if more_steps is not None and not restart:
@@ -201,6 +204,8 @@ def run_md(
     engine = MDEngine(system, config, log=log)
     velocities = atoms.get_velocities() if np.any(atoms.get_velocities()) else None
     state = engine.init(atoms.get_positions(), velocities)
+    if restart and not _has_restart_state(trajectory, log):
+        restart, more_steps = False, None  # a new run: its length is ``steps``
     if restart:
         state = _resume(engine, state, trajectory, ensemble, log)
     target = int(np.ceil(steps / report_interval)) * report_interval
@@ -262,12 +267,33 @@ def run_md(
     )
 
 
+def _has_restart_state(trajectory: str | Path | None, log: Callable[[str], None]) -> bool:
+    """Is there a run to continue in ``trajectory``? A missing file, or one a kill left before its first
+    committed frame, is not (the run starts from step 0, like GROMACS ``-cpi``)."""
+    if trajectory is None:
+        raise ValueError("restart=True needs the trajectory file of the run to continue")
+    path = Path(trajectory)
+    if not path.is_file():
+        log(f"restart: no trajectory {path} yet; starting a new run")
+        return False
+    try:
+        read_restart_state(path)
+    except DataError as err:
+        try:
+            n_frames = len(read_h5md(path)["step"])
+        except DataError:
+            n_frames = 0 if path.stat().st_size < 4096 else -1
+        if n_frames != 0:
+            raise
+        log(f"restart: {path} holds no committed frame ({err}); starting a new run")
+        return False
+    return True
+
+
 def _resume(
     engine: MDEngine, state: Any, trajectory: str | Path | None, ensemble: str, log: Callable[[str], None]
 ) -> Any:
     """Restore ``engine`` (step, bath heat, neighbour list) and return the state stored in ``trajectory``."""
-    if trajectory is None or not Path(trajectory).is_file():
-        raise FileNotFoundError(f"restart=True needs an existing trajectory file, got {trajectory}")
     arrays, meta = read_restart_state(trajectory)
     if meta.get("ensemble") != ensemble:
         raise ValueError(f"{trajectory} was written by a {meta.get('ensemble')} run, not {ensemble}")

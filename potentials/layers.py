@@ -239,9 +239,12 @@ def safe_unit_vectors(vectors: jnp.ndarray, edge_mask: jnp.ndarray) -> jnp.ndarr
 
 
 def polynomial_envelope(x: jnp.ndarray, p: int = 6) -> jnp.ndarray:
-    """Smooth cutoff u(x) of ``x = r / r_max``, zero with p-1 vanishing derivatives at x = 1.
+    """Smooth cutoff u(x) of ``x = r / r_max``: u(1) = 0 with vanishing first and second derivatives at x = 1.
 
-    ``u(x) = 1 - (p+1)(p+2)/2 x^p + p(p+2) x^(p+1) - p(p+1)/2 x^(p+2)`` for x < 1, 0 beyond.
+    ``u(x) = 1 - (p+1)(p+2)/2 x^p + p(p+2) x^(p+1) - p(p+1)/2 x^(p+2)`` for x < 1, 0 beyond. Its three
+    coefficients fix exactly u(1) = u'(1) = u''(1) = 0 (the third derivative at 1 is −p(p+1)(p+2) ≠ 0), so energies
+    and forces go to zero smoothly at the cutoff and force derivatives (Hessians) stay continuous. At x = 0,
+    u = 1 with its first p − 1 derivatives zero.
 
     References:
       J. Gasteiger, J. Groß, S. Günnemann, "Directional Message Passing for Molecular Graphs",

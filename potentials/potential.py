@@ -2,7 +2,9 @@
 
 It turns the network's per-atom outputs into physics:
 
-* per-atom energy ``e_i = scale * out_i + shift + E0[Z_i]`` (eV),
+* per-atom energy ``e_i = scale * (out_i - out_iso[Z_i]) + shift + E0[Z_i]`` (eV), where ``out_i`` is the
+  network's output for atom i and ``out_iso[Z]`` its output for an isolated atom of element Z (no
+  neighbours), so that an isolated atom has exactly ``E0[Z] + shift``,
 * total energy ``E = Σ_i e_i`` per structure,
 * forces ``F = -∂E/∂positions`` (eV/Å) through ``jax.grad``,
 * stress ``σ = (1/V) ∂E/∂ε`` (eV/Å³, ASE sign and Voigt order xx yy zz yz xz xy) from a homogeneous

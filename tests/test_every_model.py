@@ -84,16 +84,19 @@ def test_nve_conserves_energy(trained):
         atoms,
         ensemble="nve",
         temperature_K=100.0,
-        timestep_fs=0.1,
-        steps=60,
-        report_interval=20,
+        timestep_fs=0.25,
+        steps=400,  # 100 fs: several vibrational periods of the C-H stretch (11 fs)
+        report_interval=50,
         progress=False,
         log=lambda _: None,
     )
     conserved = np.array([fr.conserved for fr in md.frames])
     kinetic = np.array([fr.kinetic_energy for fr in md.frames])
     assert np.all(np.isfinite(conserved)) and np.all(kinetic > 0)
-    assert np.ptp(conserved) < 1e-2 * np.ptp([fr.potential_energy for fr in md.frames]) + 1e-6, name
+    # the total energy stays constant to 1 % of the potential energy's swings (energy flows back and forth)
+    potential_swing = np.ptp([fr.potential_energy for fr in md.frames])
+    assert potential_swing > 1e-3, name  # the atoms moved: the check is not vacuous
+    assert np.ptp(conserved) < 1e-2 * potential_swing, name
 
 
 def test_every_model_has_a_small_test_configuration():

@@ -65,6 +65,9 @@ def test_restart_equals_uninterrupted_run(trained_aspirin_model, tmp_path):
     assert [f.step for f in more.frames] == [600, 700]
     with pytest.raises(ValueError, match="restart"):
         run_md(trained_aspirin_model, "sample:test:5", more_steps=100, **b_files, **kw)
+    # the same command before any file exists starts a new run (a job killed before its first frame)
+    fresh = run_md(trained_aspirin_model, "sample:test:5", steps=100, restart=True, trajectory=tmp_path / "c.h5", **kw)
+    assert [f.step for f in fresh.frames] == [0, 100]
 
 
 def test_training_reports_nve_gate(trained_aspirin_model):

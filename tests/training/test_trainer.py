@@ -399,6 +399,9 @@ def test_resume_with_another_config_is_config_error(uninterrupted):
         train(_cfg(out, "model.dtype=float64"), resume=True, log=_quiet)
 
 
-def test_resume_without_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train(_cfg(tmp_path / "empty"), resume=True, log=_quiet)
+def test_resume_without_checkpoint_starts_from_scratch(tmp_path):
+    """A job script re-issues ``train --resume`` after a kill that came before the first checkpoint."""
+    logged = []
+    result = train(_cfg(tmp_path / "empty", "optim.max_epochs=1"), resume=True, log=logged.append)
+    assert any("no checkpoint" in m and "from scratch" in m for m in logged)
+    assert result.model_path.is_file() and len(result.history) == 1

@@ -26,7 +26,7 @@ from equiforce.data.readers import load_sample, read_structures
 from equiforce.data.splits import random_split
 from equiforce.data.statistics import compute_statistics
 from equiforce.data.structures import StructureSet
-from equiforce.potentials.model_io import save_model
+from equiforce.potentials.model_io import atomic_write_bytes, save_model
 from equiforce.potentials.potential import Potential
 from equiforce.potentials.registry import config_from_dict
 from equiforce.training.checkpoint import load_checkpoint, save_checkpoint
@@ -218,13 +218,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
 
     Args:
       cfg: the configuration.
-      resume: continue from ``checkpoints/last.ckpt`` (same config required); the loss curve continues
+      resume: continue from ``checkpoints/last.ckpt`` (same config required), or start from scratch when
+        there is none yet (so a job script can always re-issue the same command); the loss curve continues
         exactly as an uninterrupted run's would.
       log: receives one line per event (default: ``tqdm.write``).
 
     Raises:
       ConfigError / DataError: bad configuration or data (before training starts).
-      FileNotFoundError: ``resume`` without a checkpoint.
       MDCheckFailedError: the NVE gate failed with ``md_check.on_failure: fail`` (the model is saved first).
     """
     log = log or tqdm.write
@@ -234,7 +234,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoints" / "last.ckpt"
     if resume and not ckpt_path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        # like GROMACS -cpi: a job script re-issues the same command after a crash, also one that came
+        # before the first checkpoint
+        log(f"resume: no checkpoint at {ckpt_path} yet; starting from scratch")
+        resume = False
     t_start = time.perf_counter()
 
     data = load_datasets(cfg)
@@ -283,6 +286,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
     metrics_path = out / "metrics.jsonl"
     if not resume and metrics_path.exists():
         metrics_path.unlink()
+    if resume:  # a kill between an epoch's metrics line and its checkpoint left one line too many
+        atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in host["history"]).encode())
 
     n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
     log(
