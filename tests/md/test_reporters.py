@@ -410,6 +410,30 @@ def test_h5md_survives_kill(tmp_path):
     assert read_restart_state(path)[1]["k"] == 1  # restart state kept through the recovery copy
 
 
+def test_repair_makes_a_killed_file_readable_by_any_reader(tmp_path):
+    """``repair_h5md`` (``equiforce md --repair``): plain h5py and MDAnalysis open the file afterwards, it
+    holds exactly the committed frames (the uncommitted tail dropped) and the restart state; a second call
+    finds nothing to do."""
+    from equiforce.cli import main
+    from equiforce.md.reporters import repair_h5md
+
+    path = tmp_path / "killed.h5"
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_KILLER), str(path)], capture_output=True, timeout=60)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    with pytest.raises(OSError):
+        h5py.File(path, "r").close()
+    assert main(["md", "--repair", str(path)]) == 0
+    with h5py.File(path, "r") as f:
+        assert f["particles/all/position/step"][()].tolist() == [0, 1, 2, 3]
+        assert f["particles/all/velocity/value"].shape[0] == 4
+    assert read_restart_state(path)[1]["k"] == 1
+    assert repair_h5md(path) == (4, 0, False)
+    mda = pytest.importorskip("MDAnalysis.coordinates.H5MD")
+    reader = mda.H5MDReader(str(path))
+    assert reader.n_frames == 4
+    reader.close()
+
+
 def test_foreign_and_corrupt_files(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         read_h5md(tmp_path / "missing.h5")
