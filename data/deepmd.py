@@ -31,6 +31,7 @@ Frames with a virial but ``nopbc`` have no volume: the virial is then an error.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -297,13 +298,4 @@ def read_deepmd(
 
 
 def _with_nan_stress(s: StructureSet) -> StructureSet:
-    return StructureSet(
-        atomic_numbers=s.atomic_numbers,
-        positions=s.positions,
-        n_atoms=s.n_atoms,
-        cell=s.cell,
-        pbc=s.pbc,
-        energy=s.energy,
-        forces=s.forces,
-        stress=np.full((len(s), 6), np.nan),
-    )
+    return dataclasses.replace(s, stress=np.full((len(s), 6), np.nan))

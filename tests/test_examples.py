@@ -80,13 +80,13 @@ def test_md_from_script(tiny_run, tmp_path, capsys):
     argv = ["--model", str(tiny_run / "model.eqf"), "--steps", "100", "--report-interval", "10"]
     assert load_example("md_from_script").main([*argv, "--out", str(out), "--no-progress"]) == 0
     traj = read_h5md(out / "md.h5")
-    assert traj["positions"].shape == (10, 21, 3)
-    np.testing.assert_array_equal(traj["step"], np.arange(10, 101, 10))
+    assert traj["positions"].shape == (11, 21, 3)  # frame 0 is the starting structure
+    np.testing.assert_array_equal(traj["step"], np.arange(0, 101, 10))
     assert np.all(np.isfinite(traj["positions"])) and np.all(np.isfinite(traj["velocities"]))
     temperature = traj["observables"]["temperature"]
     assert np.all((temperature > 0) & (temperature < 5000))
     table = np.genfromtxt(out / "thermo.csv", delimiter=",", names=True)
-    assert table.size == 10 and table["step"][-1] == 100
+    assert table.size == 11 and table["step"][-1] == 100
     np.testing.assert_allclose(table["temperature_K"], temperature)
     final = ase.io.read(out / "final.extxyz")
     np.testing.assert_allclose(final.get_positions(), traj["positions"][-1], atol=1e-6)

@@ -95,16 +95,7 @@ class LoopOutcome:
 
 
 def _with_energy(s: StructureSet, energy: np.ndarray) -> StructureSet:
-    return StructureSet(
-        atomic_numbers=s.atomic_numbers,
-        positions=s.positions,
-        n_atoms=s.n_atoms,
-        cell=s.cell,
-        pbc=s.pbc,
-        energy=energy,
-        forces=s.forces,
-        stress=s.stress,
-    )
+    return dataclasses.replace(s, energy=energy)
 
 
 def _energy_offset(potential: Potential, params: Any, train: StructureSet, **kw: Any) -> tuple[dict[int, float], float]:
