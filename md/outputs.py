@@ -2,7 +2,7 @@
 
 :class:`RunOutputs` owns both writers for :func:`equiforce.md.run.run_md`. Per frame it writes, in this
 order, the thermo row, the trajectory frame, then the restart state; a kill between any two leaves
-rows/frames after the last restart state, and a restart (:meth:`RunOutputs.open` with
+rows/frames after the last restart state, and a restart (a :class:`RunOutputs` made with
 ``restart_step``) drops exactly those, so the files never hold a duplicated or missing frame.
 
 Units (see :mod:`equiforce.md.reporters`): positions Å, velocities Å/ps (ASE velocities ×
@@ -107,10 +107,6 @@ class RunOutputs:
         except BaseException:
             self.close()
             raise
-
-    @property
-    def any(self) -> bool:
-        return self.writer is not None or self.thermo_log is not None
 
     def write(self, engine: MDEngine, state: Any, frame: ThermoFrame) -> None:
         """Write ``frame`` (the state ``state`` at ``engine.step``): thermo row, trajectory frame, restart state."""

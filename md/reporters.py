@@ -87,7 +87,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -394,6 +394,14 @@ def _td_groups(f: h5py.File) -> dict[str, h5py.Group]:
     return out
 
 
+def _resize_frames(groups: Iterable[h5py.Group], n: int) -> None:
+    """Cut (or grow) the ``step``/``time``/``value`` datasets of time-dependent elements to ``n`` frames."""
+    for g in groups:
+        for ds in ("step", "time", "value"):
+            if g[ds].shape[0] != n:
+                g[ds].resize(n, axis=0)
+
+
 def _check_td(g: h5py.Group, path: PathLike, n: int, tail: tuple[int, ...] | None = None) -> None:
     for ds in ("step", "time", "value"):
         if not isinstance(g.get(ds), h5py.Dataset):
@@ -485,10 +493,7 @@ def repair_h5md(path: PathLike) -> tuple[int, int, bool]:
     with _h5_errors(path, "repair"):
         _recover_copy(path)
         with h5py.File(path, "r+", libver="latest") as f:
-            for g in _td_groups(f).values():
-                for ds in ("step", "time", "value"):
-                    if g[ds].shape[0] != n:
-                        g[ds].resize(n, axis=0)
+            _resize_frames(_td_groups(f).values(), n)
     return n, dropped, True
 
 
@@ -666,11 +671,7 @@ class H5MDWriter:
             raise DataError(f"{path}: cannot append: " + "; ".join(problems))
         for p, shape in self._td_paths().items():
             _check_td(f[p], path, n, shape)
-        # drop an uncommitted tail left by a kill mid-write
-        for p in self._td_paths():
-            for ds in ("step", "time", "value"):
-                if f[p][ds].shape[0] != n:
-                    f[p][ds].resize(n, axis=0)
+        _resize_frames((f[p] for p in self._td_paths()), n)  # drop an uncommitted tail left by a kill mid-write
         self.n_frames = n
         f.flush()
 
@@ -796,9 +797,7 @@ class H5MDWriter:
             with self._structural() as f:
                 f["equiforce/committed_frames"][()] = np.int64(keep)
                 f.flush()
-                for p in self._td_paths():
-                    for ds in ("step", "time", "value"):
-                        f[p][ds].resize(keep, axis=0)
+                _resize_frames((f[p] for p in self._td_paths()), keep)
         self.n_frames = keep
         return keep
 

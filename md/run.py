@@ -37,8 +37,9 @@ class MDResult:
     """Summary of a run.
 
     Attributes:
-      frames: thermo frames at the end of every chunk.
-      steps: steps run in this call.
+      frames: thermo frames of the starting structure (step 0; new runs only, not restarts) and at the end
+        of every chunk.
+      steps: steps run in this call (0 when a restart found the run already finished).
       wall_s: wall time of the stepping (compilation excluded: the first chunk is timed separately).
       first_chunk_s: wall time of the first chunk, compilation included.
       steps_per_s, ns_per_day: throughput after the first chunk.
@@ -204,10 +205,11 @@ def run_md(
     engine = MDEngine(system, config, log=log)
     velocities = atoms.get_velocities() if np.any(atoms.get_velocities()) else None
     state = engine.init(atoms.get_positions(), velocities)
-    if restart and not _has_restart_state(trajectory, log):
+    stored = _read_restart_point(trajectory, log) if restart else None
+    if stored is None:
         restart, more_steps = False, None  # a new run: its length is ``steps``
-    if restart:
-        state = _resume(engine, state, trajectory, ensemble, log)
+    else:
+        state = _resume(engine, state, *stored, trajectory, ensemble, log)
     target = int(np.ceil(steps / report_interval)) * report_interval
     if more_steps is not None:
         target = engine.step + int(np.ceil(more_steps / report_interval)) * report_interval
@@ -267,17 +269,20 @@ def run_md(
     )
 
 
-def _has_restart_state(trajectory: str | Path | None, log: Callable[[str], None]) -> bool:
-    """Is there a run to continue in ``trajectory``? A missing file, or one a kill left before its first
-    committed frame, is not (the run starts from step 0, like GROMACS ``-cpi``)."""
+def _read_restart_point(
+    trajectory: str | Path | None, log: Callable[[str], None]
+) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """The restart state ``(arrays, meta)`` stored in ``trajectory``, or None when there is no run to continue:
+    a missing file, or one a kill left before its first committed frame (the run then starts from step 0,
+    like GROMACS ``-cpi``)."""
     if trajectory is None:
         raise ValueError("restart=True needs the trajectory file of the run to continue")
     path = Path(trajectory)
     if not path.is_file():
         log(f"restart: no trajectory {path} yet; starting a new run")
-        return False
+        return None
     try:
-        read_restart_state(path)
+        return read_restart_state(path)
     except DataError as err:
         try:
             n_frames = len(read_h5md(path)["step"])
@@ -286,15 +291,20 @@ def _has_restart_state(trajectory: str | Path | None, log: Callable[[str], None]
         if n_frames != 0:
             raise
         log(f"restart: {path} holds no committed frame ({err}); starting a new run")
-        return False
-    return True
+        return None
 
 
 def _resume(
-    engine: MDEngine, state: Any, trajectory: str | Path | None, ensemble: str, log: Callable[[str], None]
+    engine: MDEngine,
+    state: Any,
+    arrays: dict[str, np.ndarray],
+    meta: dict[str, Any],
+    trajectory: str | Path,
+    ensemble: str,
+    log: Callable[[str], None],
 ) -> Any:
-    """Restore ``engine`` (step, bath heat, neighbour list) and return the state stored in ``trajectory``."""
-    arrays, meta = read_restart_state(trajectory)
+    """Restore ``engine`` (step, bath heat, neighbour list) and return the state ``arrays``/``meta`` read from
+    ``trajectory``."""
     if meta.get("ensemble") != ensemble:
         raise ValueError(f"{trajectory} was written by a {meta.get('ensemble')} run, not {ensemble}")
     state = restore_state(state, arrays)
