@@ -129,6 +129,8 @@ class AllegroConfig(ModelConfig):
     """
 
     name: ClassVar[str] = "allegro"
+    #: regular expressions of the last linear layer's parameters (LLPR uncertainty; the output is linear in them)
+    last_layer: ClassVar[tuple[str, ...]] = (r"params/edge_energy_mlp/Dense_1/kernel",)
 
     num_layers: int = 2
     l_max: int = 2

@@ -541,6 +541,8 @@ class MACEConfig(ModelConfig):
     """
 
     name: ClassVar[str] = "mace"
+    #: regular expressions of the last linear layer's parameters (LLPR uncertainty; the output is linear in them)
+    last_layer: ClassVar[tuple[str, ...]] = (r"params/interaction_\d+/readout/kernel",)
 
     num_interactions: int = 2
     num_features: int = 128

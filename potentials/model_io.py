@@ -6,7 +6,8 @@ Layout: a single msgpack document (written with ``flax.serialization.msgpack_ser
       "header": "<JSON text>",   # format, format_version, equiforce_version, potential (model config,
                                  # species, r_max, E0s, scale, shift, avg_num_neighbours, dtype), units,
                                  # metadata (training metrics, dataset statistics, ...)
-      "params": {...},           # the flax parameter tree as nested maps of ndarrays
+      "params": {...},           # the flax parameter tree as nested maps of ndarrays (a committee's leaves
+                                 # have a leading member axis; an LLPR model adds {"llpr": {"projection"}})
       "checksum": "sha256:<hex>" # of msgpack_serialize({"header": ..., "params": ...}); optional on read
     }
 
@@ -51,7 +52,9 @@ __all__ = [
 ]
 
 FORMAT = "equiforce-model"
-FORMAT_VERSION = 1
+#: 2: ``ensemble_size`` (committee parameters stacked on a leading axis) and ``uncertainty`` (its method and
+#: calibration; LLPR files also hold the ``"llpr"`` parameter collection). Version 1 files are read as before.
+FORMAT_VERSION = 2
 UNITS = {"energy": "eV", "length": "Å", "forces": "eV/Å", "stress": "eV/Å^3"}
 
 

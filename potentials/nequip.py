@@ -188,6 +188,8 @@ class NequIPConfig(ModelConfig):
     """
 
     name: ClassVar[str] = "nequip"
+    #: regular expressions of the last linear layer's parameters (LLPR uncertainty; the output is linear in them)
+    last_layer: ClassVar[tuple[str, ...]] = (r"params/output/.*",)
 
     num_interactions: int = 3
     l_max: int = 2

@@ -95,6 +95,8 @@ class PaiNNConfig(ModelConfig):
     """
 
     name: ClassVar[str] = "painn"
+    #: regular expressions of the last linear layer's parameters (LLPR uncertainty; the output is linear in them)
+    last_layer: ClassVar[tuple[str, ...]] = (r"params/readout_out/kernel",)
 
     num_interactions: int = 3
     num_features: int = 128

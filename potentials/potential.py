@@ -27,6 +27,13 @@ import numpy as np
 
 from equiforce.data.graph import Graph
 from equiforce.potentials.registry import ModelConfig, config_from_dict
+from equiforce.potentials.uncertainty import (
+    UncertainPrediction,
+    UncertaintyConfig,
+    network_params,
+    predict_with_uncertainty,
+    split_last_layer,
+)
 
 __all__ = ["Potential", "PotentialOutput", "UnknownSpeciesError"]
 
@@ -70,9 +77,15 @@ class Potential:
       shift: added per atom, eV.
       avg_num_neighbours: normalises the neighbour sums of the network.
       dtype: ``"float32"`` or ``"float64"``, the precision of parameters and computation.
+      ensemble_size: K >= 1. With K > 1 the potential is a committee: every parameter has a leading axis of
+        size K (one independently initialised member each), the members are ``jax.vmap``-ped, and energies
+        and forces are the members' mean (see :mod:`equiforce.potentials.uncertainty`).
+      uncertainty: how :meth:`predict_uncertainty` computes σ_E and σ_F, and its calibration; None: a
+        committee's uncalibrated spread (K > 1) or no uncertainty (K = 1).
 
     Raises:
-      ValueError: on inconsistent species / E0s, a non-positive r_max or an unknown dtype.
+      ValueError: on inconsistent species / E0s, a non-positive r_max, an unknown dtype, an ensemble size
+        below 1, or an uncertainty method that does not fit the ensemble size.
     """
 
     model: ModelConfig
@@ -83,6 +96,8 @@ class Potential:
     shift: float = 0.0
     avg_num_neighbours: float = 1.0
     dtype: str = "float32"
+    ensemble_size: int = 1
+    uncertainty: UncertaintyConfig | None = None
 
     def __post_init__(self) -> None:
         species = tuple(int(z) for z in self.species)
@@ -99,6 +114,16 @@ class Potential:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if not (np.isfinite(self.scale) and np.isfinite(self.shift) and self.avg_num_neighbours > 0):
             raise ValueError("scale and shift must be finite and avg_num_neighbours positive")
+        if isinstance(self.ensemble_size, bool) or not isinstance(self.ensemble_size, int) or self.ensemble_size < 1:
+            raise ValueError(f"ensemble_size must be an integer >= 1, got {self.ensemble_size!r}")
+        if isinstance(self.uncertainty, dict):
+            object.__setattr__(self, "uncertainty", UncertaintyConfig(**self.uncertainty))
+        u = self.uncertainty
+        if u is not None and (u.method == "committee") != (self.ensemble_size > 1):
+            raise ValueError(
+                f"uncertainty method {u.method!r} does not fit ensemble_size={self.ensemble_size} "
+                "(a committee needs K > 1 members; LLPR is for a single network)"
+            )
 
     # ------------------------------------------------------------------ construction
     @cached_property
@@ -128,6 +153,8 @@ class Potential:
             "shift": float(self.shift),
             "avg_num_neighbours": float(self.avg_num_neighbours),
             "dtype": self.dtype,
+            "ensemble_size": self.ensemble_size,
+            "uncertainty": None if self.uncertainty is None else self.uncertainty.to_dict(),
         }
 
     @classmethod
@@ -140,6 +167,26 @@ class Potential:
 
     def replace(self, **changes: Any) -> Potential:
         return dataclasses.replace(self, **changes)
+
+    def single(self) -> Potential:
+        """The same potential as one network without uncertainty (what each committee member is)."""
+        if self.ensemble_size == 1 and self.uncertainty is None:
+            return self
+        return dataclasses.replace(self, ensemble_size=1, uncertainty=None)
+
+    @property
+    def uncertainty_config(self) -> UncertaintyConfig | None:
+        """The uncertainty this potential computes: its :attr:`uncertainty`, or an uncalibrated committee
+        for K > 1, or None (no uncertainty)."""
+        if self.uncertainty is not None:
+            return self.uncertainty
+        return UncertaintyConfig("committee") if self.ensemble_size > 1 else None
+
+    def member_params(self, params: Any, k: int) -> Any:
+        """Member ``k``'s parameters of a committee (the network's variables of one member)."""
+        if self.ensemble_size == 1:
+            raise ValueError("not a committee (ensemble_size == 1)")
+        return jax.tree.map(lambda x: x[k], network_params(params))
 
     def check_species(self, atomic_numbers: np.ndarray) -> None:
         """Raise :class:`UnknownSpeciesError` if any atomic number is not in :attr:`species`."""
@@ -168,8 +215,18 @@ class Potential:
         if graph is None:
             graph = _dimer_graph(self.species[0], self.r_max)
         g = self._prepare(graph, None)
-        params = jax.jit(self.module.init)(key, *g)  # one compilation, not op-by-op dispatch
-        return jax.tree.map(lambda x: x.astype(self.jnp_dtype), params)
+        init = jax.jit(self.module.init)  # one compilation, not op-by-op dispatch
+        if self.ensemble_size == 1:
+            params = init(key, *g)
+        else:
+            # member 0 gets `key` itself (it equals a single model initialised with the same key)
+            keys = jnp.stack([key] + [jax.random.fold_in(key, k) for k in range(1, self.ensemble_size)])
+            params = jax.vmap(lambda k: init(k, *g))(keys)
+        params = jax.tree.map(lambda x: x.astype(self.jnp_dtype), params)
+        if self.uncertainty is not None and self.uncertainty.method == "llpr":
+            w, _ = split_last_layer(self.model.last_layer, params)
+            params = {**params, "llpr": {"projection": jnp.zeros((w.shape[0], w.shape[0]), self.jnp_dtype)}}
+        return params
 
     # ------------------------------------------------------------------ physics
     def _prepare(self, graph: Graph, strain: jnp.ndarray | None, positions: jnp.ndarray | None = None):
@@ -247,7 +304,23 @@ class Potential:
           ``[n_nodes]`` energies in eV, zero where ``node_mask`` is False.
         """
         self.check_precision()
-        params = jax.tree.map(jnp.asarray, params)  # NumPy weights (from a file) may be closed over
+        params = jax.tree.map(jnp.asarray, network_params(params))  # NumPy weights (from a file) may be closed over
+        if self.ensemble_size > 1:  # the committee's mean; parameter-free edge work is shared by the members
+            single = self.single()
+            members = jax.vmap(
+                lambda p: single.node_energies_from_edges(
+                    p,
+                    vectors,
+                    species,
+                    senders,
+                    receivers,
+                    edge_mask,
+                    node_mask,
+                    include_e0=include_e0,
+                    half_list=half_list,
+                )
+            )(params)
+            return jnp.mean(members, axis=0)
         out = self.module.apply(params, vectors, species, senders, receivers, edge_mask, half_list=half_list)
         out = out - self._isolated_outputs(params)[species]
         dtype = self.jnp_dtype
@@ -322,6 +395,44 @@ class Potential:
             d_pos, stress = grads, None
         forces = jnp.where(jnp.asarray(graph.node_mask)[:, None], -d_pos, 0.0)
         return PotentialOutput(energy, forces if compute_forces else None, stress, node_e)
+
+    def predict_uncertainty(self, params: Any, graph: Graph, *, include_e0: bool = True) -> UncertainPrediction:
+        """Mean energies and forces with calibrated uncertainties for every structure of a padded graph.
+
+        Returns:
+          :class:`~equiforce.potentials.uncertainty.UncertainPrediction`: per-atom energies (eV), forces
+          (eV/Å), σ_E ``[n_graphs]`` (eV), σ_F ``[n_nodes]`` (eV/Å per Cartesian component; zero on padding),
+          and the committee members' energies ``[K, n_graphs]`` (None for LLPR).
+
+        Raises:
+          ValueError: the potential has no uncertainty (a single network without ``equiforce calibrate``).
+        """
+        config = self.uncertainty_config
+        if config is None:
+            raise ValueError(
+                "this potential has no uncertainty: train a committee (model.ensemble_size > 1) or add the "
+                "single-model LLPR uncertainty with `equiforce calibrate MODEL DATA`"
+            )
+        single = self.single()
+
+        def member_node_energies(p: Any, positions: jnp.ndarray) -> jnp.ndarray:
+            return single.node_energies(p, graph, include_e0=include_e0, positions=positions)
+
+        positions = jnp.asarray(graph.positions, self.jnp_dtype)
+        pred = predict_with_uncertainty(
+            config,
+            self.model.last_layer,
+            params,
+            member_node_energies,
+            positions,
+            jnp.asarray(graph.node_graph),
+            graph.n_graphs,
+        )
+        mask = jnp.asarray(graph.node_mask)
+        return pred._replace(
+            forces=jnp.where(mask[:, None], pred.forces, 0.0),
+            forces_uncertainty=jnp.where(mask, pred.forces_uncertainty, 0.0),
+        )
 
 
 def _dimer_graph(z: int, r_max: float) -> Graph:

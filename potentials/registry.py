@@ -28,6 +28,9 @@ class ModelConfig:
     """Base class of the frozen per-model hyperparameter configs."""
 
     name: ClassVar[str] = ""
+    #: regular expressions (full match on ``/``-joined parameter paths) of the last linear layer: the per-atom
+    #: output must be linear in these parameters (the LLPR uncertainty differentiates with respect to them)
+    last_layer: ClassVar[tuple[str, ...]] = ()
 
     def build(self, *, num_species: int, r_max: float, avg_num_neighbours: float) -> nn.Module:
         raise NotImplementedError

@@ -139,6 +139,8 @@ class SchNetConfig(ModelConfig):
     """
 
     name: ClassVar[str] = "schnet"
+    #: regular expressions of the last linear layer's parameters (LLPR uncertainty; the output is linear in them)
+    last_layer: ClassVar[tuple[str, ...]] = (r"params/output/kernel",)
 
     num_interactions: int = 3
     num_features: int = 128

@@ -59,6 +59,12 @@ class ModelSection:
     ``refit_atomic_energies``: after training, fold the network's remaining per-composition energy offset
     into the E0s? ``None`` (default): only fitted E0s are re-fitted, given ones are kept as they are;
     ``True``: re-fit whatever their source (the change is logged); ``False``: never.
+    ``ensemble_size``: K >= 1 committee members trained together in one program (parameters stacked and
+    vmapped, independent initialisations: member k's key is ``fold_in(PRNGKey(seed), k)``, member 0's is
+    ``PRNGKey(seed)``; one shared data order). ``uncertainty``: after training, calibrate the uncertainty on the
+    validation set and store it in the model file: the committee's spread (K > 1) or the single network's
+    last-layer prediction rigidity (LLPR, fitted on the training set; see
+    :mod:`equiforce.potentials.uncertainty`).
     """
 
     name: str = "nequip"
@@ -67,6 +73,8 @@ class ModelSection:
     atomic_energies: str | dict[int, float] = "fit"
     hyperparameters: dict[str, Any] = dataclasses.field(default_factory=dict)
     refit_atomic_energies: bool | None = None
+    ensemble_size: int = 1
+    uncertainty: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +161,8 @@ class TrainConfig:
             raise ConfigError("data.valid_fraction must lie in (0, 1) when data.valid is not given")
         if self.model.r_max <= 0:
             raise ConfigError("model.r_max must be positive")
+        if self.model.ensemble_size < 1:
+            raise ConfigError(f"model.ensemble_size must be >= 1 (committee members), got {self.model.ensemble_size}")
         self._check_md_check()
 
     def _check_md_check(self) -> None:

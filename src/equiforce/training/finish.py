@@ -316,6 +316,26 @@ def _nve_gate(
     return nve
 
 
+def _calibrate(cfg: TrainConfig, potential: Potential, params: Any, data: Datasets, log: Callable[[str], None]):
+    """The uncertainty calibrated on the validation set (LLPR also fitted on the training set), with its
+    validation report."""
+    from equiforce.uncertainty.calibration import calibrate, predict_uncertainties
+    from equiforce.uncertainty.metrics import uncertainty_report
+
+    bs = cfg.optim.batch_size
+    potential, params, record = calibrate(potential, params, data.valid, train=data.train, batch_size=bs, log=log)
+    record["valid_report"] = uncertainty_report(predict_uncertainties(potential, params, data.valid, batch_size=bs))
+    return potential, params, record
+
+
+def _uncertainty_report(cfg: TrainConfig, potential: Potential, params: Any, structures: StructureSet):
+    from equiforce.uncertainty.calibration import predict_uncertainties
+    from equiforce.uncertainty.metrics import uncertainty_report
+
+    pred = predict_uncertainties(potential, params, structures, batch_size=cfg.optim.batch_size)
+    return uncertainty_report(pred)
+
+
 def finish_training(
     cfg: TrainConfig,
     out: Path,
@@ -361,6 +381,8 @@ def finish_training(
         "valid_metrics", lambda: compute_metrics(predict(final, params, data.valid, graphs=valid_graphs, **kw)), {}
     )
     optional = []
+    if cfg.model.uncertainty:
+        optional.append("uncertainty")
     if data.test is not None:
         optional.append("test_metrics")
     if cfg.md_check.steps > 0:
@@ -374,6 +396,7 @@ def finish_training(
         "valid_metrics": vm,
         "test_metrics": None,
         "nve_check": None,
+        "uncertainty": None,
         "atomic_energies": e0_record,
         "dataset_statistics": loop.stats,
         "n_train": len(data.train),
@@ -387,12 +410,20 @@ def finish_training(
         log(f"model saved to {model_path}; now: {', '.join(optional)}")
 
     t0 = time.perf_counter()
+    unc = None
+    if cfg.model.uncertainty:
+        calibrated = steps.run("uncertainty", lambda: _calibrate(cfg, final, params, data, log))
+        if calibrated is not None:
+            final, params, unc = calibrated
     tm = None if data.test is None else _test_metrics(cfg, out, final, params, data.test, budget, kw, steps)
+    if unc is not None and data.test is not None and data.test.forces is not None and data.test.energy is not None:
+        unc["test_report"] = steps.run("test_uncertainty", lambda: _uncertainty_report(cfg, final, params, data.test))
     nve = None if cfg.md_check.steps == 0 else _nve_gate(cfg, final, params, data.valid, steps, log)
     if optional:
         metadata.update(
             test_metrics=tm,
             nve_check=nve,
+            uncertainty=unc,
             post_training={
                 "complete": True,
                 "pending": [],

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 import optax
 
 from equiforce.training.config import OptimConfig
 
-__all__ = ["PlateauState", "make_optimizer", "plateau_update", "set_lr_factor"]
+__all__ = ["PlateauState", "make_optimizer", "member_wise", "plateau_update", "set_lr_factor"]
 
 
 def make_optimizer(cfg: OptimConfig, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -50,10 +51,25 @@ def make_optimizer(cfg: OptimConfig, steps_per_epoch: int) -> optax.GradientTran
     return optax.inject_hyperparams(chain)(lr_factor=1.0)
 
 
+def member_wise(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``optimizer`` applied to each committee member on its own (parameters, gradients and state stacked on
+    a leading axis and vmapped): gradient clipping and every other statistic stay per member, so a member
+    is updated exactly as a network trained alone would be."""
+
+    def init(params: optax.Params) -> optax.OptState:
+        return jax.vmap(optimizer.init)(params)
+
+    def update(updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None):
+        return jax.vmap(optimizer.update)(updates, state, params)
+
+    return optax.GradientTransformation(init, update)
+
+
 def set_lr_factor(opt_state: optax.OptState, factor: float) -> optax.OptState:
-    """Return ``opt_state`` with the plateau factor replaced."""
+    """Return ``opt_state`` with the plateau factor replaced (also in a committee's stacked state)."""
     hyper = dict(opt_state.hyperparams)
-    hyper["lr_factor"] = jnp.asarray(factor, dtype=jnp.asarray(hyper["lr_factor"]).dtype)
+    old = jnp.asarray(hyper["lr_factor"])
+    hyper["lr_factor"] = jnp.full(old.shape, factor, dtype=old.dtype)
     return opt_state._replace(hyperparams=hyper)
 
 

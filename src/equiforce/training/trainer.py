@@ -42,7 +42,7 @@ from equiforce.training.finish import (
     refit_atomic_energies,
 )
 from equiforce.training.nve_check import energy_conservation_check
-from equiforce.training.optim import PlateauState, make_optimizer, plateau_update, set_lr_factor
+from equiforce.training.optim import PlateauState, make_optimizer, member_wise, plateau_update, set_lr_factor
 
 __all__ = [
     "Datasets",
@@ -133,6 +133,7 @@ def build_potential(cfg: TrainConfig, train: StructureSet, graphs: list[Neighbou
         shift=0.0,  # the fitted E0s already carry the mean energy: an isolated atom gets exactly E0
         avg_num_neighbours=max(avg_nn, 1.0),
         dtype=m.dtype,
+        ensemble_size=m.ensemble_size,
     )
     return potential, stats.to_dict()
 
@@ -145,7 +146,11 @@ def _rho(kind: str, delta: float) -> Callable[[jnp.ndarray], jnp.ndarray]:
 
 
 def make_loss_fn(potential: Potential, cfg: TrainConfig, use_stress: bool):
-    """``loss(params, batch) -> (scalar, aux)``; energies are compared without E0s (see Potential)."""
+    """``loss(params, batch) -> (scalar, aux)``; energies are compared without E0s (see Potential).
+
+    For a committee (``ensemble_size > 1``) this is one member's loss on one member's parameters; the step
+    vmaps it over the members."""
+    potential = potential.single()
     lc = cfg.loss
     rho = _rho(lc.kind, lc.huber_delta)
 
@@ -174,9 +179,16 @@ def make_train_step(potential: Potential, cfg: TrainConfig, optimizer: optax.Gra
     """The jitted step ``(state, batch) -> (state, (loss, loss_e, loss_f))``; the state buffer is donated."""
     loss_fn = make_loss_fn(potential, cfg, use_stress)
     ema_decay = cfg.optim.ema_decay
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    if potential.ensemble_size > 1:  # each member its own loss and gradient, all on the same padded batch
+        member_value_and_grad = jax.vmap(value_and_grad, in_axes=(0, None))
+
+        def value_and_grad(params: Any, batch: Batch):
+            (loss, (le, lf)), grads = member_value_and_grad(params, batch)
+            return (jnp.mean(loss), (jnp.mean(le), jnp.mean(lf))), grads
 
     def step(state: TrainState, batch: Batch):
-        (loss, (le, lf)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        (loss, (le, lf)), grads = value_and_grad(state.params, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if ema_decay:
@@ -260,6 +272,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
 
     steps_per_epoch = math.ceil(len(data.train) / bs)
     optimizer = make_optimizer(cfg.optim, steps_per_epoch)
+    if potential.ensemble_size > 1:
+        optimizer = member_wise(optimizer)
     params = potential.init(jax.random.PRNGKey(cfg.seed))
     ema_params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)  # distinct buffers (donation)
     state = TrainState(params, optimizer.init(params), ema_params, jnp.zeros((), jnp.int32))
@@ -289,9 +303,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
     if resume:  # a kill between an epoch's metrics line and its checkpoint left one line too many
         atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in host["history"]).encode())
 
-    n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+    n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params)) // potential.ensemble_size
+    committee = f" x {potential.ensemble_size} committee members" if potential.ensemble_size > 1 else ""
     log(
-        f"equiforce train: {cfg.model.name} ({n_params:,} parameters, {cfg.model.dtype}), "
+        f"equiforce train: {cfg.model.name} ({n_params:,} parameters{committee}, {cfg.model.dtype}), "
         f"{len(data.train)} train / {len(data.valid)} valid structures, species {list(potential.species)}, "
         f"avg neighbours {stats['avg_num_neighbours']:.2f}, force RMS {stats['force_rms']:.3f} eV/Å, "
         f"budget {budget.n_nodes} nodes / {budget.n_edges} edges / {budget.n_graphs} graphs"

@@ -1,0 +1,303 @@
+"""Fit and calibrate a potential's uncertainty, and predict with it on a structure set.
+
+* :func:`fit_llpr`: the single-network LLPR (Bigi et al., arXiv:2403.02251; see
+  :mod:`equiforce.potentials.uncertainty`) of a trained model, from its last-layer features on the training
+  set, with the regulariser ``ς²`` and the factors ``α_E``, ``α_F`` chosen on a validation set by Gaussian
+  negative log-likelihood, as in the paper (Sec. 2.3).
+* :func:`calibrate`: the factors of a committee (one scale per quantity, the maximum-likelihood
+  ``s² = mean(ε²/σ²)`` of a Gaussian error model), or :func:`fit_llpr` for a single network.
+* :func:`predict_uncertainties`: energies, forces, σ_E and σ_F of every structure of a set (host arrays).
+
+Errors are energies per structure (eV) and force components (eV/Å); a force component is given its atom's
+σ_F.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from equiforce.data.graph import PaddingBudget, batch_iterator, estimate_budget
+from equiforce.data.neighbours import NeighbourGraph, build_neighbour_graphs
+from equiforce.data.structures import StructureSet
+from equiforce.potentials.potential import Potential
+from equiforce.potentials.uncertainty import UncertaintyConfig, last_layer_features, network_params
+from equiforce.training.evaluate import e0_sum, predict
+
+__all__ = [
+    "UncertainPredictions",
+    "UncertaintyError",
+    "calibrate",
+    "fit_llpr",
+    "fit_scale",
+    "predict_uncertainties",
+]
+
+#: LLPR regularisers tried, relative to the mean eigenvalue of the training features' Gram matrix
+LLPR_REGULARIZERS = tuple(10.0 ** np.arange(-10, 1))
+
+
+class UncertaintyError(ValueError):
+    """The uncertainty cannot be fitted or used: no labels, no uncertainty in the model, degenerate data."""
+
+
+@dataclasses.dataclass(frozen=True)
+class UncertainPredictions:
+    """Predictions with uncertainties of a structure set (host side, float64).
+
+    Attributes:
+      energy: ``[S]`` eV (E0s included); energy_ref: labels or None.
+      forces: ``[n_atoms_total, 3]`` eV/Å (structures concatenated); forces_ref: labels or None.
+      n_atoms: ``[S]``.
+      energy_uncertainty: ``[S]`` σ_E, eV.
+      forces_uncertainty: ``[n_atoms_total]`` σ_F per atom (one Cartesian component), eV/Å.
+      member_energies: ``[K, S]`` committee members' energies (eV, E0s included), None for LLPR.
+    """
+
+    energy: np.ndarray
+    energy_ref: np.ndarray | None
+    forces: np.ndarray
+    forces_ref: np.ndarray | None
+    n_atoms: np.ndarray
+    energy_uncertainty: np.ndarray
+    forces_uncertainty: np.ndarray
+    member_energies: np.ndarray | None = None
+
+
+def _batches(potential: Potential, structures: StructureSet, graphs, budget, batch_size):
+    potential.check_species(structures.atomic_numbers)
+    if graphs is None:
+        graphs = build_neighbour_graphs(structures, potential.r_max)
+    if budget is None:
+        budget = estimate_budget(structures.n_atoms, [g.n_edges for g in graphs], batch_size)
+    return batch_iterator(structures, graphs, batch_size, budget, dtype=np.dtype(potential.dtype))
+
+
+def predict_uncertainties(
+    potential: Potential,
+    params: Any,
+    structures: StructureSet,
+    *,
+    batch_size: int = 16,
+    graphs: list[NeighbourGraph] | None = None,
+    budget: PaddingBudget | None = None,
+) -> UncertainPredictions:
+    """Mean energies and forces with calibrated σ_E and σ_F for every structure.
+
+    Raises:
+      UncertaintyError: the potential has no uncertainty.
+      UnknownSpeciesError: an element the potential does not know.
+    """
+    if potential.uncertainty_config is None:
+        raise UncertaintyError(
+            "this model has no uncertainty: train a committee (model.ensemble_size > 1) or add the single-model "
+            "LLPR uncertainty with `equiforce calibrate MODEL DATA`"
+        )
+
+    @jax.jit
+    def fn(params: Any, graph: Any):
+        p = potential.predict_uncertainty(params, graph, include_e0=False)
+        energy = jax.ops.segment_sum(p.node_energies, jnp.asarray(graph.node_graph), num_segments=graph.n_graphs)
+        return energy, p.forces, p.energy_uncertainty, p.forces_uncertainty, p.member_energies
+
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("e", "f", "se", "sf", "m")}
+    for batch in _batches(potential, structures, graphs, budget, batch_size):
+        g = batch.graph
+        e, f, se, sf, m = fn(params, jax.tree.map(jnp.asarray, g))
+        n_real, n_nodes = int(np.sum(g.graph_mask)), int(np.sum(g.node_mask))
+        parts["e"].append(np.asarray(e, np.float64)[:n_real])
+        parts["f"].append(np.asarray(f, np.float64)[:n_nodes])
+        parts["se"].append(np.asarray(se, np.float64)[:n_real])
+        parts["sf"].append(np.asarray(sf, np.float64)[:n_nodes])
+        if m is not None:
+            parts["m"].append(np.asarray(m, np.float64)[:, :n_real])
+    e0 = e0_sum(potential, structures)
+    return UncertainPredictions(
+        energy=np.concatenate(parts["e"]) + e0,
+        energy_ref=structures.energy,
+        forces=np.concatenate(parts["f"]),
+        forces_ref=structures.forces,
+        n_atoms=structures.n_atoms,
+        energy_uncertainty=np.concatenate(parts["se"]),
+        forces_uncertainty=np.concatenate(parts["sf"]),
+        member_energies=np.concatenate(parts["m"], axis=1) + e0 if parts["m"] else None,
+    )
+
+
+def fit_scale(errors: np.ndarray, sigma: np.ndarray) -> float:
+    """Maximum-likelihood factor ``s`` of a Gaussian error model ``ε ~ N(0, (s σ)²)``: ``sqrt(mean(ε²/σ²))``.
+
+    Raises:
+      UncertaintyError: no finite, positive σ, or all errors zero.
+    """
+    err = np.asarray(errors, np.float64).ravel()
+    sig = np.asarray(sigma, np.float64).ravel()
+    ok = np.isfinite(sig) & (sig > 0) & np.isfinite(err)
+    if not np.any(ok):
+        raise UncertaintyError("cannot calibrate: no finite, positive uncertainty to scale")
+    s = float(np.sqrt(np.mean((err[ok] / sig[ok]) ** 2)))
+    if not (s > 0 and np.isfinite(s)):
+        raise UncertaintyError("cannot calibrate: the errors are all zero or not finite")
+    return s
+
+
+def _require_labels(s: StructureSet, what: str) -> None:
+    if s.energy is None or s.forces is None:
+        raise UncertaintyError(f"calibrating the uncertainty needs energy and forces labels in the {what} set")
+    if len(s) < 2:
+        raise UncertaintyError(f"calibrating the uncertainty needs at least 2 structures in the {what} set")
+
+
+def _features(
+    potential: Potential, params: Any, structures: StructureSet, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(G [S, P], g [n_atoms_total, P])``: per-structure and per-atom last-layer features (float64)."""
+    single = potential.single()
+    net = network_params(params)
+
+    @jax.jit
+    def fn(params: Any, graph: Any):
+        g = last_layer_features(
+            single.model.last_layer, params, lambda p: single.node_energies(p, graph, include_e0=False)
+        )
+        return jax.ops.segment_sum(g, jnp.asarray(graph.node_graph), num_segments=graph.n_graphs), g
+
+    per_graph, per_atom = [], []
+    for batch in _batches(single, structures, None, None, batch_size):
+        gr = batch.graph
+        big_g, g = fn(net, jax.tree.map(jnp.asarray, gr))
+        per_graph.append(np.asarray(big_g, np.float64)[: int(np.sum(gr.graph_mask))])
+        per_atom.append(np.asarray(g, np.float64)[: int(np.sum(gr.node_mask))])
+    return np.concatenate(per_graph), np.concatenate(per_atom)
+
+
+def _nll(errors: np.ndarray, sigma2: np.ndarray) -> float:
+    return float(np.mean(0.5 * np.log(2 * np.pi * sigma2) + 0.5 * errors**2 / sigma2))
+
+
+def fit_llpr(
+    potential: Potential,
+    params: Any,
+    train: StructureSet,
+    valid: StructureSet,
+    *,
+    batch_size: int = 16,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Potential, Any, dict[str, Any]]:
+    """Add the calibrated last-layer prediction rigidity to a single trained network.
+
+    ``A = Σ_train G_s G_sᵀ`` from the training structures' last-layer features (labels not needed); for each
+    regulariser ``ς² = λ · tr(A)/P`` with λ in :data:`LLPR_REGULARIZERS` the factors ``α_E``, ``α_F`` are the
+    maximum-likelihood scales on the validation errors, and the ``ς²`` with the lowest sum of the energy and
+    force NLLs is kept.
+
+    Returns:
+      ``(potential, params, record)``: the potential with ``uncertainty=UncertaintyConfig("llpr", ...)``,
+      the parameters with the ``"llpr"`` collection, and what was fitted (JSON-serialisable).
+
+    Raises:
+      UncertaintyError: a committee (use :func:`calibrate`), a validation set without energy or forces
+        labels, or features that are all zero.
+    """
+    if potential.ensemble_size > 1:
+        raise UncertaintyError("LLPR is for a single network; a committee's uncertainty is its spread")
+    _require_labels(valid, "validation")
+    single = potential.single()
+    net = network_params(params)
+    big_g, _ = _features(single, net, train, batch_size)
+    gv, gv_atoms = _features(single, net, valid, batch_size)
+    pred = predict(single, net, valid, batch_size=batch_size)
+    err_e = pred.energy - valid.energy
+    err_f = (pred.forces - valid.forces).reshape(-1, 3)
+    a = big_g.T @ big_g
+    n_p = a.shape[0]
+    eigval, eigvec = np.linalg.eigh(a)
+    mean_eig = float(np.trace(a)) / n_p
+    if not mean_eig > 0:
+        raise UncertaintyError("the training set's last-layer features are all zero: cannot fit LLPR")
+    best = None
+    for lam in LLPR_REGULARIZERS:
+        reg = lam * mean_eig
+        proj = (eigvec / np.sqrt(np.maximum(eigval, 0.0) + reg)).T  # L with Lᵀ L = (A + ς² I)⁻¹
+        s2_e = np.sum((proj @ gv.T) ** 2, axis=0)
+        s2_f = np.sum((proj @ gv_atoms.T) ** 2, axis=0)
+        if not (np.all(s2_e > 0) and np.all(s2_f > 0)):
+            continue
+        alpha_e = fit_scale(err_e, np.sqrt(s2_e))
+        alpha_f = fit_scale(err_f, np.sqrt(s2_f)[:, None] * np.ones((1, 3)))
+        score = _nll(err_e, alpha_e**2 * s2_e) + _nll(err_f, alpha_f**2 * s2_f[:, None])
+        if best is None or score < best[0]:
+            best = (score, reg, proj, alpha_e, alpha_f, lam)
+    if best is None:
+        raise UncertaintyError("LLPR gave zero uncertainty on every validation structure: cannot calibrate")
+    _, reg, proj, alpha_e, alpha_f, lam = best
+    config = UncertaintyConfig(
+        "llpr",
+        energy_scale=alpha_e,
+        forces_scale=alpha_f,
+        regularizer=reg,
+        calibration=f"LLPR on {len(train)} training structures, scales on {len(valid)} validation structures",
+    )
+    out_params = {**net, "llpr": {"projection": np.asarray(proj, np.dtype(potential.dtype))}}
+    record = {
+        "method": "llpr",
+        "n_features": n_p,
+        "regularizer": float(reg),
+        "regularizer_relative": float(lam),
+        "energy_scale": alpha_e,
+        "forces_scale": alpha_f,
+        "n_train": len(train),
+        "n_valid": len(valid),
+    }
+    if log:
+        log(
+            f"LLPR uncertainty: {n_p} last-layer features, ς² = {lam:.0e} x mean eigenvalue, "
+            f"α_E = {alpha_e:.4g}, α_F = {alpha_f:.4g}"
+        )
+    return single.replace(uncertainty=config), out_params, record
+
+
+def calibrate(
+    potential: Potential,
+    params: Any,
+    valid: StructureSet,
+    *,
+    train: StructureSet | None = None,
+    batch_size: int = 16,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Potential, Any, dict[str, Any]]:
+    """Calibrate a potential's uncertainty on ``valid`` (and, for LLPR, fit it on ``train``).
+
+    A committee gets one scale factor per quantity (energies, forces); a single network gets
+    :func:`fit_llpr` (``train`` required).
+
+    Returns:
+      ``(potential, params, record)`` with the calibrated :class:`UncertaintyConfig`.
+
+    Raises:
+      UncertaintyError: missing labels, a single network without ``train``, degenerate uncertainties.
+    """
+    _require_labels(valid, "validation")
+    if potential.ensemble_size == 1:
+        if train is None:
+            raise UncertaintyError("a single network's LLPR uncertainty needs the training structures")
+        return fit_llpr(potential, params, train, valid, batch_size=batch_size, log=log)
+    raw = potential.replace(uncertainty=UncertaintyConfig("committee"))
+    pred = predict_uncertainties(raw, params, valid, batch_size=batch_size)
+    s_e = fit_scale(pred.energy - valid.energy, pred.energy_uncertainty)
+    s_f = fit_scale(pred.forces - valid.forces, pred.forces_uncertainty[:, None] * np.ones((1, 3)))
+    config = UncertaintyConfig(
+        "committee",
+        energy_scale=s_e,
+        forces_scale=s_f,
+        calibration=f"committee spread scaled on {len(valid)} validation structures",
+    )
+    if log:
+        log(f"committee uncertainty ({potential.ensemble_size} members): scale σ_E x {s_e:.4g}, σ_F x {s_f:.4g}")
+    record = {"method": "committee", "energy_scale": s_e, "forces_scale": s_f, "n_valid": len(valid)}
+    return potential.replace(uncertainty=config), network_params(params), record
