@@ -80,6 +80,13 @@ class EquiforceCalculator(Calculator):
       ``σ = (1/V) ∂E/∂ε``). Only for fully periodic structures (``pbc`` all True, non-singular cell),
       where it is always computed along with the forces. Asking for it otherwise raises ASE's
       :class:`~ase.calculators.calculator.PropertyNotImplementedError` (as ASE's EMT does).
+    * ``energy_uncertainty``: calibrated σ_E of the energy, eV (float), and ``forces_uncertainty``:
+      ``[n_atoms]`` calibrated σ_F per atom (standard deviation of one Cartesian component), eV/Å; only for
+      a potential with an uncertainty (a committee, or a model given LLPR by ``equiforce calibrate``;
+      see :mod:`equiforce.potentials.uncertainty`), computed with every evaluation. With a committee,
+      energy and forces are the members' mean and ``member_energies`` (``[K]``, eV) holds each member's
+      energy. Asking for them from a potential without uncertainty raises
+      :class:`~ase.calculators.calculator.PropertyNotImplementedError`.
 
     Args:
       model_path: a model file written by :func:`~equiforce.potentials.save_model`.
@@ -101,7 +108,16 @@ class EquiforceCalculator(Calculator):
       RuntimeError: a float64 potential while ``jax_enable_x64`` is off (it would silently run in float32).
     """
 
-    implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "stress", "energies"]
+    implemented_properties: ClassVar[list[str]] = [
+        "energy",
+        "free_energy",
+        "forces",
+        "stress",
+        "energies",
+        "energy_uncertainty",
+        "forces_uncertainty",
+        "member_energies",
+    ]
     default_parameters: ClassVar[dict[str, Any]] = {}
 
     NODE_MULTIPLE: ClassVar[int] = 8
@@ -149,14 +165,26 @@ class EquiforceCalculator(Calculator):
 
     # ------------------------------------------------------------------ jitted evaluation
     def _function(self, compute_stress: bool):
-        """The jitted ``(params, graph) -> (energy, forces, stress | None, node_energies)`` for a stress mode."""
+        """The jitted ``(params, graph) -> (energy, forces, stress | None, node_energies, uncertainty | None)``
+        for a stress mode; ``uncertainty`` is ``(σ_E, σ_F, member energies | None)`` when the potential has one."""
         if compute_stress not in self._functions:
             potential = self.potential
+            uncertain = potential.uncertainty_config is not None
 
             def evaluate(params, graph: Graph):
                 self.trace_count += 1  # Python side effect: runs once per trace, i.e. per compilation
+                if uncertain:
+                    u = potential.predict_uncertainty(params, graph)
+                    if compute_stress:
+                        out = potential(params, graph, compute_forces=True, compute_stress=True)
+                        stress = out.stress
+                    else:
+                        stress = None
+                    energy = jax.ops.segment_sum(u.node_energies, graph.node_graph, num_segments=graph.n_graphs)
+                    unc = (u.energy_uncertainty, u.forces_uncertainty, u.member_energies)
+                    return energy, u.forces, stress, u.node_energies, unc
                 out = potential(params, graph, compute_forces=True, compute_stress=compute_stress)
-                return out.energy, out.forces, out.stress, out.node_energies
+                return out.energy, out.forces, out.stress, out.node_energies, None
 
             self._functions[compute_stress] = jax.jit(evaluate)
         return self._functions[compute_stress]
@@ -230,7 +258,15 @@ class EquiforceCalculator(Calculator):
                 "stress is only defined for fully periodic structures (pbc all True, non-singular cell); "
                 f"got pbc={atoms.get_pbc().tolist()}"
             )
-        energy, forces, stress, node_energies = self._function(periodic)(self.params, graph)
+        wants_uncertainty = {"energy_uncertainty", "forces_uncertainty", "member_energies"} & set(properties)
+        if wants_uncertainty and self.potential.uncertainty_config is None:
+            raise PropertyNotImplementedError(
+                f"{sorted(wants_uncertainty)}: this potential has no uncertainty (train a committee with "
+                "model.ensemble_size > 1, or add LLPR with `equiforce calibrate MODEL DATA`)"
+            )
+        if "member_energies" in properties and self.potential.ensemble_size == 1:
+            raise PropertyNotImplementedError("member_energies: this potential is not a committee")
+        energy, forces, stress, node_energies, unc = self._function(periodic)(self.params, graph)
         n = len(atoms)
         e = float(np.asarray(energy, dtype=np.float64)[0])
         self.results = {
@@ -241,3 +277,9 @@ class EquiforceCalculator(Calculator):
         }
         if periodic:
             self.results["stress"] = np.array(stress[0], dtype=np.float64)
+        if unc is not None:
+            sigma_e, sigma_f, members = unc
+            self.results["energy_uncertainty"] = float(np.asarray(sigma_e, np.float64)[0])
+            self.results["forces_uncertainty"] = np.array(sigma_f[:n], dtype=np.float64)
+            if members is not None:
+                self.results["member_energies"] = np.array(members[:, 0], dtype=np.float64)

@@ -39,7 +39,7 @@ from jax_md import quantity, simulate
 from equiforce.md import integrators
 from equiforce.md.system import MDSystem, cell_heights
 
-__all__ = ["ENSEMBLES", "MDBlowUpError", "MDConfig", "MDEngine", "ThermoFrame"]
+__all__ = ["ENSEMBLES", "MDBlowUpError", "MDConfig", "MDEngine", "ThermoFrame", "UncertaintyCrossing"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,13 @@ class MDConfig:
       edge_capacity_multiplier: head-room of the compacted edge slots.
       max_temperature_K: above this the run is declared blown up.
       seed: initial velocities and Langevin noise.
+      compute_uncertainty: for a potential with an uncertainty (committee or LLPR), compute σ_E and σ_F at
+        every step inside the jitted chunk, from the step's own force call (no extra force call, no host
+        transfer per step); frames then carry σ_E and the largest σ_F. NPT evaluates them at the end of each
+        chunk only (its step is jax-md's).
+      uncertainty_threshold: σ_F (eV/Å) above which a step counts as uncertain: the engine reports the first
+        such step of each chunk (:attr:`MDEngine.last_crossing`: step, atom, σ_F and the configuration).
+        None: no threshold. Needs a potential with an uncertainty.
     """
 
     ensemble: str = "nve"
@@ -89,6 +96,8 @@ class MDConfig:
     edge_capacity_multiplier: float = 1.15
     max_temperature_K: float = 1.0e5
     seed: int = 0
+    compute_uncertainty: bool = True
+    uncertainty_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.ensemble not in ENSEMBLES:
@@ -97,6 +106,9 @@ class MDConfig:
             raise ValueError("timestep_fs > 0, report_interval >= 1, temperature_K >= 0 and skin >= 0 required")
         if not self.edge_capacity_multiplier >= 1.0:
             raise ValueError(f"edge_capacity_multiplier must be >= 1, got {self.edge_capacity_multiplier}")
+        t = self.uncertainty_threshold
+        if t is not None and not (np.isfinite(t) and t > 0):
+            raise ValueError(f"uncertainty_threshold must be a finite force uncertainty > 0 eV/Å, got {t}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +125,26 @@ class ThermoFrame:
     conserved: float
     pressure: float = float("nan")
     volume: float = float("nan")
+    energy_uncertainty: float = float("nan")
+    max_forces_uncertainty: float = float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class UncertaintyCrossing:
+    """The first step of a chunk whose largest σ_F exceeded ``MDConfig.uncertainty_threshold``.
+
+    Attributes:
+      step: the MD step; atom: index of the atom with the largest σ_F; sigma: that σ_F, eV/Å;
+      energy_uncertainty: σ_E at that step, eV; positions: ``[n_atoms, 3]`` Å (Cartesian); cell: ASE cell
+      (rows) or None.
+    """
+
+    step: int
+    atom: int
+    sigma: float
+    energy_uncertainty: float
+    positions: np.ndarray
+    cell: np.ndarray | None
 
 
 _kinetic_energy = integrators.kinetic_energy
@@ -153,6 +185,17 @@ class MDEngine:
         self.heat = 0.0  # eV the Langevin bath put into the system since step 0 (see conserved_quantity)
         self.neighbor = None
         self.edge_capacity: int | None = None  # set by init() when config.compact_edges
+        self.uncertain = system.uncertainty_fn is not None and config.compute_uncertainty
+        if config.uncertainty_threshold is not None and not self.uncertain:
+            raise ValueError(
+                "uncertainty_threshold needs a potential with an uncertainty (a committee, model.ensemble_size > 1, "
+                "or a model given LLPR by `equiforce calibrate MODEL DATA`)"
+                + ("" if system.uncertainty_fn is None else " and compute_uncertainty=True")
+            )
+        #: the first uncertain step of the last chunk (None: none, or no threshold)
+        self.last_crossing: UncertaintyCrossing | None = None
+        #: steps before this one do not count as uncertain (the run uses it for a minimum spacing)
+        self.crossing_from_step = 0
         self._bind(None)
 
     def _bind(self, edge_capacity: int | None) -> None:
@@ -162,11 +205,20 @@ class MDEngine:
         self.energy_fn = partial(system.energy_fn, edge_capacity=edge_capacity)
         # jitted, so the model is traced once per shape: jax-md's energy-or-force check (eval_shape), the
         # initial force, the step-0 observables and the chunk's loop body reuse that trace
-        value_and_grad = jax.jit(jax.value_and_grad(self.energy_fn))
+        if self.uncertain:
+            # energy, forces and (σ_E, σ_F) from one pass: the explicit per-step output path (StepAux.extra)
+            self.uncertainty_fn = jax.jit(partial(system.uncertainty_fn, edge_capacity=edge_capacity))
 
-        def value_and_force(position: jnp.ndarray, **kwargs: Any) -> tuple[jnp.ndarray, jnp.ndarray]:
-            energy, grad = value_and_grad(position, **kwargs)
-            return energy, -grad
+            def value_and_force(position: jnp.ndarray, **kwargs: Any) -> tuple[jnp.ndarray, jnp.ndarray, tuple]:
+                energy, force, sigma_e, sigma_f = self.uncertainty_fn(position, **kwargs)
+                return energy, force, (sigma_e, sigma_f)
+
+        else:
+            value_and_grad = jax.jit(jax.value_and_grad(self.energy_fn))
+
+            def value_and_force(position: jnp.ndarray, **kwargs: Any) -> tuple[jnp.ndarray, jnp.ndarray, tuple]:
+                energy, grad = value_and_grad(position, **kwargs)
+                return energy, -grad, ()
 
         def force_fn(position: jnp.ndarray, **kwargs: Any) -> jnp.ndarray:
             return value_and_force(position, **kwargs)[1]
@@ -269,34 +321,76 @@ class MDEngine:
         pressure = quantity.pressure(energy_at_box, state.position, box, ekin, neighbor=neighbor)
         return ekin, pressure, jnp.abs(jnp.linalg.det(box))
 
+    def _sigma_at(self, state: Any, neighbor: Any) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """``(σ_E, σ_F [n_atoms])`` at ``state`` (traceable; zeros without an uncertainty)."""
+        if not self.uncertain:
+            zero = jnp.zeros((), state.position.dtype)
+            return zero, jnp.zeros((self.n_atoms,), state.position.dtype)
+        _, _, sigma_e, sigma_f = self.uncertainty_fn(state.position, neighbor, **self._space_kwargs(state))
+        return sigma_e, sigma_f
+
     def _observe_impl(self, state: Any, neighbor: Any) -> tuple[jnp.ndarray, ...]:
         epot = self.energy_fn(state.position, neighbor, **self._space_kwargs(state))
-        return (epot, *self._kinetic_pressure_volume(state, neighbor))
+        sigma_e, sigma_f = self._sigma_at(state, neighbor)
+        return (epot, *self._kinetic_pressure_volume(state, neighbor), sigma_e, jnp.max(sigma_f))
 
-    def _chunk_impl(self, state: Any, neighbor: Any, n_steps: int):
+    def _chunk_impl(self, state: Any, neighbor: Any, n_steps: int, min_offset: jnp.ndarray):
+        """``n_steps`` steps. Uncertainty bookkeeping in the carry: σ_E and σ_F of the latest step and the
+        first step ``i >= min_offset - 1`` (0-based) whose largest σ_F exceeds the threshold, with its atom,
+        σ's and positions."""
         step_fn = self._step
+        threshold = self.config.uncertainty_threshold
+        dtype = state.position.dtype
+        per_step_sigma = self.uncertain and step_fn is not None
 
-        def body(_, carry):
-            state, neighbor, max_edges, epot, heat = carry
+        def body(i, carry):
+            state, neighbor, max_edges, epot, heat, unc = carry
             if step_fn is not None:
                 state, aux = step_fn(state, neighbor=neighbor)
                 epot, heat = aux.potential_energy, heat + aux.heat  # epot at the new positions
             else:
                 state = self._apply_fn(state, neighbor=neighbor)
+            if per_step_sigma:
+                sigma_e, sigma_f = aux.extra
+                sigma_max = jnp.max(sigma_f)
+                cross_i, cross_atom, cross_sigma, cross_sigma_e, cross_pos = unc[2:]
+                if threshold is not None:
+                    new = (sigma_max > threshold) & (cross_i < 0) & (i + 1 >= min_offset)
+                    cross_i = jnp.where(new, i, cross_i)
+                    cross_atom = jnp.where(new, jnp.argmax(sigma_f).astype(jnp.int32), cross_atom)
+                    cross_sigma = jnp.where(new, sigma_max, cross_sigma)
+                    cross_sigma_e = jnp.where(new, sigma_e, cross_sigma_e)
+                    cross_pos = jnp.where(new, state.position, cross_pos)
+                unc = (sigma_e, sigma_max, cross_i, cross_atom, cross_sigma, cross_sigma_e, cross_pos)
             space = self._space_kwargs(state)
             # the pairs the force call of this step saw (within r_max, so the same in the old and new list)
             max_edges = jnp.maximum(max_edges, self.system.edge_count(state.position, neighbor, **space))
             neighbor = neighbor.update(state.position, **space)
-            return state, neighbor, max_edges, epot, heat
+            return state, neighbor, max_edges, epot, heat, unc
 
         # energies have the dtype of the positions (float64 in mixed precision too)
-        zero = jnp.zeros((), state.position.dtype)
-        carry = (state, neighbor, jnp.zeros((), jnp.int32), zero, zero)
-        state, neighbor, max_edges, epot, heat = jax.lax.fori_loop(0, n_steps, body, carry)
+        zero = jnp.zeros((), dtype)
+        minus_one = jnp.full((), -1, jnp.int32)
+        unc = (zero, zero, minus_one, minus_one, zero, zero, jnp.zeros_like(state.position))
+        carry = (state, neighbor, jnp.zeros((), jnp.int32), zero, zero, unc)
+        state, neighbor, max_edges, epot, heat, unc = jax.lax.fori_loop(0, n_steps, body, carry)
         if step_fn is None:
             epot = self.energy_fn(state.position, neighbor, **self._space_kwargs(state))
+        if self.uncertain and not per_step_sigma:  # NPT: σ at the end of the chunk
+            sigma_e, sigma_f = self._sigma_at(state, neighbor)
+            sigma_max = jnp.max(sigma_f)
+            cross = (threshold is not None) & (sigma_max > (threshold or 0.0)) & (n_steps >= min_offset)
+            unc = (
+                sigma_e,
+                sigma_max,
+                jnp.where(cross, n_steps - 1, -1).astype(jnp.int32),
+                jnp.argmax(sigma_f).astype(jnp.int32),
+                sigma_max,
+                sigma_e,
+                state.position,
+            )
         ekin, pressure, volume = self._kinetic_pressure_volume(state, neighbor)
-        return state, neighbor, epot, ekin, pressure, volume, max_edges, heat
+        return state, neighbor, epot, ekin, pressure, volume, max_edges, heat, unc
 
     def _temperature(self, ekin: float) -> float:
         return 2.0 * ekin / (self.dof * units.kB)
@@ -323,8 +417,11 @@ class MDEngine:
         box_ke = float(state.box_momentum**2 / (2 * state.box_mass))
         return total + thermostat + barostat + self.pressure * volume + box_ke
 
-    def _frame(self, state: Any, epot: Any, ekin: Any, pressure: Any, volume: Any) -> ThermoFrame:
+    def _frame(
+        self, state: Any, epot: Any, ekin: Any, pressure: Any, volume: Any, sigma_e: Any = None, sigma_f: Any = None
+    ) -> ThermoFrame:
         epot, ekin = float(epot) + self.system.e0_total, float(ekin)
+        nan = float("nan")
         return ThermoFrame(
             step=self.step,
             time_ps=self.step * self.config.timestep_fs / 1000.0,
@@ -334,6 +431,8 @@ class MDEngine:
             conserved=self.conserved_quantity(state, epot, ekin),
             pressure=float(pressure) if self.system.periodic else float("nan"),
             volume=float(volume) if self.system.periodic else float("nan"),
+            energy_uncertainty=float(sigma_e) if self.uncertain else nan,
+            max_forces_uncertainty=float(sigma_f) if self.uncertain else nan,
         )
 
     def observe(self, state: Any) -> ThermoFrame:
@@ -359,8 +458,9 @@ class MDEngine:
         start_state, start_neighbor = state, self.neighbor
         while True:
             with _quiet_jax_md_sums():
-                new_state, neighbor, epot, ekin, pressure, volume, max_edges, heat = self._chunk(
-                    start_state, start_neighbor, n
+                min_offset = jnp.asarray(max(self.crossing_from_step - self.step, 0), jnp.int32)
+                new_state, neighbor, epot, ekin, pressure, volume, max_edges, heat, unc = self._chunk(
+                    start_state, start_neighbor, n, min_offset
                 )
             if not bool(neighbor.did_buffer_overflow):
                 if self.edge_capacity is None or int(max_edges) <= self.edge_capacity:
@@ -405,9 +505,23 @@ class MDEngine:
                     "neighbour list would miss images; start from a larger supercell"
                 )
         self.neighbor = neighbor
+        self.last_crossing = None
+        sigma_e, sigma_max, cross_i = unc[0], unc[1], int(unc[2])
+        if cross_i >= 0:
+            _, _, _, atom, sigma, cross_sigma_e, pos = unc
+            box = self.box(new_state)
+            pos = np.asarray(pos @ box.T if self.system.fractional else pos, np.float64)
+            self.last_crossing = UncertaintyCrossing(
+                step=self.step + cross_i + 1,
+                atom=int(atom),
+                sigma=float(sigma),
+                energy_uncertainty=float(cross_sigma_e),
+                positions=pos,
+                cell=self.cell(new_state),
+            )
         self.step += n
         self.heat += float(heat)
-        return new_state, self._frame(new_state, epot, ekin, pressure, volume)
+        return new_state, self._frame(new_state, epot, ekin, pressure, volume, sigma_e, sigma_max)
 
     def positions(self, state: Any) -> np.ndarray:
         """Cartesian positions, Å (converted from fractional coordinates for NPT)."""

@@ -42,8 +42,9 @@ __all__ = [
     "set_chain_dof",
 ]
 
-#: ``value_and_force(positions, **kwargs) -> (energy, forces)``, energy in eV (E0 excluded), forces eV/Å.
-ValueAndForce = Callable[..., tuple[jnp.ndarray, jnp.ndarray]]
+#: ``value_and_force(positions, **kwargs) -> (energy, forces, extra)``, energy in eV (E0 excluded), forces
+#: eV/Å, ``extra`` a tuple of further outputs of the same force call (e.g. the uncertainties; may be empty).
+ValueAndForce = Callable[..., tuple[jnp.ndarray, jnp.ndarray, tuple]]
 
 
 class StepAux(NamedTuple):
@@ -53,10 +54,13 @@ class StepAux(NamedTuple):
       potential_energy: energy at the new positions from the step's own force call, eV (E0 excluded).
       heat: energy the thermostat's stochastic step put into the kinetic energy during the step, eV (zero
         for deterministic integrators, whose thermostat energy is in the chain variables instead).
+      extra: what the force call returned besides energy and forces, unchanged (the MD engine passes
+        ``(σ_E, σ_F [n_atoms])`` of a potential with an uncertainty; ``()`` otherwise).
     """
 
     potential_energy: jnp.ndarray
     heat: jnp.ndarray
+    extra: tuple = ()
 
 
 def degrees_of_freedom(ensemble: str, n_atoms: int) -> int:
@@ -75,17 +79,17 @@ def _verlet(value_and_force: ValueAndForce, shift_fn: Callable, dt: float, state
     """Velocity Verlet (jax-md's ``velocity_verlet``) returning the energy of its force call."""
     state = simulate.momentum_step(state, dt / 2)
     state = simulate.position_step(state, shift_fn, dt, **kwargs)
-    energy, force = value_and_force(state.position, **kwargs)
+    energy, force, extra = value_and_force(state.position, **kwargs)
     state = simulate.momentum_step(state.set(force=force), dt / 2)
-    return state, energy
+    return state, energy, extra
 
 
 def nve_step_fn(value_and_force: ValueAndForce, shift_fn: Callable, dt: float) -> Callable[..., tuple[Any, StepAux]]:
     """Velocity Verlet step ``(state, **kwargs) -> (state, StepAux)`` on jax-md's ``NVEState``."""
 
     def step(state: Any, **kwargs: Any) -> tuple[Any, StepAux]:
-        state, energy = _verlet(value_and_force, shift_fn, dt, state, kwargs)
-        return state, StepAux(energy, jnp.zeros_like(energy))
+        state, energy, extra = _verlet(value_and_force, shift_fn, dt, state, kwargs)
+        return state, StepAux(energy, jnp.zeros_like(energy), extra)
 
     return step
 
@@ -108,9 +112,9 @@ def langevin_step_fn(
         state = simulate.stochastic_step(state, dt, kT, gamma)
         heat = kinetic_energy(state.momentum, state.mass) - before
         state = simulate.position_step(state, shift_fn, dt / 2, **kwargs)
-        energy, force = value_and_force(state.position, **kwargs)
+        energy, force, extra = value_and_force(state.position, **kwargs)
         state = simulate.momentum_step(state.set(force=force), dt / 2)
-        return state, StepAux(energy, heat.astype(energy.dtype))
+        return state, StepAux(energy, heat.astype(energy.dtype), extra)
 
     return step
 
@@ -128,10 +132,10 @@ def nose_hoover_step_fn(
     def step(state: Any, **kwargs: Any) -> tuple[Any, StepAux]:
         thermostat = chain.update_mass(state.chain, kT)
         p, thermostat = chain.half_step(state.momentum, thermostat, kT)
-        state, energy = _verlet(value_and_force, shift_fn, dt, state.set(momentum=p), kwargs)
+        state, energy, extra = _verlet(value_and_force, shift_fn, dt, state.set(momentum=p), kwargs)
         thermostat = thermostat.set(kinetic_energy=kinetic_energy(state.momentum, state.mass))
         p, thermostat = chain.half_step(state.momentum, thermostat, kT)
-        return state.set(momentum=p, chain=thermostat), StepAux(energy, jnp.zeros_like(energy))
+        return state.set(momentum=p, chain=thermostat), StepAux(energy, jnp.zeros_like(energy), extra)
 
     return step
 

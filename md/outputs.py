@@ -63,6 +63,9 @@ class RunOutputs:
       ensemble: stored in the restart meta (a restart checks it).
       restart_step: None for a new run (files overwritten); else continue the files, dropping frames
         and rows after this step.
+      uncertainty: write σ_E and the largest σ_F of each frame (thermo columns ``energy_uncertainty_eV``,
+        ``max_forces_uncertainty_eV_per_A``; H5MD observables ``energy_uncertainty``,
+        ``max_forces_uncertainty``).
     """
 
     def __init__(
@@ -76,8 +79,10 @@ class RunOutputs:
         frame_interval_ps: float,
         ensemble: str,
         restart_step: int | None = None,
+        uncertainty: bool = False,
     ) -> None:
         self.periodic = periodic
+        self.uncertainty = uncertainty
         self.write_forces = write_forces
         self.frame_interval_ps = float(frame_interval_ps)
         self.ensemble = ensemble
@@ -89,6 +94,8 @@ class RunOutputs:
                 obs = ("potential_energy", "kinetic_energy", "total_energy", "temperature", "conserved_energy", "dt")
                 if periodic:
                     obs = (*obs, "pressure", "volume")
+                if uncertainty:
+                    obs = (*obs, "energy_uncertainty", "max_forces_uncertainty")
                 self.writer = H5MDWriter(
                     trajectory,
                     atoms.get_atomic_numbers(),
@@ -101,7 +108,10 @@ class RunOutputs:
                 if restart:
                     self.writer.truncate_after_step(restart_step)
             if thermo is not None:
-                self.thermo_log = ThermoLog(thermo, periodic=periodic, append=restart, extra_columns=("conserved_eV",))
+                extra = ("conserved_eV",)
+                if uncertainty:
+                    extra = (*extra, "energy_uncertainty_eV", "max_forces_uncertainty_eV_per_A")
+                self.thermo_log = ThermoLog(thermo, periodic=periodic, append=restart, extra_columns=extra)
                 if restart:
                     self.thermo_log.truncate_after_step(restart_step)
         except BaseException:
@@ -115,6 +125,9 @@ class RunOutputs:
             periodic_columns = (
                 {"pressure": np.array([frame.pressure]), "volume": np.array([frame.volume])} if self.periodic else {}
             )
+            if self.uncertainty:
+                periodic_columns["energy_uncertainty_eV"] = np.array([frame.energy_uncertainty])
+                periodic_columns["max_forces_uncertainty_eV_per_A"] = np.array([frame.max_forces_uncertainty])
             self.thermo_log.write(
                 np.array([frame.step]),
                 np.array([frame.time_ps]),
@@ -138,6 +151,9 @@ class RunOutputs:
         if self.periodic:
             observables["pressure"] = frame.pressure
             observables["volume"] = frame.volume
+        if self.uncertainty:
+            observables["energy_uncertainty"] = frame.energy_uncertainty
+            observables["max_forces_uncertainty"] = frame.max_forces_uncertainty
         self.writer.write(
             frame.step,
             frame.time_ps,

@@ -132,6 +132,8 @@ OBSERVABLE_UNITS: dict[str, str] = {
     "volume": "Angstrom3",
     "conserved_energy": "eV",
     "dt": "ps",  # time between frames: MDAnalysis takes its Timestep.dt from an observable of this name
+    "energy_uncertainty": "eV",  # calibrated σ_E (potentials with an uncertainty)
+    "max_forces_uncertainty": "eV Angstrom-1",  # largest calibrated σ_F over the atoms
 }
 _BASE_OBSERVABLES = ("potential_energy", "kinetic_energy", "total_energy", "temperature")
 _PERIODIC_OBSERVABLES = ("pressure", "volume")

@@ -26,6 +26,7 @@ from equiforce.md.engine import MDBlowUpError, MDConfig, MDEngine, ThermoFrame
 from equiforce.md.outputs import RunOutputs, restore_state
 from equiforce.md.reporters import read_h5md, read_restart_state
 from equiforce.md.system import make_system
+from equiforce.md.uncertainty_monitor import UncertaintyMonitor, uncertain_frames_path
 from equiforce.potentials.model_io import enable_x64_for, load_model
 from equiforce.potentials.potential import Potential
 
@@ -47,6 +48,10 @@ class MDResult:
       fluctuation_meV_per_atom: standard deviation of the conserved quantity around its linear fit.
       reallocations: neighbour-list reallocations.
       final_atoms: the last state as ``ase.Atoms`` (velocities set).
+      uncertainty_events: the uncertainty crossings (step, time_ps, atom, max_forces_uncertainty eV/Å,
+        energy_uncertainty eV), see :mod:`equiforce.md.uncertainty_monitor`.
+      stopped_because: None for a run that ran its steps, else why it stopped early (the uncertainty
+        threshold with ``uncertainty_action="stop"``).
     """
 
     frames: list[ThermoFrame]
@@ -59,6 +64,8 @@ class MDResult:
     fluctuation_meV_per_atom: float
     reallocations: int
     final_atoms: Any
+    uncertainty_events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    stopped_because: str | None = None
 
 
 def load_structure(spec: str | Path) -> Any:
@@ -126,6 +133,10 @@ def run_md(
     progress: bool = True,
     max_temperature_K: float = 1.0e5,
     precision: str | None = None,
+    uncertainty_threshold: float | None = None,
+    uncertainty_action: str = "record",
+    uncertainty_min_spacing: int = 100,
+    uncertain_frames: str | Path | None = None,
     log: Callable[[str], None] | None = None,
 ) -> MDResult:
     """Run MD of ``atoms`` with a trained potential.
@@ -157,6 +168,13 @@ def run_md(
       precision: ``float32``, ``float64`` or ``mixed`` (float32 network; float64 positions, per-atom energy
         sums and integrator); default: the potential's dtype. ``float64`` and ``mixed`` switch on JAX's
         64-bit types (``jax_enable_x64``) if they are off.
+      uncertainty_threshold: σ_F in eV/Å (for a potential with an uncertainty; its σ_E and largest σ_F are
+        computed at every step and written to the thermo log and trajectory). A step whose largest σ_F
+        exceeds it is acted on as ``uncertainty_action`` says: ``record`` writes the configuration to
+        ``uncertain_frames`` (default ``<trajectory or thermo stem>_uncertain.extxyz``; none without output
+        files) at most once per ``uncertainty_min_spacing`` steps and per chunk; ``stop`` also ends the run
+        after the chunk, keeping its trajectory frame (``MDResult.stopped_because`` names the step, atom and
+        σ_F). See :mod:`equiforce.md.uncertainty_monitor`.
 
     Returns:
       An :class:`MDResult`.
@@ -168,8 +186,9 @@ def run_md(
       DataError / UnknownSpeciesError: bad structure (see :func:`equiforce.md.system.check_structure`) or
         unreadable structure file.
       FileNotFoundError: a missing structure file.
-      ValueError: ``more_steps`` without ``restart``, ``restart`` without ``trajectory``, or a restart file
-        written by another ensemble.
+      ValueError: ``more_steps`` without ``restart``, ``restart`` without ``trajectory``, a restart file
+        written by another ensemble, an ``uncertainty_threshold`` that is not a finite number > 0 or is given
+        for a potential without an uncertainty, an unknown ``uncertainty_action``.
     """
     log = log or tqdm.write
     if more_steps is not None and not restart:
@@ -198,11 +217,19 @@ def run_md(
         skin=skin,
         max_temperature_K=max_temperature_K,
         seed=seed,
+        uncertainty_threshold=uncertainty_threshold,
     )
     system = make_system(
         potential, params, atoms, skin=skin, fractional=ensemble == "npt_nose_hoover", precision=precision
     )
     engine = MDEngine(system, config, log=log)
+    monitor = None
+    if uncertainty_threshold is not None:
+        stem = trajectory or thermo
+        path = uncertain_frames or (uncertain_frames_path(stem) if stem is not None else None)
+        monitor = UncertaintyMonitor(
+            atoms, uncertainty_action, uncertainty_min_spacing, None if path is None else Path(path), timestep_fs
+        )
     velocities = atoms.get_velocities() if np.any(atoms.get_velocities()) else None
     state = engine.init(atoms.get_positions(), velocities)
     stored = _read_restart_point(trajectory, log) if restart else None
@@ -210,6 +237,8 @@ def run_md(
         restart, more_steps = False, None  # a new run: its length is ``steps``
     else:
         state = _resume(engine, state, *stored, trajectory, ensemble, log)
+        if monitor is not None:
+            monitor.resume(engine.step)
     target = int(np.ceil(steps / report_interval)) * report_interval
     if more_steps is not None:
         target = engine.step + int(np.ceil(more_steps / report_interval)) * report_interval
@@ -229,11 +258,13 @@ def run_md(
         frame_interval_ps=report_interval * timestep_fs / 1000.0,
         ensemble=ensemble,
         restart_step=engine.step if restart else None,
+        uncertainty=engine.uncertain,
     )
     frames: list[ThermoFrame] = []
     bar = tqdm(total=n_chunks * report_interval, disable=not progress, unit="step", dynamic_ncols=True)
     t_first = t_start = time.perf_counter()
     first_chunk_s = float("nan")
+    stopped = None
     try:
         if not restart:
             frames.append(engine.observe(state))
@@ -257,6 +288,11 @@ def run_md(
             if k > 0:
                 rate = k * report_interval / (time.perf_counter() - t_start)
                 bar.set_postfix(T=f"{frame.temperature:.0f}K", ns_day=f"{rate * timestep_fs * 86400 / 1e6:.3g}")
+            stopped = None if monitor is None else monitor.after_chunk(engine)
+            if stopped is not None:
+                log(stopped)
+                n_chunks = k + 1
+                break
     finally:
         bar.close()
         outputs.close()
@@ -264,9 +300,11 @@ def run_md(
     wall = time.perf_counter() - t_start
     timed_steps = (n_chunks - 1) * report_interval
     steps_per_s = timed_steps / wall if timed_steps and wall > 0 else float("nan")
-    return _result(
+    result = _result(
         engine, state, atoms, frames, n_chunks * report_interval, wall, first_chunk_s, timestep_fs, steps_per_s
     )
+    events = [] if monitor is None else monitor.events
+    return dataclasses.replace(result, uncertainty_events=events, stopped_because=stopped)
 
 
 def _read_restart_point(

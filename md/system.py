@@ -18,6 +18,7 @@ from jax_md import partition, space
 from equiforce.data.errors import DataError
 from equiforce.data.neighbours import MIN_PAIR_DISTANCE, check_finite_positions, check_pair_distances
 from equiforce.potentials.potential import Potential
+from equiforce.potentials.uncertainty import predict_with_uncertainty
 
 __all__ = ["PRECISIONS", "MDSystem", "cell_heights", "check_structure", "make_system", "with_precision"]
 
@@ -85,6 +86,10 @@ class MDSystem:
         :attr:`half_list` an edge slot holds a pair (both directions).
       node_energy_fn: ``(positions, neighbor, *, edge_capacity=None, ...) -> [n_atoms]`` per-atom energies
         in eV, E0 excluded, in the dtype of the positions.
+      uncertainty_fn: for a potential with an uncertainty (see :mod:`equiforce.potentials.uncertainty`),
+        ``(positions, neighbor, *, edge_capacity=None, ...) -> (energy, forces, σ_E, σ_F [n_atoms])``: the
+        (mean) energy without E0 (eV), forces (eV/Å) and calibrated uncertainties (eV, eV/Å) from one pass;
+        None otherwise.
       e0_total: Σ_i E0[Z_i] in eV (float64, host).
       masses: ``[n_atoms]`` amu.
       box: ``[3, 3]`` jax-md box (lattice vectors as *columns*), or None for free space.
@@ -113,6 +118,7 @@ class MDSystem:
     precision: str = "float32"
     cell_list: bool = False
     half_list: bool = False
+    uncertainty_fn: Any = None
 
     def edge_count(self, positions: jnp.ndarray, neighbor: Any, **space_kwargs: Any) -> jnp.ndarray:
         """Number of edges within ``r_max`` (int32 scalar; traceable): pairs with :attr:`half_list`, directed
@@ -257,10 +263,7 @@ def make_system(
     def edge_count_fn(positions: jnp.ndarray, neighbor: Any, **kwargs: Any) -> jnp.ndarray:
         return jnp.sum(within_cutoff(positions, neighbor, space_kwargs_of(kwargs))[2], dtype=jnp.int32)
 
-    def node_energy_fn(
-        positions: jnp.ndarray, neighbor: Any, *, edge_capacity: int | None = None, **kwargs: Any
-    ) -> jnp.ndarray:
-        space_kwargs = space_kwargs_of(kwargs)
+    def edges(positions: jnp.ndarray, neighbor: Any, edge_capacity: int | None, space_kwargs: dict[str, Any]):
         if edge_capacity is None:
             vectors, senders, receivers, edge_mask = pairs(positions, neighbor, space_kwargs)
         else:
@@ -272,8 +275,14 @@ def make_system(
             senders = jnp.where(edge_mask, all_senders[slot], 0)
             receivers = jnp.where(edge_mask, all_receivers[slot], 0)
             vectors = edge_vectors(positions, senders, receivers, edge_mask, space_kwargs)
-        e = potential.node_energies_from_edges(
-            params,
+        return vectors, senders, receivers, edge_mask
+
+    def node_energies_with(
+        pot: Potential, p: Any, positions: jnp.ndarray, neighbor: Any, edge_capacity: int | None, kwargs: dict
+    ) -> jnp.ndarray:
+        vectors, senders, receivers, edge_mask = edges(positions, neighbor, edge_capacity, space_kwargs_of(kwargs))
+        e = pot.node_energies_from_edges(
+            p,
             vectors.astype(net_dtype),
             species,
             senders,
@@ -285,6 +294,27 @@ def make_system(
         )
         return e.astype(positions.dtype)
 
+    def node_energy_fn(
+        positions: jnp.ndarray, neighbor: Any, *, edge_capacity: int | None = None, **kwargs: Any
+    ) -> jnp.ndarray:
+        return node_energies_with(potential, params, positions, neighbor, edge_capacity, kwargs)
+
+    uncertainty_fn = None
+    uncertainty = potential.uncertainty_config
+    if uncertainty is not None:
+        single = potential.single()
+        node_graph = jnp.zeros((n,), jnp.int32)
+
+        def uncertainty_fn(positions: jnp.ndarray, neighbor: Any, *, edge_capacity: int | None = None, **kwargs: Any):
+            def member(p: Any, pos: jnp.ndarray) -> jnp.ndarray:
+                return node_energies_with(single, p, pos, neighbor, edge_capacity, kwargs)
+
+            pred = predict_with_uncertainty(
+                uncertainty, potential.model.last_layer, params, member, positions, node_graph, 1
+            )
+            sigma_f = pred.forces_uncertainty.astype(positions.dtype)
+            return jnp.sum(pred.node_energies), pred.forces, pred.energy_uncertainty[0].astype(positions.dtype), sigma_f
+
     def energy_fn(positions: jnp.ndarray, neighbor: Any, **kwargs: Any) -> jnp.ndarray:
         return jnp.sum(node_energy_fn(positions, neighbor, **kwargs))
 
@@ -294,6 +324,7 @@ def make_system(
         neighbor_fn=neighbor_fn,
         energy_fn=energy_fn,
         node_energy_fn=node_energy_fn,
+        uncertainty_fn=uncertainty_fn,
         edge_count_fn=edge_count_fn,
         masses=masses,
         box=box,

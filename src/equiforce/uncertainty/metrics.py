@@ -16,6 +16,7 @@ Energies are judged per structure (eV), forces per Cartesian component (eV/Å) w
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any
 
@@ -44,7 +45,7 @@ def uncertainty_metrics(errors: np.ndarray, sigma: np.ndarray) -> dict[str, floa
     observed = _observed_fractions(z)
     area = float(np.mean(np.abs(observed - _LEVELS)))
     order = np.argsort(sig)
-    n_top = max(1, int(round(0.1 * err.size)))
+    n_top = max(1, round(0.1 * err.size))
     top, rest = order[-n_top:], order[:-n_top]
     rho = stats.spearmanr(sig, err).statistic if np.ptp(sig) > 0 else float("nan")
     return {
@@ -90,8 +91,8 @@ def forces_per_structure(pred: Any) -> tuple[np.ndarray, np.ndarray]:
     """``(force RMSE, mean σ_F)`` per structure, eV/Å."""
     bounds = np.concatenate([[0], np.cumsum(pred.n_atoms)])
     df = np.asarray(pred.forces - pred.forces_ref)
-    rmse = np.array([np.sqrt(np.mean(df[a:b] ** 2)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
-    sig = np.array([np.mean(pred.forces_uncertainty[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    rmse = np.array([np.sqrt(np.mean(df[a:b] ** 2)) for a, b in itertools.pairwise(bounds)])
+    sig = np.array([np.mean(pred.forces_uncertainty[a:b]) for a, b in itertools.pairwise(bounds)])
     return rmse, sig
 
 
