@@ -2,13 +2,18 @@
 
     equiforce train CONFIG.yaml [key.sub=value ...] [--resume]
     equiforce evaluate MODEL.eqf DATA [--parity parity.png] [--batch-size 16] [--energy-unit eV]
+                 [--uncertainty [--plot-dir DIR]]
+    equiforce calibrate MODEL.eqf TRAIN_DATA [--valid VALID_DATA] [--out MODEL_calibrated.eqf]
+    equiforce select POOL --model MODEL.eqf --n N --out to_label.extxyz [--candidates 5]
     equiforce md MODEL.eqf STRUCTURE [--ensemble nvt_langevin] [--temperature 300] [--timestep 0.5]
                  [--steps N] [--out traj.h5] [--thermo thermo.csv] [--restart [--more-steps N]]
-                 [--no-progress]
+                 [--no-progress] [--uncertainty-threshold S [--uncertainty-action record|stop]]
     equiforce md --repair traj.h5
     equiforce info MODEL.eqf
     equiforce benchmark rmd17 [--molecules aspirin ethanol] [--models mace nequip ...] [--split 1]
                  [--budget-minutes 30] [--size cpu|paper] [--data-dir DIR] [--out DIR]
+    equiforce benchmark stability MODEL.eqf [STRUCTURE] [--reference DATA] [--temperature 500] [--time-ps 10]
+                 [--seeds 0 1 2] [--uncertainty-threshold S] [--out DIR]
 
 Nothing imports this module; every command calls the same functions a Python user calls.
 """
@@ -43,19 +48,25 @@ def _enable_x64_for(model_path: str) -> None:
     enable_x64_for(model_path)
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
+def _read_data(spec: str, fmt: str | None = None, energy_unit: str = "eV"):
     from equiforce.data.readers import load_sample, read_structures
+
+    if spec.startswith("sample:"):
+        return load_sample(spec.split(":", 1)[1])
+    kwargs = {} if energy_unit == "eV" else {"energy_unit": energy_unit}
+    return read_structures(spec, format=fmt, **kwargs)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
     from equiforce.potentials.model_io import load_model
     from equiforce.training.evaluate import compute_metrics, predict
     from equiforce.training.plots import parity_plot
 
     _enable_x64_for(args.model)
     potential, params, _ = load_model(args.model)
-    if args.data.startswith("sample:"):
-        structures = load_sample(args.data.split(":", 1)[1])
-    else:
-        kwargs = {} if args.energy_unit == "eV" else {"energy_unit": args.energy_unit}
-        structures = read_structures(args.data, format=args.format, **kwargs)
+    structures = _read_data(args.data, args.format, args.energy_unit)
+    if args.uncertainty:
+        return _evaluate_uncertainty(args, potential, params, structures)
     pred = predict(potential, params, structures, batch_size=args.batch_size)
     metrics = compute_metrics(pred)
     print(f"{args.model} on {args.data} ({len(structures)} structures):")
@@ -66,6 +77,121 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.parity:
         parity_plot(pred, args.parity, title=f"{Path(args.model).name} on {Path(args.data).name}")
         print(f"parity plot written to {args.parity}")
+    return 0
+
+
+def _evaluate_uncertainty(args: argparse.Namespace, potential, params, structures) -> int:
+    from equiforce.uncertainty.calibration import UncertaintyError, predict_uncertainties
+    from equiforce.uncertainty.metrics import plot_reliability, plot_sigma_vs_error, uncertainty_report
+
+    if potential.uncertainty_config is None:
+        raise UncertaintyError(
+            f"{args.model} has no uncertainty: train a committee (model.ensemble_size > 1) or add the LLPR "
+            "uncertainty with `equiforce calibrate MODEL TRAIN_DATA`"
+        )
+    if structures.energy is None or structures.forces is None:
+        raise UncertaintyError(f"{args.data}: judging an uncertainty needs energy and forces labels")
+    pred = predict_uncertainties(potential, params, structures, batch_size=args.batch_size)
+    report = uncertainty_report(pred)
+    method = potential.uncertainty_config.method
+    print(f"{args.model} ({method} uncertainty) on {args.data} ({len(structures)} structures):")
+    print(f"  {'':22s} {'energy (eV)':>14s} {'forces (eV/Å)':>14s}")
+    names = [
+        ("rmse", "RMSE"),
+        ("mean_sigma", "mean σ"),
+        ("nll", "Gaussian NLL"),
+        ("miscalibration_area", "miscalibration area"),
+        ("coverage_68", "coverage 68 %"),
+        ("coverage_95", "coverage 95 %"),
+        ("spearman", "Spearman ρ(σ, |err|)"),
+        ("mae_top10", "MAE, top 10 % σ"),
+        ("mae_rest", "MAE, other 90 %"),
+    ]
+    for key, label in names:
+        print(f"  {label:22s} {report['energy'][key]:14.5f} {report['forces'][key]:14.5f}")
+    if "forces_per_structure_spearman" in report:
+        print(f"  per-structure Spearman ρ(mean σ_F, force RMSE): {report['forces_per_structure_spearman']:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    out = Path(args.plot_dir)
+    stem = f"{Path(args.model).stem}_{Path(args.data.replace(':', '_')).stem}"
+    plot_reliability(pred, out / f"{stem}_reliability.png")
+    plot_sigma_vs_error(pred, out / f"{stem}_sigma_vs_error.png")
+    print(f"plots written to {out / (stem + '_reliability.png')} and {out / (stem + '_sigma_vs_error.png')}")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from equiforce.data.splits import random_split
+    from equiforce.potentials.model_io import load_model, save_model
+    from equiforce.uncertainty.calibration import UncertaintyError, calibrate
+
+    _enable_x64_for(args.model)
+    potential, params, header = load_model(args.model)
+    data = _read_data(args.data, args.format, args.energy_unit)
+    if args.valid is not None:
+        train, valid = data, _read_data(args.valid, args.format, args.energy_unit)
+    elif potential.ensemble_size > 1:
+        train, valid = None, data
+    else:
+        n_valid = max(2, round(args.valid_fraction * len(data)))
+        if n_valid >= len(data):
+            raise UncertaintyError(f"{args.data}: {len(data)} structures are too few to split off a validation set")
+        t_idx, v_idx = random_split(len(data), sizes=(len(data) - n_valid, n_valid), seed=args.seed)
+        train, valid = data.subset(t_idx), data.subset(v_idx)
+    for s, name in ((valid, "validation"),):
+        if s.forces is None or s.energy is None:
+            raise UncertaintyError(f"calibrating needs energy and forces labels in the {name} data")
+    potential, params, record = calibrate(potential, params, valid, train=train, batch_size=args.batch_size, log=print)
+    metadata = dict(header.get("metadata", {}))
+    metadata["uncertainty"] = {**record, "calibrated_with": {"data": args.data, "valid": args.valid}}
+    out = args.out or str(Path(args.model).with_name(Path(args.model).stem + "_calibrated.eqf"))
+    save_model(out, potential, params, metadata)
+    print(f"calibrated model written to {out}")
+    return 0
+
+
+def _cmd_select(args: argparse.Namespace) -> int:
+    from equiforce.potentials.model_io import load_model
+    from equiforce.uncertainty.select import read_pool, select_structures, write_selection
+
+    _enable_x64_for(args.model)
+    potential, params, _ = load_model(args.model)
+    pool = read_pool(args.pool, args.format)
+    idx, sigma = select_structures(
+        potential, params, pool, args.n, candidates=args.candidates, batch_size=args.batch_size
+    )
+    write_selection(args.out, pool, idx, sigma)
+    print(
+        f"{len(idx)} of {len(pool)} structures selected (mean σ_F {1e3 * sigma[idx].mean():.1f} meV/Å against "
+        f"{1e3 * sigma.mean():.1f} meV/Å over the pool), written to {args.out}"
+    )
+    return 0
+
+
+def _cmd_benchmark_stability(args: argparse.Namespace) -> int:
+    from equiforce.benchmark.stability import run_stability, stability_table, write_results
+    from equiforce.md.run import load_structure
+    from equiforce.potentials.model_io import load_model
+
+    _enable_x64_for(args.model)
+    potential, params, _ = load_model(args.model)
+    atoms = load_structure(args.structure)
+    reference = None if args.reference is None else _read_data(args.reference, args.format)
+    runs = run_stability(
+        (potential, params),
+        atoms,
+        reference=reference,
+        seeds=tuple(args.seeds),
+        temperature_K=args.temperature,
+        time_ps=args.time_ps,
+        timestep_fs=args.timestep,
+        uncertainty_threshold=args.uncertainty_threshold,
+    )
+    title = f"{Path(args.model).name}: {atoms.get_chemical_formula()} NVT {args.temperature:g} K, {args.time_ps:g} ps"
+    table = stability_table(runs, title=title, time_ps=args.time_ps)
+    write_results(Path(args.out), runs, table)
+    print(table)
     return 0
 
 
@@ -109,7 +235,13 @@ def _cmd_md(args: argparse.Namespace) -> int:
         more_steps=args.more_steps,
         progress=not args.no_progress,
         precision=args.precision,
+        uncertainty_threshold=args.uncertainty_threshold,
+        uncertainty_action=args.uncertainty_action,
+        uncertainty_min_spacing=args.uncertainty_min_spacing,
+        uncertain_frames=args.uncertain_frames,
     )
+    if result.stopped_because:
+        print(result.stopped_because)
     if not result.frames:  # a restart of a finished run
         return 0
     last = result.frames[-1]
@@ -204,7 +336,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--parity", default=None, help="write a parity plot PNG here")
     p.add_argument("--json", default=None, help="write the metrics as JSON here")
+    p.add_argument(
+        "--uncertainty",
+        action="store_true",
+        help="judge the model's uncertainty: NLL, miscalibration area, coverage, Spearman ρ; reliability and "
+        "σ-versus-error plots",
+    )
+    p.add_argument("--plot-dir", default=".", help="folder of the --uncertainty plots")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="add the calibrated LLPR uncertainty to a trained single model (or re-calibrate a committee)",
+    )
+    p.add_argument("model", help="model file (.eqf)")
+    p.add_argument("data", help="training data (LLPR features); split into train/validation without --valid")
+    p.add_argument("--valid", default=None, help="validation data for the calibration factors")
+    p.add_argument("--valid-fraction", type=float, default=0.1, help="without --valid: fraction of DATA held out")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+    p.add_argument("--out", default=None, help="output model file (default: MODEL_calibrated.eqf)")
+    p.add_argument("--format", default=None)
+    p.add_argument("--energy-unit", default="eV")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("select", help="pick structures to label by uncertainty and diversity (active learning)")
+    p.add_argument("pool", help="pool of structures: extxyz, ASE db, any readable file, or an H5MD trajectory")
+    p.add_argument("--model", required=True, help="model file with an uncertainty")
+    p.add_argument("--n", type=int, required=True, help="how many structures to pick")
+    p.add_argument("--out", required=True, help="extxyz file of the picked structures (no labels)")
+    p.add_argument(
+        "--candidates", type=float, default=5.0, help="farthest-point sampling among the n x this most uncertain"
+    )
+    p.add_argument("--format", default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=_cmd_select)
 
     p = sub.add_parser("md", help="molecular dynamics with a trained model (jax-md, jit-compiled)")
     p.add_argument("model", nargs="?", help="model file (.eqf)")
@@ -247,6 +413,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="network/integrator precision (default: the model's dtype); mixed: float32 network, float64 "
         "positions, energy sums and integrator",
     )
+    p.add_argument(
+        "--uncertainty-threshold",
+        type=float,
+        default=None,
+        help="σ_F in eV/Å above which a step counts as uncertain (models with an uncertainty)",
+    )
+    p.add_argument("--uncertainty-action", default="record", choices=["record", "stop"])
+    p.add_argument("--uncertainty-min-spacing", type=int, default=100, help="steps between recorded frames")
+    p.add_argument(
+        "--uncertain-frames", default=None, help="extxyz of the uncertain frames (default: OUT_uncertain.extxyz)"
+    )
     p.set_defaults(func=_cmd_md)
 
     p = sub.add_parser("info", help="print a model file's header (config, species, E0s, metrics)")
@@ -279,6 +456,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retrain even where a finished run exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_benchmark_rmd17)
+
+    p = bench.add_parser("stability", help="MD stability (Fu et al., arXiv:2210.07237): time to the first broken bond")
+    p.add_argument("model")
+    p.add_argument("structure", nargs="?", default="sample:test:0", help="starting molecule (default: aspirin)")
+    p.add_argument("--reference", default=None, help="reference DFT frames (equilibrium bonds, h(r))")
+    p.add_argument("--format", default=None)
+    p.add_argument("--temperature", type=float, default=500.0, help="K")
+    p.add_argument("--time-ps", type=float, default=10.0, help="simulated time per seed, ps")
+    p.add_argument("--timestep", type=float, default=0.5, help="fs")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--uncertainty-threshold", type=float, default=None, help="σ_F, eV/Å")
+    p.add_argument("--out", default="runs/benchmark_stability")
+    p.set_defaults(func=_cmd_benchmark_stability)
     return parser
 
 
