@@ -55,31 +55,6 @@ def _split(shared: Path, args: argparse.Namespace):
     return train, valid, sets, cut, high
 
 
-def stretched(structures, stretch: float, seed: int):
-    """Each structure with one random C-H bond stretched by ``stretch`` Å (the H moved along the bond);
-    labels dropped (no reference for the new geometry)."""
-    from equiforce.data.structures import StructureSet
-
-    rng = np.random.default_rng(seed)
-    atoms = []
-    for k in range(len(structures)):
-        a = structures.to_atoms(k)
-        a.calc = None
-        z = a.get_atomic_numbers()
-        pos = a.get_positions()
-        h = rng.choice(np.flatnonzero(z == 1))
-        c_idx = np.flatnonzero(z == 6)
-        c = c_idx[np.argmin(np.linalg.norm(pos[c_idx] - pos[h], axis=1))]
-        if np.linalg.norm(pos[h] - pos[c]) > 1.3:  # the H of an OH group: stretch its O-H bond instead
-            o_idx = np.flatnonzero(z == 8)
-            c = o_idx[np.argmin(np.linalg.norm(pos[o_idx] - pos[h], axis=1))]
-        bond = pos[h] - pos[c]
-        pos[h] += stretch * bond / np.linalg.norm(bond)
-        a.set_positions(pos)
-        atoms.append(a)
-    return StructureSet.from_atoms(atoms)
-
-
 def _write(path: Path, s) -> None:
     import ase.io
 
@@ -191,6 +166,8 @@ def main() -> None:
     train, valid, sets, cut, high = _split(args.shared, args)
     _write(args.out / "train.extxyz", train)
     _write(args.out / "valid.extxyz", valid)
+    from equiforce.benchmark.shift import stretched
+
     stretch_set = stretched(sets["in distribution"].subset(np.arange(50)), args.stretch, args.seed)
     print(
         f"train {len(train)} / valid {len(valid)} frames with E <= {cut:.3f} eV; high-energy test: "
