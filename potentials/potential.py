@@ -225,7 +225,8 @@ class Potential:
         params = jax.tree.map(lambda x: x.astype(self.jnp_dtype), params)
         if self.uncertainty is not None and self.uncertainty.method == "llpr":
             w, _ = split_last_layer(self.model.last_layer, params)
-            params = {**params, "llpr": {"projection": jnp.zeros((w.shape[0], w.shape[0]), self.jnp_dtype)}}
+            zeros = jnp.zeros((w.shape[0], w.shape[0]), self.jnp_dtype)
+            params = {**params, "llpr": {"projection": zeros, "force_projection": zeros}}
         return params
 
     # ------------------------------------------------------------------ physics

@@ -17,19 +17,22 @@ rigidity formalism for low-cost uncertainties in trained neural networks", arXiv
     model config's ``last_layer`` patterns), so a per-atom energy is ``e_i = g_i · w + c_i`` with
     ``g_i = ∂e_i/∂w`` the atom's last-layer features. With ``G_s = Σ_{i∈s} g_i`` the features of a
     structure and ``A = Σ_train G_s G_sᵀ + ς² I``, the LLPR energy uncertainty is
-    ``σ_E = α_E sqrt(G_sᵀ A⁻¹ G_s)`` (Bigi et al., Eq. 8). For forces we use the *local* prediction rigidity
-    of each atom's energy, ``σ_F[i] = α_F sqrt(g_iᵀ A⁻¹ g_i)`` (S. Chong et al., "Robustness of local
-    predictions in atomistic machine learning models", J. Chem. Theory Comput. 19, 8020 (2023),
-    arXiv:2306.15638), with ``α_F`` calibrated on force errors. The exact LLPR force covariance would need
-    ``∂g/∂positions``, one backward pass per feature; the local form costs one batched forward-mode product
-    through the last layer, so MD can compute it at every step.
+    ``σ_E = α_E sqrt(G_sᵀ A⁻¹ G_s)`` (Bigi et al., Eq. 8). The exact LLPR force covariance would need
+    ``∂G/∂positions``, one backward pass per feature. Instead σ_F uses the prediction rigidity of each atom's
+    *local* energy (S. Chong et al., "Robustness of local predictions in atomistic machine learning models",
+    J. Chem. Theory Comput. 19, 8020 (2023), arXiv:2306.15638) against the Gram matrix of the training
+    *atoms'* features, ``A_F = Σ_train atoms g_j g_jᵀ + ς_F² I``: ``σ_F[i] = α_F sqrt(g_iᵀ A_F⁻¹ g_i)``, large
+    for an atom whose environment's features are unlike those of the training atoms. It needs no backward
+    pass beyond the force's own, so MD computes it at every step. (Measured on aspirin, ``BENCHMARKS.md``:
+    the structure-level ``A`` and an LLPR ensemble of sampled last-layer weights ranked force errors worse.)
 
     Why LLPR: it needs no second network and no retraining, so ``equiforce calibrate`` adds it to any
     trained model file of any registered model; the shallow-ensemble alternative (Kellner & Ceriotti,
     arXiv:2402.16621) needs training with its own loss.
 
-The stored LLPR state is the matrix ``L`` with ``Lᵀ L = A⁻¹`` (so ``σ² = |L g|²``, a sum of squares that
-float32 cannot make negative), in the parameter collection ``"llpr"`` beside the network's ``"params"``.
+The stored LLPR state is the matrices ``L`` with ``Lᵀ L = A⁻¹`` (``projection``) and ``L_F`` with
+``L_Fᵀ L_F = A_F⁻¹`` (``force_projection``), so ``σ² = |L g|²``, a sum of squares that float32 cannot make
+negative, in the parameter collection ``"llpr"`` beside the network's ``"params"``.
 Calibration factors (``α``) are in :class:`UncertaintyConfig`.
 """
 
@@ -66,6 +69,7 @@ class UncertaintyConfig:
       energy_scale: calibration factor multiplying the raw ``σ_E`` (1: uncalibrated).
       forces_scale: calibration factor multiplying the raw ``σ_F``.
       regularizer: LLPR's ``ς²`` (in units of the features squared); unused by committees.
+      force_regularizer: the ``ς_F²`` of the atom-level Gram matrix of LLPR's σ_F.
       calibration: a short description of the data the factors were fitted on ("" when uncalibrated).
 
     Raises:
@@ -76,6 +80,7 @@ class UncertaintyConfig:
     energy_scale: float = 1.0
     forces_scale: float = 1.0
     regularizer: float = 0.0
+    force_regularizer: float = 0.0
     calibration: str = ""
 
     def __post_init__(self) -> None:
@@ -85,8 +90,10 @@ class UncertaintyConfig:
             v = float(getattr(self, name))
             if not (v > 0 and v < float("inf")):
                 raise ValueError(f"uncertainty {name} must be finite and positive, got {v}")
-        if not (float(self.regularizer) >= 0 and float(self.regularizer) < float("inf")):
-            raise ValueError(f"uncertainty regularizer must be finite and >= 0, got {self.regularizer}")
+        for name in ("regularizer", "force_regularizer"):
+            v = float(getattr(self, name))
+            if not (v >= 0 and v < float("inf")):
+                raise ValueError(f"uncertainty {name} must be finite and >= 0, got {v}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -171,7 +178,7 @@ def predict_with_uncertainty(
       config: method and calibration.
       last_layer: the model config's last-layer patterns (LLPR).
       params: committee: variables with every leaf stacked on a leading axis of size K; LLPR: the network's
-        variables plus the ``"llpr"`` collection ``{"projection": [P, P]}``.
+        variables plus the ``"llpr"`` collection ``{"projection": [P, P], "force_projection": [P, P]}``.
       member_node_energies: ``(variables of one network, positions) -> [n_nodes]`` per-atom energies, eV,
         zero on padding.
       positions: ``[n_nodes, 3]`` what the forces are the negative gradient with respect to.
@@ -203,19 +210,25 @@ def predict_with_uncertainty(
     w, rebuild = split_last_layer(last_layer, params)
     basis = jnp.eye(w.shape[0], dtype=w.dtype)
 
-    def total(pos: jnp.ndarray) -> tuple[jnp.ndarray, tuple[jnp.ndarray, jnp.ndarray]]:
+    def features(pos: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
         def e_of(w_: jnp.ndarray) -> jnp.ndarray:
             return member_node_energies(rebuild(w_), pos)
 
         # e is linear in w: the forward-mode products only run through the last layer (the rest is unbatched)
         e, g = jax.vmap(lambda t: jax.jvp(e_of, (w,), (t,)), out_axes=(None, 0))(basis)  # [N], [P, N]
+        return g, e
+
+    proj = projection.astype(w.dtype)
+    proj_f = params["llpr"]["force_projection"].astype(w.dtype)
+
+    def total(pos: jnp.ndarray):
+        g, e = features(pos)
         return jnp.sum(e), (e, jax.lax.stop_gradient(g))
 
     grad, (e, g) = jax.grad(total, has_aux=True)(positions)
-    proj = projection.astype(g.dtype)
-    z_atoms = proj @ g  # [P, N]
+    sigma_f = jnp.sqrt(jnp.sum((proj_f @ g) ** 2, axis=0))
+    g = jax.lax.stop_gradient(g)
     z_graphs = proj @ _segment_sum(g.T, node_graph, n_graphs).T  # [P, G]
-    sigma_f = jnp.sqrt(jnp.sum(z_atoms**2, axis=0))
     sigma_e = jnp.sqrt(jnp.sum(z_graphs**2, axis=0))
     return UncertainPrediction(
         e, -grad, config.energy_scale * sigma_e, config.forces_scale * sigma_f.astype(e.dtype), None

@@ -177,7 +177,42 @@ def _features(
 
 
 def _nll(errors: np.ndarray, sigma2: np.ndarray) -> float:
+    """Mean Gaussian negative log-likelihood."""
     return float(np.mean(0.5 * np.log(2 * np.pi * sigma2) + 0.5 * errors**2 / sigma2))
+
+
+def _projections(gram: np.ndarray) -> list[tuple[float, float, np.ndarray]]:
+    """``(λ, ς², L)`` with ``Lᵀ L = (gram + ς² I)⁻¹`` for ``ς² = λ · tr(gram)/P``, λ in :data:`LLPR_REGULARIZERS`.
+
+    Raises:
+      UncertaintyError: features that are all zero.
+    """
+    mean_eig = float(np.trace(gram)) / gram.shape[0]
+    if not mean_eig > 0:
+        raise UncertaintyError("the training set's last-layer features are all zero: cannot fit LLPR")
+    eigval, eigvec = np.linalg.eigh(gram)
+    out = []
+    for lam in LLPR_REGULARIZERS:
+        reg = float(lam * mean_eig)
+        out.append((float(lam), reg, (eigvec / np.sqrt(np.maximum(eigval, 0.0) + reg)).T))
+    return out
+
+
+def _best_scale(errors: np.ndarray, projections, features: np.ndarray, repeat: int) -> tuple[float, float, float]:
+    """The ``(λ, ς², L, α)`` of lowest Gaussian NLL of ``errors`` under ``σ = α |L g|`` (ML ``α`` per ``L``)."""
+    best = None
+    for lam, reg, proj in projections:
+        s2 = np.sum((proj @ features.T) ** 2, axis=0)
+        if not np.all(s2 > 0):
+            continue
+        s2 = np.repeat(s2, repeat)
+        alpha = fit_scale(errors, np.sqrt(s2))
+        score = _nll(errors, alpha**2 * s2)
+        if best is None or score < best[0]:
+            best = (score, lam, reg, proj, alpha)
+    if best is None:
+        raise UncertaintyError("LLPR gave zero uncertainty on every validation structure: cannot calibrate")
+    return best[1:]
 
 
 def fit_llpr(
@@ -191,10 +226,11 @@ def fit_llpr(
 ) -> tuple[Potential, Any, dict[str, Any]]:
     """Add the calibrated last-layer prediction rigidity to a single trained network.
 
-    ``A = Σ_train G_s G_sᵀ`` from the training structures' last-layer features (labels not needed); for each
-    regulariser ``ς² = λ · tr(A)/P`` with λ in :data:`LLPR_REGULARIZERS` the factors ``α_E``, ``α_F`` are the
-    maximum-likelihood scales on the validation errors, and the ``ς²`` with the lowest sum of the energy and
-    force NLLs is kept.
+    From the training structures' last-layer features (labels not needed): ``A = Σ_s G_s G_sᵀ`` (energies) and
+    ``A_F = Σ_atoms g_j g_jᵀ`` (forces, local prediction rigidity; see
+    :mod:`equiforce.potentials.uncertainty`). For each regulariser ``ς² = λ · tr(A)/P`` with λ in
+    :data:`LLPR_REGULARIZERS` the factor ``α`` is the maximum-likelihood scale on the validation errors, and
+    the ``ς²`` with the lowest Gaussian NLL is kept, separately for energies and forces.
 
     Returns:
       ``(potential, params, record)``: the potential with ``uncertainty=UncertaintyConfig("llpr", ...)``,
@@ -209,46 +245,34 @@ def fit_llpr(
     _require_labels(valid, "validation")
     single = potential.single()
     net = network_params(params)
-    big_g, _ = _features(single, net, train, batch_size)
+    big_g, g_atoms = _features(single, net, train, batch_size)
     gv, gv_atoms = _features(single, net, valid, batch_size)
     pred = predict(single, net, valid, batch_size=batch_size)
     err_e = pred.energy - valid.energy
-    err_f = (pred.forces - valid.forces).reshape(-1, 3)
-    a = big_g.T @ big_g
-    n_p = a.shape[0]
-    eigval, eigvec = np.linalg.eigh(a)
-    mean_eig = float(np.trace(a)) / n_p
-    if not mean_eig > 0:
-        raise UncertaintyError("the training set's last-layer features are all zero: cannot fit LLPR")
-    best = None
-    for lam in LLPR_REGULARIZERS:
-        reg = lam * mean_eig
-        proj = (eigvec / np.sqrt(np.maximum(eigval, 0.0) + reg)).T  # L with Lᵀ L = (A + ς² I)⁻¹
-        s2_e = np.sum((proj @ gv.T) ** 2, axis=0)
-        s2_f = np.sum((proj @ gv_atoms.T) ** 2, axis=0)
-        if not (np.all(s2_e > 0) and np.all(s2_f > 0)):
-            continue
-        alpha_e = fit_scale(err_e, np.sqrt(s2_e))
-        alpha_f = fit_scale(err_f, np.sqrt(s2_f)[:, None] * np.ones((1, 3)))
-        score = _nll(err_e, alpha_e**2 * s2_e) + _nll(err_f, alpha_f**2 * s2_f[:, None])
-        if best is None or score < best[0]:
-            best = (score, reg, proj, alpha_e, alpha_f, lam)
-    if best is None:
-        raise UncertaintyError("LLPR gave zero uncertainty on every validation structure: cannot calibrate")
-    _, reg, proj, alpha_e, alpha_f, lam = best
+    err_f = (pred.forces - valid.forces).ravel()
+    lam_e, reg_e, proj_e, alpha_e = _best_scale(err_e, _projections(big_g.T @ big_g), gv, 1)
+    lam_f, reg_f, proj_f, alpha_f = _best_scale(err_f, _projections(g_atoms.T @ g_atoms), gv_atoms, 3)
+    n_p = big_g.shape[1]
     config = UncertaintyConfig(
         "llpr",
         energy_scale=alpha_e,
         forces_scale=alpha_f,
-        regularizer=reg,
+        regularizer=reg_e,
+        force_regularizer=reg_f,
         calibration=f"LLPR on {len(train)} training structures, scales on {len(valid)} validation structures",
     )
-    out_params = {**net, "llpr": {"projection": np.asarray(proj, np.dtype(potential.dtype))}}
+    dtype = np.dtype(potential.dtype)
+    out_params = {
+        **net,
+        "llpr": {"projection": np.asarray(proj_e, dtype), "force_projection": np.asarray(proj_f, dtype)},
+    }
     record = {
         "method": "llpr",
         "n_features": n_p,
-        "regularizer": float(reg),
-        "regularizer_relative": float(lam),
+        "regularizer": reg_e,
+        "regularizer_relative": lam_e,
+        "force_regularizer": reg_f,
+        "force_regularizer_relative": lam_f,
         "energy_scale": alpha_e,
         "forces_scale": alpha_f,
         "n_train": len(train),
@@ -256,8 +280,8 @@ def fit_llpr(
     }
     if log:
         log(
-            f"LLPR uncertainty: {n_p} last-layer features, ς² = {lam:.0e} x mean eigenvalue, "
-            f"α_E = {alpha_e:.4g}, α_F = {alpha_f:.4g}"
+            f"LLPR uncertainty: {n_p} last-layer features, ς² = {lam_e:.0e} (energies) and {lam_f:.0e} (forces) "
+            f"x mean eigenvalue, α_E = {alpha_e:.4g}, α_F = {alpha_f:.4g}"
         )
     return single.replace(uncertainty=config), out_params, record
 
