@@ -112,7 +112,7 @@ def _tables(models: dict, sets: dict, stretch_set) -> tuple[str, dict]:
         pred = predict_uncertainties(pot, params, stretch_set)
         record[f"{name} / stretched"] = {"mean_sigma_F": float(np.mean(pred.forces_uncertainty))}
         sigma = 1e3 * np.mean(pred.forces_uncertainty)
-        rows.append(f"| {name} | stretched C-H (no labels) |{' |' * 12} {sigma:.1f} |")
+        rows.append(f"| {name} | stretched C-H (no labels) |{' |' * 11} {sigma:.1f} |")
     head = (
         "| model | test set | E RMSE meV | E NLL | E miscal. area | E cover 68/95 | E ρ | F RMSE meV/Å | F NLL | "
         "F miscal. area | F cover 68/95 | F ρ | F ρ per structure | mean σ_F meV/Å |\n" + "|---" * 14 + "|"
