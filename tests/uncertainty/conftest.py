@@ -13,7 +13,7 @@ from equiforce.potentials import load_model
 from equiforce.training.config import load_config
 from equiforce.training.trainer import train
 
-HP = "model.hyperparameters={num_interactions: 1, num_features: 8, l_max: 1, parity: false}"
+HP = "model.hyperparameters={num_interactions: 2, num_features: 8, l_max: 1, correlation: 2}"
 
 
 @pytest.fixture(scope="session")
@@ -46,6 +46,7 @@ def _train(tmp, data, members: int) -> str:
             f"data.valid={tmp / 'valid.extxyz'}",
             "data.test=null",
             "model.dtype=float64",
+            "model.name=mace",
             HP,
             f"model.ensemble_size={members}",
             "optim.max_epochs=8",
