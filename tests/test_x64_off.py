@@ -1,7 +1,8 @@
 """The float32 user's real path: JAX's 64-bit types off for the whole process (JAX's default).
 
 Every other test process switches x64 on somewhere (float64 fixtures), and the switch is global, so this
-runs float32 training, the NVE gate, NVE and NPT MD and the calculator in a fresh subprocess that never
+runs float32 training (a committee of two, calibrated), the NVE gate, NVE and NPT MD with the per-step
+uncertainty, and the calculator in a fresh subprocess that never
 turns it on, and checks that x64 is still off at the end, that nothing is NaN, that energy is conserved,
 and that JAX printed no "float64 requested ... truncated" warning.
 """
@@ -31,6 +32,7 @@ SCRIPT = textwrap.dedent(
             f"output_dir={out}", "progress_bar=false", "data.train_size=20", "data.test=null",
             "model.dtype=float32", "model.hyperparameters={num_interactions: 1, num_features: 4, l_max: 1}",
             "optim.max_epochs=2", "optim.batch_size=5", "md_check.steps=200", "md_check.report_interval=50",
+            "model.ensemble_size=2",
         ])
         result = train(cfg, log=lambda _: None)
         model = str(result.model_path)
@@ -42,7 +44,12 @@ SCRIPT = textwrap.dedent(
                      progress=False, log=lambda _: None)
         atoms.calc = EquiforceCalculator(model)
         energy, forces, stress = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
+        sigma_e = atoms.calc.get_property("energy_uncertainty", atoms)
+        sigma_f = atoms.calc.get_property("forces_uncertainty", atoms)
     print(json.dumps({
+        "uncertainty": result.metadata["uncertainty"]["method"],
+        "sigma": [float(sigma_e), float(sigma_f.max())]
+        + [f.max_forces_uncertainty for f in nve.frames + npt.frames],
         "x64": bool(jax.config.jax_enable_x64),
         "history": [h["train_loss"] for h in result.history],
         "nve_drift": nve.drift_meV_per_atom_per_ps,
@@ -70,6 +77,8 @@ def test_float32_training_and_md_with_x64_off(tmp_path):
     assert all(map(_finite, report["npt_conserved"]))
     assert report["finite"] and all(map(_finite, report["calc"]))
     assert report["truncation_warnings"] == []
+    assert report["uncertainty"] == "committee"
+    assert all(_finite(x) and x > 0 for x in report["sigma"])
 
 
 def _finite(x: float) -> bool:

@@ -405,3 +405,20 @@ def test_resume_without_checkpoint_starts_from_scratch(tmp_path):
     result = train(_cfg(tmp_path / "empty", "optim.max_epochs=1"), resume=True, log=logged.append)
     assert any("no checkpoint" in m and "from scratch" in m for m in logged)
     assert result.model_path.is_file() and len(result.history) == 1
+
+
+def test_a_committee_member_equals_a_network_trained_alone(tmp_path):
+    """Member 0 of a committee trained in one program (vmapped, member-wise optimiser) has the parameters of a
+    single network trained with the same seed and data order; member 1 differs (independent init)."""
+    jax.config.update("jax_enable_x64", True)
+    common = ["model.dtype=float64", "model.uncertainty=false", "optim.max_epochs=2", "data.test_size=2"]
+    single = train(_cfg(tmp_path / "one", *common), log=lambda _: None)
+    committee = train(_cfg(tmp_path / "two", *common, "model.ensemble_size=2"), log=lambda _: None)
+    assert committee.potential.ensemble_size == 2
+    member0 = committee.potential.member_params(committee.params, 0)
+    member1 = committee.potential.member_params(committee.params, 1)
+    for a, b, c in zip(jax.tree.leaves(single.params), jax.tree.leaves(member0), jax.tree.leaves(member1), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12)
+        assert not np.allclose(c, a)
+    # the committee's training loss is its members' mean: member 0's curve is the single network's
+    assert [h["epoch"] for h in committee.history] == [1, 2]
