@@ -160,6 +160,8 @@ def main() -> None:
     ap.add_argument("--md-steps", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--reuse", action="store_true", help="load the models of an earlier run in --out")
+    ap.add_argument("--md-only", action="store_true", help="only the MD cost (with --reuse)")
     args = ap.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -173,17 +175,25 @@ def main() -> None:
         f"train {len(train)} / valid {len(valid)} frames with E <= {cut:.3f} eV; high-energy test: "
         f"{len(sets['high energy'])} frames with E >= {high:.3f} eV"
     )
-    single, t_single = _train(args.out / "single", args, 1)
-    committee, t_committee = _train(args.out / f"committee{args.members}", args, args.members)
-    print(f"training: single {t_single:.0f} s, committee of {args.members} {t_committee:.0f} s")
-    models = {
-        "LLPR (single)": (single.potential, single.params),
-        f"committee K={args.members}": (committee.potential, committee.params),
-    }
-    table, record = _tables(models, sets, stretch_set)
-    print(table)
-    plain = single.potential.single()
-    net = {k: v for k, v in single.params.items() if k != "llpr"}
+    if args.reuse:
+        from equiforce.potentials import load_model
+
+        single_model = load_model(args.out / "single" / "model.eqf")[:2]
+        committee_model = load_model(args.out / f"committee{args.members}" / "model.eqf")[:2]
+        t_single = t_committee = float("nan")
+    else:
+        single, t_single = _train(args.out / "single", args, 1)
+        committee, t_committee = _train(args.out / f"committee{args.members}", args, args.members)
+        print(f"training: single {t_single:.0f} s, committee of {args.members} {t_committee:.0f} s")
+        single_model = (single.potential, single.params)
+        committee_model = (committee.potential, committee.params)
+    models = {"LLPR (single)": single_model, f"committee K={args.members}": committee_model}
+    record = {}
+    if not args.md_only:
+        table, record = _tables(models, sets, stretch_set)
+        print(table)
+    plain = single_model[0].single()
+    net = {k: v for k, v in single_model[1].items() if k != "llpr"}
     md_models = {
         "single, no σ": (plain, net),
         "single + LLPR σ every step": models["LLPR (single)"],
