@@ -125,3 +125,15 @@ def test_example_configs_load_and_name_a_valid_model(path):
     model = config_from_dict({"name": cfg.model.name, **cfg.model.hyperparameters})
     assert model.name == cfg.model.name
     assert cfg.model.r_max > 0 and cfg.optim.batch_size >= 1
+
+
+@pytest.mark.slow
+def test_active_learning_example_runs(tmp_path):
+    """examples/active_learning.py --tiny: both strategies add the same number of frames per round."""
+    assert load_example("active_learning").main(["--tiny", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    for strategy in ("uncertainty", "random"):
+        rows = results[strategy]
+        assert [r["n_train"] for r in rows] == [10, 15]
+        assert all(np.isfinite(r["forces_mae_meV_per_A"]) for r in rows)
+    assert results["uncertainty"][0] == results["random"][0]  # the same round-0 model
