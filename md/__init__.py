@@ -4,10 +4,11 @@
   thermo CSV, exact restart.
 * :class:`MDEngine`, :func:`make_system` — the lower-level pieces (jax-md space, neighbour list, chunks).
 * :class:`EquiforceCalculator` — an ASE calculator for any ASE workflow.
+* :class:`UncertaintyMonitor` — what a run does when σ_F crosses ``uncertainty_threshold`` (record / stop).
 """
 
 from equiforce.md.calculator import EquiforceCalculator, bucket_size
-from equiforce.md.engine import ENSEMBLES, MDBlowUpError, MDConfig, MDEngine, ThermoFrame
+from equiforce.md.engine import ENSEMBLES, MDBlowUpError, MDConfig, MDEngine, ThermoFrame, UncertaintyCrossing
 from equiforce.md.reporters import (
     ASE_VELOCITY_TO_A_PER_PS,
     H5MDWriter,
@@ -18,6 +19,7 @@ from equiforce.md.reporters import (
 )
 from equiforce.md.run import MDResult, energy_drift, load_structure, run_md
 from equiforce.md.system import MDSystem, check_structure, make_system
+from equiforce.md.uncertainty_monitor import UncertaintyMonitor
 
 __all__ = [
     "ASE_VELOCITY_TO_A_PER_PS",
@@ -31,6 +33,8 @@ __all__ = [
     "MDSystem",
     "ThermoFrame",
     "ThermoLog",
+    "UncertaintyCrossing",
+    "UncertaintyMonitor",
     "bucket_size",
     "check_structure",
     "energy_drift",

@@ -92,8 +92,9 @@ def test_every_model_is_linear_in_its_last_layer(name):
 
 
 def test_llpr_sigma_matches_the_closed_form(shift_data, llpr):
-    """σ_E² = α² G_sᵀ (A + ς² I)⁻¹ G_s and σ_F,i² = α_F² g_iᵀ (A + ς² I)⁻¹ g_i, with G from finite differences of
-    the energy in the last-layer weights (independent of the forward-mode features) and A from the training set."""
+    """σ_E² = α² G_sᵀ (A + ς² I)⁻¹ G_s and σ_F,i² = α_F² g_iᵀ (A_F + ς_F² I)⁻¹ g_i, with g from finite differences
+    of the energy in the last-layer weights (independent of the forward-mode features), A from the training
+    structures and A_F from the training atoms."""
     potential, params = llpr
     cfg = potential.uncertainty
     net = network_params(params)
@@ -122,7 +123,8 @@ def test_llpr_sigma_matches_the_closed_form(shift_data, llpr):
     g_test = node_fd(test)
     big_g_test = np.add.reduceat(g_test, np.concatenate([[0], np.cumsum(test.n_atoms)])[:-1], axis=0)
     sigma_e = cfg.energy_scale * np.sqrt(np.einsum("sp,sp->s", big_g_test, np.linalg.solve(a, big_g_test.T).T))
-    sigma_f = cfg.forces_scale * np.sqrt(np.einsum("np,np->n", g_test, np.linalg.solve(a, g_test.T).T))
+    a_f = g_train.T @ g_train + cfg.force_regularizer * np.eye(w.shape[0])
+    sigma_f = cfg.forces_scale * np.sqrt(np.einsum("np,np->n", g_test, np.linalg.solve(a_f, g_test.T).T))
     pred = predict_uncertainties(potential, params, test)
     np.testing.assert_allclose(pred.energy_uncertainty, sigma_e, rtol=1e-6)
     np.testing.assert_allclose(pred.forces_uncertainty, sigma_f, rtol=1e-6)
