@@ -133,7 +133,7 @@ def test_model_is_saved_before_the_optional_steps(emt_run):
     out = cfg.resolve_path(cfg.output_dir)
     # when the NVE check started, model.eqf and final_metrics.json were already on disk
     early = seen["header"]["metadata"]["post_training"]
-    assert early["complete"] is False and early["pending"] == ["test_metrics", "nve_check"]
+    assert early["complete"] is False and early["pending"] == ["uncertainty", "test_metrics", "nve_check"]
     assert seen["final_metrics"]["valid_metrics"]["forces_mae_meV_per_A"] > 0
     # ... and were written again with the results, although the gate failed and train() raised
     assert err.result.model_path == out / "model.eqf"
@@ -145,6 +145,9 @@ def test_model_is_saved_before_the_optional_steps(emt_run):
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(err.result.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert potential == err.result.potential
+    # the single network got its calibrated LLPR uncertainty (periodic cells with stress)
+    assert potential.uncertainty.method == "llpr" and meta["uncertainty"]["method"] == "llpr"
+    assert 0 < meta["uncertainty"]["valid_report"]["forces"]["coverage_95"] <= 1
 
 
 def test_failed_optional_step_is_recorded_not_fatal(emt_run):
