@@ -321,17 +321,19 @@ class MDEngine:
         pressure = quantity.pressure(energy_at_box, state.position, box, ekin, neighbor=neighbor)
         return ekin, pressure, jnp.abs(jnp.linalg.det(box))
 
-    def _sigma_at(self, state: Any, neighbor: Any) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """``(σ_E, σ_F [n_atoms])`` at ``state`` (traceable; zeros without an uncertainty)."""
+    def _energy_and_sigma(self, state: Any, neighbor: Any) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+        """``(E_pot without E0, σ_E, σ_F [n_atoms])`` at ``state`` from one call (traceable; σ zero without an
+        uncertainty)."""
+        space = self._space_kwargs(state)
         if not self.uncertain:
             zero = jnp.zeros((), state.position.dtype)
-            return zero, jnp.zeros((self.n_atoms,), state.position.dtype)
-        _, _, sigma_e, sigma_f = self.uncertainty_fn(state.position, neighbor, **self._space_kwargs(state))
-        return sigma_e, sigma_f
+            epot = self.energy_fn(state.position, neighbor, **space)
+            return epot, zero, jnp.zeros((self.n_atoms,), state.position.dtype)
+        epot, _, sigma_e, sigma_f = self.uncertainty_fn(state.position, neighbor, **space)
+        return epot, sigma_e, sigma_f
 
     def _observe_impl(self, state: Any, neighbor: Any) -> tuple[jnp.ndarray, ...]:
-        epot = self.energy_fn(state.position, neighbor, **self._space_kwargs(state))
-        sigma_e, sigma_f = self._sigma_at(state, neighbor)
+        epot, sigma_e, sigma_f = self._energy_and_sigma(state, neighbor)
         return (epot, *self._kinetic_pressure_volume(state, neighbor), sigma_e, jnp.max(sigma_f))
 
     def _chunk_impl(self, state: Any, neighbor: Any, n_steps: int, min_offset: jnp.ndarray):
@@ -374,10 +376,9 @@ class MDEngine:
         unc = (zero, zero, minus_one, minus_one, zero, zero, jnp.zeros_like(state.position))
         carry = (state, neighbor, jnp.zeros((), jnp.int32), zero, zero, unc)
         state, neighbor, max_edges, epot, heat, unc = jax.lax.fori_loop(0, n_steps, body, carry)
-        if step_fn is None:
-            epot = self.energy_fn(state.position, neighbor, **self._space_kwargs(state))
-        if self.uncertain and not per_step_sigma:  # NPT: σ at the end of the chunk
-            sigma_e, sigma_f = self._sigma_at(state, neighbor)
+        if step_fn is None:  # NPT: energy (and σ) at the end of the chunk
+            epot, sigma_e, sigma_f = self._energy_and_sigma(state, neighbor)
+        if self.uncertain and not per_step_sigma:
             sigma_max = jnp.max(sigma_f)
             cross = (threshold is not None) & (sigma_max > (threshold or 0.0)) & (n_steps >= min_offset)
             unc = (

@@ -30,7 +30,7 @@ from equiforce.md.uncertainty_monitor import UncertaintyMonitor, uncertain_frame
 from equiforce.potentials.model_io import enable_x64_for, load_model
 from equiforce.potentials.potential import Potential
 
-__all__ = ["MDResult", "energy_drift", "load_structure", "run_md"]
+__all__ = ["MDResult", "energy_drift", "load_potential", "load_structure", "run_md"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +97,20 @@ def load_structure(spec: str | Path) -> Any:
     if len(atoms) == 0:
         raise DataError(f"{spec}: the structure has no atoms")
     return atoms
+
+
+def load_potential(model: str | Path | tuple[Potential, Any]) -> tuple[Potential, Any]:
+    """``(potential, params)`` of a model file (JAX's 64-bit types switched on for a float64 model), or the
+    pair itself.
+
+    Raises:
+      ModelFileError: an unreadable model file (see :func:`~equiforce.potentials.load_model`).
+    """
+    if isinstance(model, tuple):
+        return model
+    enable_x64_for(model)
+    potential, params, _ = load_model(model)
+    return potential, params
 
 
 def energy_drift(frames: list[ThermoFrame], n_atoms: int) -> tuple[float, float]:
@@ -193,11 +207,7 @@ def run_md(
     log = log or tqdm.write
     if more_steps is not None and not restart:
         raise ValueError("more_steps needs restart=True (a new run takes its length from steps)")
-    if isinstance(model, tuple):
-        potential, params = model
-    else:
-        enable_x64_for(model)
-        potential, params, _ = load_model(model)
+    potential, params = load_potential(model)
     if precision in ("float64", "mixed"):
         jax.config.update("jax_enable_x64", True)
     if not hasattr(atoms, "get_positions"):

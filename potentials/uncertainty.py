@@ -206,28 +206,16 @@ def predict_with_uncertainty(
             config.forces_scale * sigma_f,
             member_energies,
         )
-    projection = params["llpr"]["projection"]
-    w, rebuild = split_last_layer(last_layer, params)
-    basis = jnp.eye(w.shape[0], dtype=w.dtype)
-
-    def features(pos: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-        def e_of(w_: jnp.ndarray) -> jnp.ndarray:
-            return member_node_energies(rebuild(w_), pos)
-
-        # e is linear in w: the forward-mode products only run through the last layer (the rest is unbatched)
-        e, g = jax.vmap(lambda t: jax.jvp(e_of, (w,), (t,)), out_axes=(None, 0))(basis)  # [N], [P, N]
-        return g, e
-
-    proj = projection.astype(w.dtype)
-    proj_f = params["llpr"]["force_projection"].astype(w.dtype)
+    proj = params["llpr"]["projection"]
+    proj_f = params["llpr"]["force_projection"]
 
     def total(pos: jnp.ndarray):
-        g, e = features(pos)
+        e, g = _energies_and_features(last_layer, params, lambda p: member_node_energies(p, pos))
         return jnp.sum(e), (e, jax.lax.stop_gradient(g))
 
     grad, (e, g) = jax.grad(total, has_aux=True)(positions)
+    proj, proj_f = proj.astype(g.dtype), proj_f.astype(g.dtype)
     sigma_f = jnp.sqrt(jnp.sum((proj_f @ g) ** 2, axis=0))
-    g = jax.lax.stop_gradient(g)
     z_graphs = proj @ _segment_sum(g.T, node_graph, n_graphs).T  # [P, G]
     sigma_e = jnp.sqrt(jnp.sum(z_graphs**2, axis=0))
     return UncertainPrediction(
@@ -245,7 +233,20 @@ def last_layer_features(
     Args:
       node_energies: ``(network variables) -> [n_nodes]`` per-atom energies of one network.
     """
+    return _energies_and_features(last_layer, params, node_energies)[1].T
+
+
+def _energies_and_features(
+    last_layer: tuple[str, ...], params: Any, node_energies: Callable[[Any], jnp.ndarray]
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """``(e [n_nodes], g [P, n_nodes])``: per-atom energies and last-layer features from one forward pass.
+
+    ``e`` is linear in the last-layer weights ``w``, so the forward-mode products over the ``P`` basis
+    directions only run through the last layer (vmap leaves the rest unbatched)."""
     w, rebuild = split_last_layer(last_layer, params)
     basis = jnp.eye(w.shape[0], dtype=w.dtype)
-    g = jax.vmap(lambda t: jax.jvp(lambda w_: node_energies(rebuild(w_)), (w,), (t,))[1])(basis)
-    return g.T
+
+    def e_of(w_: jnp.ndarray) -> jnp.ndarray:
+        return node_energies(rebuild(w_))
+
+    return jax.vmap(lambda t: jax.jvp(e_of, (w,), (t,)), out_axes=(None, 0))(basis)

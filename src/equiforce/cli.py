@@ -84,11 +84,6 @@ def _evaluate_uncertainty(args: argparse.Namespace, potential, params, structure
     from equiforce.uncertainty.calibration import UncertaintyError, predict_uncertainties
     from equiforce.uncertainty.metrics import plot_reliability, plot_sigma_vs_error, uncertainty_report
 
-    if potential.uncertainty_config is None:
-        raise UncertaintyError(
-            f"{args.model} has no uncertainty: train a committee (model.ensemble_size > 1) or add the LLPR "
-            "uncertainty with `equiforce calibrate MODEL TRAIN_DATA`"
-        )
     if structures.energy is None or structures.forces is None:
         raise UncertaintyError(f"{args.data}: judging an uncertainty needs energy and forces labels")
     pred = predict_uncertainties(potential, params, structures, batch_size=args.batch_size)
@@ -139,9 +134,6 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             raise UncertaintyError(f"{args.data}: {len(data)} structures are too few to split off a validation set")
         t_idx, v_idx = random_split(len(data), sizes=(len(data) - n_valid, n_valid), seed=args.seed)
         train, valid = data.subset(t_idx), data.subset(v_idx)
-    for s, name in ((valid, "validation"),):
-        if s.forces is None or s.energy is None:
-            raise UncertaintyError(f"calibrating needs energy and forces labels in the {name} data")
     potential, params, record = calibrate(potential, params, valid, train=train, batch_size=args.batch_size, log=print)
     metadata = dict(header.get("metadata", {}))
     metadata["uncertainty"] = {**record, "calibrated_with": {"data": args.data, "valid": args.valid}}

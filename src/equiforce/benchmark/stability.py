@@ -96,19 +96,15 @@ def run_stability(
       ValueError: a periodic structure, non-positive times, a threshold for a model without uncertainty.
     """
     from equiforce.md.engine import MDBlowUpError, MDConfig, MDEngine
+    from equiforce.md.run import load_potential
     from equiforce.md.system import make_system
-    from equiforce.potentials.model_io import enable_x64_for, load_model
 
     log = log or print
     if np.any(atoms.get_pbc()):
         raise ValueError("the stability benchmark is for molecules (non-periodic structures)")
     if not (time_ps > 0 and timestep_fs > 0 and check_interval >= 1):
         raise ValueError("time_ps > 0, timestep_fs > 0 and check_interval >= 1 required")
-    if isinstance(model, tuple):
-        potential, params = model
-    else:
-        enable_x64_for(model)
-        potential, params, _ = load_model(model)
+    potential, params = load_potential(model)
     bonds = bonds_of(atoms)
     if reference is not None:
         ref_pos = reference.positions.reshape(len(reference), -1, 3)
@@ -150,7 +146,11 @@ def run_stability(
             frames.append(pos)
         wall = time.perf_counter() - t0
         simulated = engine.step * timestep_fs / 1000.0
-        hr_mae = float(np.sum(np.abs(distance_histogram(np.array(frames), r_hist, dr) - h_ref)) * dr) if frames else nan
+        hr_mae = (
+            float(np.sum(np.abs(distance_histogram(np.array(frames), r_hist, dr) - h_ref)) * dr)
+            if frames
+            else float("nan")
+        )
         lead = unstable - first_uncertain if np.isfinite(unstable) and np.isfinite(first_uncertain) else float("nan")
         runs.append(
             StabilityRun(
@@ -167,9 +167,6 @@ def run_stability(
         )
         log(f"seed {seed}: {reason} after {simulated:.2f} ps (h(r) MAE {hr_mae:.4f})")
     return runs
-
-
-nan = float("nan")
 
 
 def stability_table(runs: list[StabilityRun], *, title: str = "", time_ps: float | None = None) -> str:

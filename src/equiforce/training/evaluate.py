@@ -18,7 +18,7 @@ from equiforce.data.statistics import composition_matrix
 from equiforce.data.structures import StructureSet
 from equiforce.potentials.potential import Potential
 
-__all__ = ["Predictions", "compute_metrics", "e0_sum", "evaluate", "predict"]
+__all__ = ["Predictions", "compute_metrics", "e0_sum", "evaluate", "padded_batches", "predict"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,27 @@ def _predict_fn(potential: Potential, with_stress: bool):
     return jax.jit(fn)
 
 
+def padded_batches(
+    potential: Potential,
+    structures: StructureSet,
+    batch_size: int,
+    graphs: list[NeighbourGraph] | None = None,
+    budget: PaddingBudget | None = None,
+):
+    """Padded batches of ``structures`` in order, in the potential's dtype (neighbour graphs and budget built
+    when not given).
+
+    Raises:
+      UnknownSpeciesError: an element the potential does not know.
+    """
+    potential.check_species(structures.atomic_numbers)
+    if graphs is None:
+        graphs = build_neighbour_graphs(structures, potential.r_max)
+    if budget is None:
+        budget = estimate_budget(structures.n_atoms, [g.n_edges for g in graphs], batch_size)
+    return batch_iterator(structures, graphs, batch_size, budget, dtype=np.dtype(potential.dtype))
+
+
 def predict(
     potential: Potential,
     params: Any,
@@ -64,16 +85,10 @@ def predict(
     Raises:
       UnknownSpeciesError: an element the potential does not know.
     """
-    potential.check_species(structures.atomic_numbers)
-    if graphs is None:
-        graphs = build_neighbour_graphs(structures, potential.r_max)
-    if budget is None:
-        budget = estimate_budget(structures.n_atoms, [g.n_edges for g in graphs], batch_size)
     with_stress = bool(np.any(np.all(structures.pbc, axis=-1)))
     fn = predict_fn or _predict_fn(potential, with_stress)
-    dtype = np.dtype(potential.dtype)
     energies, forces, stresses = [], [], []
-    for batch in batch_iterator(structures, graphs, batch_size, budget, dtype=dtype):
+    for batch in padded_batches(potential, structures, batch_size, graphs, budget):
         g = batch.graph
         e, f, s = fn(params, jax.tree.map(jnp.asarray, batch))
         n_real = int(np.sum(g.graph_mask))

@@ -319,12 +319,11 @@ def _nve_gate(
 def _calibrate(cfg: TrainConfig, potential: Potential, params: Any, data: Datasets, log: Callable[[str], None]):
     """The uncertainty calibrated on the validation set (LLPR also fitted on the training set), with its
     validation report."""
-    from equiforce.uncertainty.calibration import calibrate, predict_uncertainties
-    from equiforce.uncertainty.metrics import uncertainty_report
+    from equiforce.uncertainty.calibration import calibrate
 
     bs = cfg.optim.batch_size
     potential, params, record = calibrate(potential, params, data.valid, train=data.train, batch_size=bs, log=log)
-    record["valid_report"] = uncertainty_report(predict_uncertainties(potential, params, data.valid, batch_size=bs))
+    record["valid_report"] = _uncertainty_report(cfg, potential, params, data.valid)
     return potential, params, record
 
 

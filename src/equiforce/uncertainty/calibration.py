@@ -22,12 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from equiforce.data.graph import PaddingBudget, batch_iterator, estimate_budget
-from equiforce.data.neighbours import NeighbourGraph, build_neighbour_graphs
+from equiforce.data.graph import PaddingBudget
+from equiforce.data.neighbours import NeighbourGraph
 from equiforce.data.structures import StructureSet
 from equiforce.potentials.potential import Potential
 from equiforce.potentials.uncertainty import UncertaintyConfig, last_layer_features, network_params
-from equiforce.training.evaluate import e0_sum, predict
+from equiforce.training.evaluate import e0_sum, padded_batches, predict
 
 __all__ = [
     "UncertainPredictions",
@@ -69,15 +69,6 @@ class UncertainPredictions:
     member_energies: np.ndarray | None = None
 
 
-def _batches(potential: Potential, structures: StructureSet, graphs, budget, batch_size):
-    potential.check_species(structures.atomic_numbers)
-    if graphs is None:
-        graphs = build_neighbour_graphs(structures, potential.r_max)
-    if budget is None:
-        budget = estimate_budget(structures.n_atoms, [g.n_edges for g in graphs], batch_size)
-    return batch_iterator(structures, graphs, batch_size, budget, dtype=np.dtype(potential.dtype))
-
-
 def predict_uncertainties(
     potential: Potential,
     params: Any,
@@ -106,7 +97,7 @@ def predict_uncertainties(
         return energy, p.forces, p.energy_uncertainty, p.forces_uncertainty, p.member_energies
 
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("e", "f", "se", "sf", "m")}
-    for batch in _batches(potential, structures, graphs, budget, batch_size):
+    for batch in padded_batches(potential, structures, batch_size, graphs, budget):
         g = batch.graph
         e, f, se, sf, m = fn(params, jax.tree.map(jnp.asarray, g))
         n_real, n_nodes = int(np.sum(g.graph_mask)), int(np.sum(g.node_mask))
@@ -168,7 +159,7 @@ def _features(
         return jax.ops.segment_sum(g, jnp.asarray(graph.node_graph), num_segments=graph.n_graphs), g
 
     per_graph, per_atom = [], []
-    for batch in _batches(single, structures, None, None, batch_size):
+    for batch in padded_batches(single, structures, batch_size):
         gr = batch.graph
         big_g, g = fn(net, jax.tree.map(jnp.asarray, gr))
         per_graph.append(np.asarray(big_g, np.float64)[: int(np.sum(gr.graph_mask))])

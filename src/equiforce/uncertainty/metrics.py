@@ -16,14 +16,20 @@ Energies are judged per structure (eV), forces per Cartesian component (eV/Å) w
 
 from __future__ import annotations
 
-import itertools
 import os
 from typing import Any
 
 import numpy as np
 from scipy import stats
 
-__all__ = ["plot_reliability", "plot_sigma_vs_error", "uncertainty_metrics", "uncertainty_report"]
+__all__ = [
+    "forces_per_structure",
+    "per_structure_mean",
+    "plot_reliability",
+    "plot_sigma_vs_error",
+    "uncertainty_metrics",
+    "uncertainty_report",
+]
 
 _LEVELS = np.linspace(0.01, 0.99, 99)
 
@@ -87,13 +93,20 @@ def uncertainty_report(pred: Any) -> dict[str, Any]:
     return out
 
 
+def per_structure_mean(values: np.ndarray, n_atoms: np.ndarray) -> np.ndarray:
+    """``[S, ...]`` mean over each structure's atoms of per-atom ``values`` ``[n_atoms_total, ...]`` (structures
+    concatenated in order, ``n_atoms`` ``[S]`` each > 0)."""
+    n_atoms = np.asarray(n_atoms)
+    starts = np.concatenate([[0], np.cumsum(n_atoms)[:-1]])
+    sums = np.add.reduceat(np.asarray(values, np.float64), starts, axis=0)
+    return sums / n_atoms.reshape(-1, *([1] * (sums.ndim - 1)))
+
+
 def forces_per_structure(pred: Any) -> tuple[np.ndarray, np.ndarray]:
     """``(force RMSE, mean σ_F)`` per structure, eV/Å."""
-    bounds = np.concatenate([[0], np.cumsum(pred.n_atoms)])
     df = np.asarray(pred.forces - pred.forces_ref)
-    rmse = np.array([np.sqrt(np.mean(df[a:b] ** 2)) for a, b in itertools.pairwise(bounds)])
-    sig = np.array([np.mean(pred.forces_uncertainty[a:b]) for a, b in itertools.pairwise(bounds)])
-    return rmse, sig
+    rmse = np.sqrt(per_structure_mean(np.mean(df**2, axis=1), pred.n_atoms))
+    return rmse, per_structure_mean(pred.forces_uncertainty, pred.n_atoms)
 
 
 def _figure():

@@ -109,6 +109,7 @@ def select_structures(
       UnknownSpeciesError: the pool holds an element the model does not know.
     """
     from equiforce.uncertainty.calibration import _features, predict_uncertainties
+    from equiforce.uncertainty.metrics import per_structure_mean
 
     if n < 1:
         raise ValueError(f"select at least one structure, got n={n}")
@@ -121,16 +122,14 @@ def select_structures(
         atomic_numbers=pool.atomic_numbers, positions=pool.positions, n_atoms=pool.n_atoms, cell=pool.cell, pbc=pool.pbc
     )
     pred = predict_uncertainties(potential, params, unlabelled, batch_size=batch_size)
-    bounds = np.concatenate([[0], np.cumsum(pool.n_atoms)])
-    sigma = np.add.reduceat(pred.forces_uncertainty, bounds[:-1]) / pool.n_atoms
+    sigma = per_structure_mean(pred.forces_uncertainty, pool.n_atoms)
     order = np.argsort(-sigma, kind="stable")
     cand = order[: min(len(pool), max(n, int(np.ceil(candidates * n))))]
     net = network_params(params)
     if potential.ensemble_size > 1:
         net = potential.member_params(params, 0)
-    _, g_atoms = _features(potential.single(), net, unlabelled.subset(cand), batch_size)
-    sub_bounds = np.concatenate([[0], np.cumsum(pool.n_atoms[cand])])
-    desc = np.add.reduceat(g_atoms, sub_bounds[:-1], axis=0) / pool.n_atoms[cand][:, None]
+    feature_sums, _ = _features(potential.single(), net, unlabelled.subset(cand), batch_size)
+    desc = feature_sums / pool.n_atoms[cand][:, None]
     scale = desc.std(axis=0)
     desc = (desc - desc.mean(axis=0)) / np.where(scale > 0, scale, 1.0)
     picked = farthest_point_sampling(desc, n, first=0)  # cand[0] is the most uncertain
