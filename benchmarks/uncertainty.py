@@ -92,12 +92,13 @@ def _train(out: Path, args: argparse.Namespace, members: int):
 
 def _tables(models: dict, sets: dict, stretch_set) -> tuple[str, dict]:
     from equiforce.uncertainty.calibration import predict_uncertainties
-    from equiforce.uncertainty.metrics import uncertainty_report
+    from equiforce.uncertainty.metrics import forces_per_structure, uncertainty_report
 
-    rows, record = [], {}
+    rows, record, per_structure = [], {}, {}
     for name, (pot, params) in models.items():
         for set_name, s in sets.items():
             pred = predict_uncertainties(pot, params, s)
+            per_structure[(name, set_name)] = forces_per_structure(pred)
             rep = uncertainty_report(pred)
             rep["mean_sigma_F"] = float(np.mean(pred.forces_uncertainty))
             record[f"{name} / {set_name}"] = rep
@@ -117,7 +118,26 @@ def _tables(models: dict, sets: dict, stretch_set) -> tuple[str, dict]:
         "| model | test set | E RMSE meV | E NLL | E miscal. area | E cover 68/95 | E ρ | F RMSE meV/Å | F NLL | "
         "F miscal. area | F cover 68/95 | F ρ | F ρ per structure | mean σ_F meV/Å |\n" + "|---" * 14 + "|"
     )
-    return head + "\n" + "\n".join(rows), record
+    return head + "\n" + "\n".join(rows) + "\n\n" + _pooled(per_structure, sets, record), record
+
+
+def _pooled(per_structure: dict, sets: dict, record: dict) -> str:
+    """Per-structure Spearman ρ(mean σ_F, force RMSE) on each labelled set and on the pooled shift test (the
+    high-energy frames and the other molecule together), each model's and LLPR's fraction of the committee's."""
+    from scipy import stats
+
+    names = sorted({n for n, _ in per_structure})
+    groups = {k: [k] for k in sets} | {"shift test (high energy + other molecule)": ["high energy", "other molecule"]}
+    lines = ["| per-structure ρ(σ_F, force RMSE) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for label, members in groups.items():
+        rhos = []
+        for n in names:
+            rmse = np.concatenate([per_structure[(n, m)][0] for m in members])
+            sigma = np.concatenate([per_structure[(n, m)][1] for m in members])
+            rhos.append(float(stats.spearmanr(sigma, rmse).statistic))
+        record[f"per-structure rho / {label}"] = dict(zip(names, rhos, strict=True))
+        lines.append(f"| {label} | " + " | ".join(f"{r:.2f}" for r in rhos) + " |")
+    return "\n".join(lines)
 
 
 def _md_cost(models: dict, steps: int) -> tuple[str, dict]:
@@ -162,6 +182,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--reuse", action="store_true", help="load the models of an earlier run in --out")
     ap.add_argument("--md-only", action="store_true", help="only the MD cost (with --reuse)")
+    ap.add_argument("--no-md", action="store_true", help="only the calibration tables, no MD cost")
     args = ap.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -192,6 +213,10 @@ def main() -> None:
     if not args.md_only:
         table, record = _tables(models, sets, stretch_set)
         print(table)
+    md_record: dict = {}
+    if args.no_md:
+        _dump(args, t_single, t_committee, record, md_record)
+        return
     plain = single_model[0].single()
     net = {k: v for k, v in single_model[1].items() if k != "llpr"}
     md_models = {
@@ -201,6 +226,10 @@ def main() -> None:
     }
     md_table, md_record = _md_cost(md_models, args.md_steps)
     print(md_table)
+    _dump(args, t_single, t_committee, record, md_record)
+
+
+def _dump(args: argparse.Namespace, t_single: float, t_committee: float, record: dict, md_record: dict) -> None:
     if args.json:
         args.json.write_text(
             json.dumps(

@@ -23,7 +23,16 @@ from equiforce.data.errors import DataError
 from equiforce.data.neighbours import NeighbourGraph
 from equiforce.data.structures import StructureSet
 
-__all__ = ["Batch", "Graph", "PaddingBudget", "batch_iterator", "collate", "estimate_budget", "round_up"]
+__all__ = [
+    "Batch",
+    "Graph",
+    "PaddingBudget",
+    "batch_groups",
+    "batch_iterator",
+    "collate",
+    "estimate_budget",
+    "round_up",
+]
 
 
 class Graph(NamedTuple):
@@ -229,6 +238,41 @@ def collate(
     return Batch(graph=graph, energy=energy, forces=forces, stress=stress, stress_mask=stress_mask)
 
 
+def batch_groups(
+    structures: StructureSet,
+    graphs: Sequence[NeighbourGraph],
+    batch_size: int,
+    budget: PaddingBudget,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> Iterator[list[int]]:
+    """The structure indices of each batch :func:`batch_iterator` yields, in the same order.
+
+    Up to ``batch_size`` structures per batch, greedily packed to the budget. With ``shuffle`` the order is a
+    permutation drawn from ``seed``. Every structure appears exactly once per pass.
+
+    Raises:
+      DataError: a structure alone exceeds the budget.
+    """
+    order = np.random.default_rng(seed).permutation(len(structures)) if shuffle else np.arange(len(structures))
+    current: list[int] = []
+    nodes = edges = 0
+    for k in order:
+        k = int(k)
+        n_a, n_e = int(structures.n_atoms[k]), graphs[k].n_edges
+        if not budget.fits(n_a, n_e, 1):
+            raise DataError(f"structure {k} ({n_a} atoms, {n_e} edges) alone exceeds the budget {budget}")
+        if current and (len(current) == batch_size or not budget.fits(nodes + n_a, edges + n_e, len(current) + 1)):
+            yield current
+            current, nodes, edges = [], 0, 0
+        current.append(k)
+        nodes += n_a
+        edges += n_e
+    if current:
+        yield current
+
+
 def batch_iterator(
     structures: StructureSet,
     graphs: Sequence[NeighbourGraph],
@@ -242,21 +286,8 @@ def batch_iterator(
     """Padded batches over a set: up to ``batch_size`` structures each, greedily packed to the budget.
 
     With ``shuffle`` the order is a permutation drawn from ``seed`` (pass the epoch in the seed for a
-    new order each epoch). Every structure appears exactly once per pass.
+    new order each epoch). Every structure appears exactly once per pass; :func:`batch_groups` gives the
+    indices of each batch.
     """
-    order = np.random.default_rng(seed).permutation(len(structures)) if shuffle else np.arange(len(structures))
-    current: list[int] = []
-    nodes = edges = 0
-    for k in order:
-        k = int(k)
-        n_a, n_e = int(structures.n_atoms[k]), graphs[k].n_edges
-        if not budget.fits(n_a, n_e, 1):
-            raise DataError(f"structure {k} ({n_a} atoms, {n_e} edges) alone exceeds the budget {budget}")
-        if current and (len(current) == batch_size or not budget.fits(nodes + n_a, edges + n_e, len(current) + 1)):
-            yield collate(structures, graphs, current, budget, dtype)
-            current, nodes, edges = [], 0, 0
-        current.append(k)
-        nodes += n_a
-        edges += n_e
-    if current:
-        yield collate(structures, graphs, current, budget, dtype)
+    for group in batch_groups(structures, graphs, batch_size, budget, shuffle=shuffle, seed=seed):
+        yield collate(structures, graphs, group, budget, dtype)

@@ -16,15 +16,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from equiforce.data.graph import batch_iterator, estimate_budget
+from equiforce.data.graph import batch_iterator, collate, estimate_budget
 from equiforce.data.neighbours import build_neighbour_graphs
 from equiforce.potentials.model_io import load_model, read_header
 from equiforce.training import finish, trainer
+from equiforce.training.bootstrap import batch_weights, bootstrap_counts
 from equiforce.training.checkpoint import load_checkpoint
 from equiforce.training.config import ConfigError, load_config
 from equiforce.training.evaluate import _predict_fn, compute_metrics, e0_sum, evaluate, predict
 from equiforce.training.optim import make_optimizer
-from equiforce.training.trainer import TrainState, build_potential, load_datasets, make_train_step, train
+from equiforce.training.trainer import (
+    TrainState,
+    build_potential,
+    load_datasets,
+    make_loss_fn,
+    make_train_step,
+    train,
+)
 
 TINY = "model.hyperparameters={num_interactions: 1, num_features: 4, l_max: 1}"
 
@@ -82,18 +90,20 @@ class _StepSpy:
         self.calls = 0
         self.compiling_calls = 0
         self.interrupt_before = interrupt_before
+        self.weights = []
         self._real = trainer.make_train_step
 
     def __call__(self, *args, **kwargs):
         fn = self._real(*args, **kwargs)
         self.jitted.append(fn)
 
-        def step(state, batch):
+        def step(state, batch, weights=None):
             if self.calls == self.interrupt_before:
                 raise KeyboardInterrupt
             self.calls += 1
+            self.weights.append(weights)
             before = len(_COMPILES)
-            out = fn(state, batch)  # compilation, if any, happens before dispatch returns
+            out = fn(state, batch, weights)  # compilation, if any, happens before dispatch returns
             self.compiling_calls += len(_COMPILES) > before
             return out
 
@@ -422,3 +432,73 @@ def test_a_committee_member_equals_a_network_trained_alone(tmp_path):
         assert not np.allclose(c, a)
     # the committee's training loss is its members' mean: member 0's curve is the single network's
     assert [h["epoch"] for h in committee.history] == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------- bootstrap
+def test_bootstrap_counts_are_resamples():
+    counts = bootstrap_counts(500, 4, seed=7)
+    assert counts.shape == (4, 500)
+    np.testing.assert_array_equal(counts.sum(axis=1), 500)  # n draws with replacement per member
+    np.testing.assert_array_equal(counts, bootstrap_counts(500, 4, seed=7))  # drawn from the seed: resume-safe
+    np.testing.assert_array_equal(counts[:2], bootstrap_counts(500, 2, seed=7))  # member k's depends on k only
+    assert not np.array_equal(counts[0], counts[1])
+    assert not np.array_equal(counts, bootstrap_counts(500, 4, seed=8))
+    distinct = np.mean(counts > 0, axis=1)
+    np.testing.assert_allclose(distinct, 1 - np.exp(-1), atol=0.05)  # 63 % of the structures per resample
+    with pytest.raises(ValueError, match="n_structures"):
+        bootstrap_counts(0, 2, seed=0)
+
+
+def test_a_weighted_batch_is_the_batch_with_structures_repeated(tmp_path):
+    """A structure weighted c times counts in the loss (and its gradient) as c copies of it, 0 as absent."""
+    jax.config.update("jax_enable_x64", True)
+    cfg = _cfg(tmp_path, "model.dtype=float64")
+    data = load_datasets(cfg)
+    graphs = build_neighbour_graphs(data.train, cfg.model.r_max)
+    potential, _ = build_potential(cfg, data.train, graphs)
+    params = potential.init(jax.random.PRNGKey(3))
+    budget = estimate_budget(data.train.n_atoms, [g.n_edges for g in graphs], 4)
+    loss_fn = jax.value_and_grad(make_loss_fn(potential, cfg, use_stress=False), has_aux=True)
+
+    residual = trainer._with_energy(data.train, data.train.energy - e0_sum(potential, data.train))
+    counts = np.array([[2, 0, 1]])
+    weighted = collate(residual, graphs, [0, 1, 2], budget, np.float64)
+    repeated = collate(residual, graphs, [0, 0, 2], budget, np.float64)
+    w = batch_weights(counts, [0, 1, 2], budget.n_graphs, np.float64)[0]
+    np.testing.assert_array_equal(w, [2, 0, 1] + [0] * (budget.n_graphs - 3))
+    (lw, (ew, fw)), gw = loss_fn(params, jax.tree.map(jnp.asarray, weighted), jnp.asarray(w))
+    (lr, (er, fr)), gr = loss_fn(params, jax.tree.map(jnp.asarray, repeated))
+    np.testing.assert_allclose([lw, ew, fw], [lr, er, fr], rtol=1e-12)
+    for a, b in zip(jax.tree.leaves(gw), jax.tree.leaves(gr), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-14)
+    (lu, _), _ = loss_fn(params, jax.tree.map(jnp.asarray, weighted))
+    assert abs(float(lu) - float(lw)) > 1e-3 * abs(float(lw))  # the weights do change the loss
+
+
+def test_bootstrap_training_gives_each_member_its_resample(tmp_path, monkeypatch):
+    """Over an epoch each member's weights add up to its resample's counts, structure by structure."""
+    spy, groups = _StepSpy(), []
+    real_groups = trainer.batch_groups
+
+    def recording_groups(*args, **kwargs):
+        for g in real_groups(*args, **kwargs):
+            groups.append(list(g))
+            yield g
+
+    monkeypatch.setattr(trainer, "make_train_step", spy)
+    monkeypatch.setattr(trainer, "batch_groups", recording_groups)
+    cfg = _cfg(
+        tmp_path, "model.ensemble_size=2", "model.bootstrap=true", "model.uncertainty=false", "optim.max_epochs=1"
+    )
+    result = train(cfg, log=_quiet)
+    assert result.potential.ensemble_size == 2
+    expected = bootstrap_counts(23, 2, cfg.seed)
+    assert len(groups) == len(spy.weights) == 5
+    seen = np.zeros_like(expected)
+    for group, w in zip(groups, spy.weights, strict=True):
+        assert w.shape[0] == 2
+        seen[:, group] += np.asarray(w[:, : len(group)], dtype=np.int64)
+        assert not np.any(w[:, len(group) :])  # padding graphs weigh nothing
+    np.testing.assert_array_equal(seen, expected)
+    with pytest.raises(ConfigError, match="ensemble_size >= 2"):
+        _cfg(tmp_path, "model.bootstrap=true")

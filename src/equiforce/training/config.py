@@ -61,9 +61,11 @@ class ModelSection:
     ``True``: re-fit whatever their source (the change is logged); ``False``: never.
     ``ensemble_size``: K >= 1 committee members trained together in one program (parameters stacked and
     vmapped, independent initialisations: member k's key is ``fold_in(PRNGKey(seed), k)``, member 0's is
-    ``PRNGKey(seed)``; one shared data order). ``uncertainty``: after training, calibrate the uncertainty on the
-    validation set and store it in the model file: the committee's spread (K > 1) or the single network's
-    last-layer prediction rigidity (LLPR, fitted on the training set; see
+    ``PRNGKey(seed)``; one shared data order). ``bootstrap``: each member trains on its own bootstrap resample
+    of the training set (bagging; applied as per-structure weights on the shared batches, see
+    :mod:`equiforce.training.bootstrap`); needs ``ensemble_size > 1``. ``uncertainty``: after training,
+    calibrate the uncertainty on the validation set and store it in the model file: the committee's spread
+    (K > 1) or the single network's last-layer prediction rigidity (LLPR, fitted on the training set; see
     :mod:`equiforce.potentials.uncertainty`).
     """
 
@@ -74,6 +76,7 @@ class ModelSection:
     hyperparameters: dict[str, Any] = dataclasses.field(default_factory=dict)
     refit_atomic_energies: bool | None = None
     ensemble_size: int = 1
+    bootstrap: bool = False
     uncertainty: bool = True
 
 
@@ -163,6 +166,8 @@ class TrainConfig:
             raise ConfigError("model.r_max must be positive")
         if self.model.ensemble_size < 1:
             raise ConfigError(f"model.ensemble_size must be >= 1 (committee members), got {self.model.ensemble_size}")
+        if self.model.bootstrap and self.model.ensemble_size < 2:
+            raise ConfigError("model.bootstrap resamples the training set per committee member: set ensemble_size >= 2")
         self._check_md_check()
 
     def _check_md_check(self) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from equiforce.data.graph import Batch, batch_iterator, estimate_budget
+from equiforce.data.graph import Batch, batch_groups, collate, estimate_budget
 from equiforce.data.neighbours import NeighbourGraph, average_num_neighbours, build_neighbour_graphs
 from equiforce.data.readers import load_sample, read_structures
 from equiforce.data.splits import random_split
@@ -29,6 +29,7 @@ from equiforce.data.structures import StructureSet
 from equiforce.potentials.model_io import atomic_write_bytes, save_model
 from equiforce.potentials.potential import Potential
 from equiforce.potentials.registry import config_from_dict
+from equiforce.training.bootstrap import batch_weights, bootstrap_counts
 from equiforce.training.checkpoint import load_checkpoint, save_checkpoint
 from equiforce.training.config import ConfigError, TrainConfig
 from equiforce.training.evaluate import _predict_fn, compute_metrics, e0_sum, predict
@@ -146,7 +147,11 @@ def _rho(kind: str, delta: float) -> Callable[[jnp.ndarray], jnp.ndarray]:
 
 
 def make_loss_fn(potential: Potential, cfg: TrainConfig, use_stress: bool):
-    """``loss(params, batch) -> (scalar, aux)``; energies are compared without E0s (see Potential).
+    """``loss(params, batch, graph_weight=None) -> (scalar, aux)``; energies are compared without E0s.
+
+    ``graph_weight`` (``[n_graphs]``, optional): how often each structure counts (a bootstrap resample's
+    counts, :mod:`equiforce.training.bootstrap`); the loss is then the loss of the batch with each structure
+    repeated that many times. Default: each real structure once.
 
     For a committee (``ensemble_size > 1``) this is one member's loss on one member's parameters; the step
     vmaps it over the members."""
@@ -154,12 +159,14 @@ def make_loss_fn(potential: Potential, cfg: TrainConfig, use_stress: bool):
     lc = cfg.loss
     rho = _rho(lc.kind, lc.huber_delta)
 
-    def loss_fn(params: Any, batch: Batch):
+    def loss_fn(params: Any, batch: Batch, graph_weight: jnp.ndarray | None = None):
         g = batch.graph
         out = potential(params, g, compute_forces=True, compute_stress=use_stress, include_e0=False)
         dtype = out.energy.dtype
         gm = g.graph_mask.astype(dtype)
-        nm = g.node_mask.astype(dtype)
+        if graph_weight is not None:
+            gm = gm * graph_weight.astype(dtype)
+        nm = gm[g.node_graph] * g.node_mask.astype(dtype)
         n_atoms = jnp.maximum(g.n_node, 1).astype(dtype)
         de = (out.energy - batch.energy) / n_atoms
         loss_e = jnp.sum(rho(de) * gm) / jnp.maximum(jnp.sum(gm), 1.0)
@@ -167,7 +174,7 @@ def make_loss_fn(potential: Potential, cfg: TrainConfig, use_stress: bool):
         loss_f = jnp.sum(rho(df) * nm[:, None]) / jnp.maximum(3.0 * jnp.sum(nm), 1.0)
         total = lc.energy_weight * loss_e + lc.forces_weight * loss_f
         if use_stress:
-            sm = batch.stress_mask.astype(dtype)
+            sm = batch.stress_mask.astype(dtype) * gm
             loss_s = jnp.sum(rho(out.stress - batch.stress) * sm[:, None]) / jnp.maximum(6.0 * jnp.sum(sm), 1.0)
             total = total + lc.stress_weight * loss_s
         return total, (loss_e, loss_f)
@@ -176,19 +183,22 @@ def make_loss_fn(potential: Potential, cfg: TrainConfig, use_stress: bool):
 
 
 def make_train_step(potential: Potential, cfg: TrainConfig, optimizer: optax.GradientTransformation, use_stress: bool):
-    """The jitted step ``(state, batch) -> (state, (loss, loss_e, loss_f))``; the state buffer is donated."""
+    """The jitted step ``(state, batch, member_weights) -> (state, (loss, loss_e, loss_f))``.
+
+    ``member_weights``: ``None``, or for a bootstrapped committee ``[K, n_graphs]`` per-member structure
+    counts (:func:`equiforce.training.bootstrap.batch_weights`). The state buffer is donated."""
     loss_fn = make_loss_fn(potential, cfg, use_stress)
     ema_decay = cfg.optim.ema_decay
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
     if potential.ensemble_size > 1:  # each member its own loss and gradient, all on the same padded batch
-        member_value_and_grad = jax.vmap(value_and_grad, in_axes=(0, None))
+        member_value_and_grad = jax.vmap(value_and_grad, in_axes=(0, None, 0))
 
-        def value_and_grad(params: Any, batch: Batch):
-            (loss, (le, lf)), grads = member_value_and_grad(params, batch)
+        def value_and_grad(params: Any, batch: Batch, weights: jnp.ndarray | None):
+            (loss, (le, lf)), grads = member_value_and_grad(params, batch, weights)
             return (jnp.mean(loss), (jnp.mean(le), jnp.mean(lf))), grads
 
-    def step(state: TrainState, batch: Batch):
-        (loss, (le, lf)), grads = value_and_grad(state.params, batch)
+    def step(state: TrainState, batch: Batch, weights: jnp.ndarray | None = None):
+        (loss, (le, lf)), grads = value_and_grad(state.params, batch, weights)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if ema_decay:
@@ -313,6 +323,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
     )
 
     step_fn = make_train_step(potential, cfg, optimizer, use_stress)
+    counts = None
+    if cfg.model.bootstrap:  # bagging: member k's structure counts, the same on resume (drawn from the seed)
+        counts = bootstrap_counts(len(data.train), potential.ensemble_size, cfg.seed)
+        log(
+            f"bootstrap: each member trains on a resample of the {len(data.train)} training structures "
+            f"({np.mean(counts > 0):.0%} distinct on average)"
+        )
     train_res = _with_energy(data.train, data.train.energy - e0_sum(potential, data.train))
     dtype = np.dtype(cfg.model.dtype)
     predict_fn = None
@@ -335,9 +352,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
     try:
         while host["epoch"] < cfg.optim.max_epochs:
             epoch = host["epoch"]
-            batches = batch_iterator(
-                train_res, train_graphs, bs, budget, shuffle=True, seed=_epoch_seed(cfg.seed, epoch), dtype=dtype
-            )
+            groups = batch_groups(train_res, train_graphs, bs, budget, shuffle=True, seed=_epoch_seed(cfg.seed, epoch))
             skip = host["batch_in_epoch"]
             bar = tqdm(
                 total=steps_per_epoch,
@@ -353,11 +368,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
             ]
             out_of_time = False
             t_epoch = time.perf_counter()
-            for i, batch in enumerate(batches):
+            for i, group in enumerate(groups):
                 if i < skip:
                     continue
                 t0 = time.perf_counter()
-                state, losses = step_fn(state, jax.tree.map(jnp.asarray, batch))
+                batch = collate(train_res, train_graphs, group, budget, dtype)
+                weights = None if counts is None else batch_weights(counts, group, budget.n_graphs, dtype)
+                state, losses = step_fn(state, jax.tree.map(jnp.asarray, batch), weights)
                 if compile_s is None:
                     jax.block_until_ready(losses)
                     compile_s = time.perf_counter() - t0
