@@ -131,6 +131,10 @@ class AllegroConfig(ModelConfig):
     name: ClassVar[str] = "allegro"
     #: regular expressions of the last linear layer's parameters (LLPR uncertainty; the output is linear in them)
     last_layer: ClassVar[tuple[str, ...]] = (r"params/edge_energy_mlp/Dense_1/kernel",)
+    #: the two-body MLP's input is [one-hot(receiver), one-hot(sender), radial basis]
+    species_blocks: ClassVar[tuple[tuple[str, int, int, bool], ...]] = (
+        (r"params/two_body_mlp/Dense_0/kernel", 0, 2, True),
+    )
 
     num_layers: int = 2
     l_max: int = 2

@@ -190,6 +190,8 @@ class NequIPConfig(ModelConfig):
     name: ClassVar[str] = "nequip"
     #: regular expressions of the last linear layer's parameters (LLPR uncertainty; the output is linear in them)
     last_layer: ClassVar[tuple[str, ...]] = (r"params/output/.*",)
+    #: the species embedding is an e3nn Linear of the one-hot (normalised by sqrt(num_species))
+    species_blocks: ClassVar[tuple[tuple[str, int, int, bool], ...]] = ((r"params/embedding/.*", 0, 1, True),)
 
     num_interactions: int = 3
     l_max: int = 2

@@ -31,6 +31,13 @@ class ModelConfig:
     #: regular expressions (full match on ``/``-joined parameter paths) of the last linear layer: the per-atom
     #: output must be linear in these parameters (the LLPR uncertainty differentiates with respect to them)
     last_layer: ClassVar[tuple[str, ...]] = ()
+    #: weights with per-species rows that need more than a plain copy when species are added (fine-tuning):
+    #: ``(regex, axis, blocks, fan_in_normalised)`` says that along ``axis`` the weight starts with ``blocks``
+    #: consecutive blocks of one entry per species (e.g. the one-hot species of both atoms of an edge,
+    #: concatenated with other inputs), and whether the layer divides by sqrt(fan-in) at run time (e3nn's
+    #: ``Linear`` and ``MultiLayerPerceptron``: the copied weights are then rescaled so that the function on
+    #: the old species stays the same). Plain unnormalised tables need no declaration.
+    species_blocks: ClassVar[tuple[tuple[str, int, int, bool], ...]] = ()
 
     def build(self, *, num_species: int, r_max: float, avg_num_neighbours: float) -> nn.Module:
         raise NotImplementedError

@@ -66,7 +66,8 @@ class ModelSection:
     :mod:`equiforce.training.bootstrap`); needs ``ensemble_size > 1``. ``uncertainty``: after training,
     calibrate the uncertainty on the validation set and store it in the model file: the committee's spread
     (K > 1) or the single network's last-layer prediction rigidity (LLPR, fitted on the training set; see
-    :mod:`equiforce.potentials.uncertainty`).
+    :mod:`equiforce.potentials.uncertainty`). ``init_from``: fine-tune: start from this model file's weights
+    (its architecture, cutoff and committee size are taken over; see :mod:`equiforce.training.finetune`).
     """
 
     name: str = "nequip"
@@ -78,6 +79,7 @@ class ModelSection:
     ensemble_size: int = 1
     bootstrap: bool = False
     uncertainty: bool = True
+    init_from: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +136,25 @@ class MDCheckConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning options, used with ``model.init_from`` (see :mod:`equiforce.training.finetune`).
+
+    ``freeze``: regular expressions on parameter paths (e.g. ``params/interaction_0/``); the matching
+    parameters train with ``frozen_learning_rate`` (0: not at all) after ``frozen_warmup_epochs`` of linear
+    warm-up, the others with ``optim.learning_rate``. ``replay_data``: a file of the source's training data
+    (any readable format); ``replay_fraction`` x the training-set size of its structures (seeded random
+    draw) join the training set, to limit forgetting.
+    """
+
+    freeze: tuple[str, ...] = ()
+    frozen_learning_rate: float = 0.0
+    frozen_warmup_epochs: float = 0.0
+    replay_data: str | None = None
+    replay_format: str | None = None
+    replay_fraction: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The whole training run."""
 
@@ -144,6 +165,7 @@ class TrainConfig:
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     md_check: MDCheckConfig = dataclasses.field(default_factory=MDCheckConfig)
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     progress_bar: bool = True
     base_dir: str = "."
 
@@ -166,9 +188,22 @@ class TrainConfig:
             raise ConfigError("model.r_max must be positive")
         if self.model.ensemble_size < 1:
             raise ConfigError(f"model.ensemble_size must be >= 1 (committee members), got {self.model.ensemble_size}")
+        self._check_finetune()
         if self.model.bootstrap and self.model.ensemble_size < 2:
             raise ConfigError("model.bootstrap resamples the training set per committee member: set ensemble_size >= 2")
         self._check_md_check()
+
+    def _check_finetune(self) -> None:
+        f = self.finetune
+        used = f.freeze or f.replay_data is not None or f.replay_fraction > 0
+        if used and self.model.init_from is None:
+            raise ConfigError("finetune.* options need model.init_from (the model file to fine-tune)")
+        if f.frozen_learning_rate < 0 or f.frozen_warmup_epochs < 0:
+            raise ConfigError("finetune.frozen_learning_rate and finetune.frozen_warmup_epochs must be >= 0")
+        if not 0.0 <= f.replay_fraction <= 10.0:
+            raise ConfigError(f"finetune.replay_fraction must lie in [0, 10], got {f.replay_fraction}")
+        if (f.replay_fraction > 0) != (f.replay_data is not None):
+            raise ConfigError("finetune.replay_data and finetune.replay_fraction > 0 go together")
 
     def _check_md_check(self) -> None:
         c = self.md_check
@@ -262,6 +297,12 @@ def _type_check(cls: type, name: str, value: Any, where: str) -> Any:
             return value
         if base is str and isinstance(value, str):
             return value
+        if base is tuple and isinstance(value, list | tuple):  # tuple[str, ...] fields: a YAML list
+            item = (typing.get_args(a) or (Any,))[0]
+            for i, v in enumerate(value):
+                if not _fits(v, item):
+                    raise ConfigError(f"{where}[{i}] = {v!r} has the wrong type (expected {hint})")
+            return tuple(value)
         if base is dict and isinstance(value, dict):
             key_hint, value_hint = typing.get_args(a) or (Any, Any)
             for k, v in value.items():
@@ -389,6 +430,11 @@ def _load_config(path: str | Path | None, overrides: list[str] | None) -> TrainC
         base = str(path.resolve().parent)
     data = apply_overrides(data, overrides or [])
     data.setdefault("base_dir", base)
+    model = data.get("model")
+    if isinstance(model, dict) and model.get("init_from"):  # fine-tuning: the architecture is the source's
+        from equiforce.training.finetune import resolve_model_section
+
+        data["model"] = resolve_model_section(model, str(data["base_dir"]))
     try:
         return _build(TrainConfig, data, "")
     except TypeError as err:

@@ -92,6 +92,7 @@ class LoopOutcome:
     stopped_because: str
     first_step_s: float | None
     history: list[dict[str, Any]]
+    lineage: list[dict[str, Any]] | None = None
 
 
 def _with_energy(s: StructureSet, energy: np.ndarray) -> StructureSet:
@@ -398,6 +399,7 @@ def finish_training(
         "uncertainty": None,
         "atomic_energies": e0_record,
         "dataset_statistics": loop.stats,
+        "lineage": loop.lineage or [],
         "n_train": len(data.train),
         "n_valid": len(data.valid),
         "n_test": None if data.test is None else len(data.test),

@@ -9,13 +9,27 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from equiforce.training.config import OptimConfig
+from equiforce.training.config import FinetuneConfig, OptimConfig
 
 __all__ = ["PlateauState", "make_optimizer", "member_wise", "plateau_update", "set_lr_factor"]
 
 
-def make_optimizer(cfg: OptimConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """Build the optimiser for ``cfg`` (learning-rate schedule counted in optimiser steps)."""
+def _warmup_constant(peak: float, warmup: int) -> optax.Schedule:
+    if not warmup:
+        return optax.constant_schedule(peak)
+    return optax.join_schedules(
+        [optax.linear_schedule(peak / warmup, peak, warmup), optax.constant_schedule(peak)], [warmup]
+    )
+
+
+def make_optimizer(
+    cfg: OptimConfig, steps_per_epoch: int, finetune: FinetuneConfig | None = None
+) -> optax.GradientTransformation:
+    """Build the optimiser for ``cfg`` (learning-rate schedule counted in optimiser steps).
+
+    With ``finetune.freeze`` patterns the parameters they match get their own chain (``optax.multi_transform``):
+    ``finetune.frozen_learning_rate`` after ``finetune.frozen_warmup_epochs`` of linear warm-up, or no update
+    at all (``optax.set_to_zero``) when that rate is 0. The plateau factor scales both groups."""
     warmup = max(round(cfg.warmup_epochs * steps_per_epoch), 0)
     total = max(cfg.max_epochs * steps_per_epoch, warmup + 1)
     if cfg.schedule == "cosine":
@@ -26,27 +40,34 @@ def make_optimizer(cfg: OptimConfig, steps_per_epoch: int) -> optax.GradientTran
             decay_steps=total,
             end_value=cfg.min_learning_rate,
         )
-    elif warmup:
-        schedule = optax.join_schedules(
-            [
-                optax.linear_schedule(cfg.learning_rate / warmup, cfg.learning_rate, warmup),
-                optax.constant_schedule(cfg.learning_rate),
-            ],
-            [warmup],
-        )
     else:
-        schedule = optax.constant_schedule(cfg.learning_rate)
+        schedule = _warmup_constant(cfg.learning_rate, warmup)
 
-    def chain(lr_factor: float) -> optax.GradientTransformation:
+    def group(lr: optax.Schedule, lr_factor: float) -> optax.GradientTransformation:
         parts = []
         if cfg.clip_grad_norm:
             parts.append(optax.clip_by_global_norm(cfg.clip_grad_norm))
         parts.append(optax.scale_by_amsgrad() if cfg.optimizer == "amsgrad" else optax.scale_by_adam())
         if cfg.weight_decay:
             parts.append(optax.add_decayed_weights(cfg.weight_decay))
-        parts.append(optax.scale_by_learning_rate(schedule))
+        parts.append(optax.scale_by_learning_rate(lr))
         parts.append(optax.scale(lr_factor))
         return optax.chain(*parts)
+
+    patterns = tuple(finetune.freeze) if finetune is not None else ()
+    if not patterns:
+        return optax.inject_hyperparams(lambda lr_factor: group(schedule, lr_factor))(lr_factor=1.0)
+    from equiforce.training.finetune import freeze_labels
+
+    frozen_warmup = max(round(finetune.frozen_warmup_epochs * steps_per_epoch), 0)
+    frozen_lr = _warmup_constant(finetune.frozen_learning_rate, frozen_warmup)
+
+    def chain(lr_factor: float) -> optax.GradientTransformation:
+        frozen = optax.set_to_zero() if finetune.frozen_learning_rate == 0 else group(frozen_lr, lr_factor)
+        return optax.multi_transform(
+            {"trainable": group(schedule, lr_factor), "frozen": frozen},
+            lambda params: freeze_labels(params, patterns),
+        )
 
     return optax.inject_hyperparams(chain)(lr_factor=1.0)
 

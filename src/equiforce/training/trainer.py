@@ -33,6 +33,7 @@ from equiforce.training.bootstrap import batch_weights, bootstrap_counts
 from equiforce.training.checkpoint import load_checkpoint, save_checkpoint
 from equiforce.training.config import ConfigError, TrainConfig
 from equiforce.training.evaluate import _predict_fn, compute_metrics, e0_sum, predict
+from equiforce.training.finetune import check_freeze_patterns, replay_structures, start_from_source
 from equiforce.training.finish import (
     LoopOutcome,
     MDCheckFailedError,
@@ -89,12 +90,19 @@ def _read(cfg: TrainConfig, spec: str, size: int | None) -> StructureSet:
     return s
 
 
+def _read_replay(cfg: TrainConfig, spec: str) -> StructureSet:
+    if spec.startswith("sample:"):
+        return load_sample(spec.split(":", 1)[1])
+    return read_structures(cfg.resolve_path(spec), format=cfg.finetune.replay_format)
+
+
 def load_datasets(cfg: TrainConfig) -> Datasets:
     """Read train/validation/test sets as the config says.
 
     Without ``data.valid`` the validation set is a seeded random ``data.valid_fraction`` of the train
     file, taken from the first ``data.train_size`` structures when that is set (e.g. 950 + 50 of the
-    1000 frames of an rMD17 split file: ``train_size: null, valid_fraction: 0.05``).
+    1000 frames of an rMD17 split file: ``train_size: null, valid_fraction: 0.05``). Fine-tuning with replay
+    appends ``finetune.replay_fraction`` x that many structures of ``finetune.replay_data`` to the training set.
     """
     d = cfg.data
     full = _read(cfg, d.train, None)
@@ -109,6 +117,9 @@ def load_datasets(cfg: TrainConfig) -> Datasets:
             raise ConfigError(f"data.train_size={d.train_size} but only {len(train)} training structures")
         train = train.subset(np.arange(d.train_size))
     test = _read(cfg, d.test, d.test_size) if d.test else None
+    replay = replay_structures(cfg, len(train), lambda spec: _read_replay(cfg, spec))
+    if replay is not None:  # fine-tuning with replay: part of the source's training data joins the new
+        train = StructureSet.concatenate([train, replay])
     for name, s in (("train", train), ("valid", valid)):
         if s.energy is None or s.forces is None:
             raise ConfigError(f"the {name} set needs energy and forces labels")
@@ -204,7 +215,8 @@ def make_train_step(potential: Potential, cfg: TrainConfig, optimizer: optax.Gra
         if ema_decay:
             t = state.step.astype(jnp.float32)
             d = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
-            ema = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(p.dtype), state.ema_params, params)
+            # e + (1 - d)(p - e): a weight that does not move (frozen) keeps its EMA bit for bit
+            ema = jax.tree.map(lambda e, p: (e + (1.0 - d) * (p - e)).astype(p.dtype), state.ema_params, params)
         else:
             ema = params
         return TrainState(params, opt_state, ema, state.step + 1), (loss, le, lf)
@@ -273,6 +285,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
         bs,
     )
     potential, stats = build_potential(cfg, data.train, train_graphs)
+    start_params, lineage = None, None
+    if cfg.model.init_from is not None:  # fine-tuning: the source's architecture and weights
+        potential, start_params, lineage = start_from_source(cfg, data.train, log)
+        stats = {**stats, "avg_num_neighbours_of_source": potential.avg_num_neighbours}
     potential.check_species(data.valid.atomic_numbers)
     if data.test is not None:
         potential.check_species(data.test.atomic_numbers)
@@ -281,10 +297,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
     periodic = any(bool(np.any(np.all(s.pbc, axis=-1))) for s in sets)  # evaluate stress where it exists
 
     steps_per_epoch = math.ceil(len(data.train) / bs)
-    optimizer = make_optimizer(cfg.optim, steps_per_epoch)
+    optimizer = make_optimizer(cfg.optim, steps_per_epoch, cfg.finetune)
     if potential.ensemble_size > 1:
         optimizer = member_wise(optimizer)
-    params = potential.init(jax.random.PRNGKey(cfg.seed))
+    params = potential.init(jax.random.PRNGKey(cfg.seed)) if start_params is None else start_params
+    if cfg.finetune.freeze:
+        n_frozen = check_freeze_patterns(params, cfg.finetune.freeze)
+        rate = cfg.finetune.frozen_learning_rate
+        log(f"fine-tuning: {n_frozen} parameter arrays {'frozen' if rate == 0 else f'trained at lr {rate:g}'}")
     ema_params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)  # distinct buffers (donation)
     state = TrainState(params, optimizer.init(params), ema_params, jnp.zeros((), jnp.int32))
     host = {
@@ -485,6 +505,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
         stopped_because=stopped,
         first_step_s=compile_s,
         history=host["history"],
+        lineage=lineage,
     )
     # One jitted prediction function serves all three sets (it leaves E0s out, so the re-fit keeps it valid).
     return finish_training(

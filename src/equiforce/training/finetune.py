@@ -1,0 +1,333 @@
+"""Fine-tuning: start a training run from an existing model file (``model.init_from``).
+
+The source is any equiforce model file — trained with equiforce or imported — and the run continues from its
+weights on new data:
+
+* **architecture** (model family, hyperparameters, ``r_max``, committee size) comes from the source; a
+  config that sets one of them to something else is refused (:func:`resolve_model_section`, called by
+  :func:`~equiforce.training.config.load_config`). The source's ``scale``, ``shift`` and
+  ``avg_num_neighbours`` are kept: they are part of the function the weights compute.
+* **species**: the potential knows the source's species plus those of the new data. Species-indexed weights
+  (embeddings, species-dependent contractions) get the new species' rows freshly initialised and keep the
+  old species' rows exactly (:func:`transfer_params`); weights that are not species-indexed are copied.
+* **E0s**: ``model.atomic_energies: fit`` fits them on the new training set by least squares of the residual
+  ``E_ref − E_network`` of the transferred network (so the starting model already has the new data's energy
+  reference, e.g. another DFT functional); given E0s are used as they are.
+* **freezing** (``finetune.freeze``): parameters whose path matches a pattern get their own learning rate
+  (``finetune.frozen_learning_rate``; 0 = frozen) and warm-up, through ``optax.multi_transform``.
+* **replay** (``finetune.replay_data``, ``finetune.replay_fraction``): a seeded random fraction of the
+  original training data joins the training set, to limit forgetting (as in MACE's multi-head replay
+  fine-tuning, Batatia et al., arXiv:2401.00096, where part of the pre-training data is mixed in).
+* **lineage**: the model file's metadata lists the source (path, sha256, what it was trained on) and the
+  source's own lineage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jax
+import numpy as np
+
+from equiforce.data.errors import DataError
+from equiforce.potentials.model_io import ModelFileError, enable_x64_for, load_model, read_header
+from equiforce.potentials.potential import Potential
+from equiforce.training.config import ConfigError
+
+if TYPE_CHECKING:
+    from equiforce.data.structures import StructureSet
+    from equiforce.training.config import TrainConfig
+
+__all__ = [
+    "check_freeze_patterns",
+    "freeze_labels",
+    "lineage_record",
+    "load_source",
+    "replay_structures",
+    "resolve_model_section",
+    "start_from_source",
+    "transfer_params",
+]
+
+_DEFAULT_NAME, _DEFAULT_R_MAX = "nequip", 5.0
+
+
+def _resolve(path: str, base_dir: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(base_dir) / p
+
+
+def resolve_model_section(model: dict[str, Any], base_dir: str) -> dict[str, Any]:
+    """The config's ``model`` mapping with the architecture of ``model["init_from"]`` filled in.
+
+    Keys the config sets explicitly must agree with the source: ``name``, ``r_max`` (to 1e-9 Å), each given
+    ``hyperparameters`` entry, ``ensemble_size``. ``dtype`` may differ (the weights are cast).
+
+    Raises:
+      ConfigError: unreadable source file, or a conflict (the message names the key and both values).
+    """
+    path = _resolve(str(model["init_from"]), base_dir)
+    try:
+        header = read_header(path)
+    except (ModelFileError, OSError) as err:
+        raise ConfigError(f"model.init_from: cannot read {path}: {err}") from err
+    pot = header["potential"]
+    src = dict(pot["model"])
+    name = src.pop("name")
+    conflicts = []
+    if "name" in model and model["name"] != name:
+        conflicts.append(f"model.name is {model['name']!r} but the source is a {name!r} model")
+    if "r_max" in model and abs(float(model["r_max"]) - float(pot["r_max"])) > 1e-9:
+        conflicts.append(f"model.r_max is {model['r_max']} Å but the source's cutoff is {pot['r_max']} Å")
+    for key, value in dict(model.get("hyperparameters") or {}).items():
+        if key not in src:
+            conflicts.append(f"model.hyperparameters.{key} is not a hyperparameter of the source's {name!r} model")
+        elif src[key] != value and not (isinstance(src[key], list) and list(value or []) == src[key]):
+            conflicts.append(f"model.hyperparameters.{key} is {value!r} but the source's is {src[key]!r}")
+    k_src = int(pot.get("ensemble_size", 1))
+    if "ensemble_size" in model and int(model["ensemble_size"]) != k_src:
+        conflicts.append(f"model.ensemble_size is {model['ensemble_size']} but the source has {k_src} member(s)")
+    if conflicts:
+        raise ConfigError(f"model.init_from {path}: the config conflicts with the source model: {'; '.join(conflicts)}")
+    return {
+        **model,
+        "name": name,
+        "r_max": float(pot["r_max"]),
+        "hyperparameters": src,
+        "ensemble_size": k_src,
+        "dtype": model.get("dtype", pot.get("dtype", "float32")),
+    }
+
+
+def load_source(path: str | Path) -> tuple[Potential, Any, dict[str, Any], str]:
+    """``(potential, params, header, sha256)`` of a fine-tuning source (64-bit JAX switched on for a float64
+    file).
+
+    Raises:
+      ConfigError: the file cannot be read as a model.
+    """
+    path = Path(path)
+    try:
+        enable_x64_for(path)
+        potential, params, header = load_model(path)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except (ModelFileError, OSError) as err:
+        raise ConfigError(f"model.init_from: cannot load {path}: {err}") from err
+    return potential, params, header, digest
+
+
+def _keystr(path: tuple) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _declared_blocks(potential: Potential, key: str) -> tuple[int, int, bool] | None:
+    """``(axis, blocks, fan_in_normalised)`` of a weight the model declares in ``species_blocks``, else None."""
+    for pattern, axis, n_blocks, normalised in getattr(potential.model, "species_blocks", ()):
+        if re.fullmatch(pattern, key):
+            return axis, n_blocks, normalised
+    return None
+
+
+def transfer_params(
+    source: Potential, source_params: Any, target: Potential, target_params: Any
+) -> tuple[Any, list[str]]:
+    """The target's parameters with the source's weights copied in.
+
+    ``target`` has the source's architecture and a superset of its species (sorted). A weight of the same
+    shape is copied. A weight whose shape differs only along axes where the source has ``len(source.species)``
+    entries and the target ``len(target.species)`` is species-indexed: the old species' entries are copied to
+    their new positions, the new species' keep ``target_params``' fresh initialisation. Weights whose axis
+    starts with several per-species blocks (one-hot inputs of both atoms of an edge) are declared by the model
+    config's ``species_blocks`` and mapped block by block.
+
+    Returns:
+      ``(params, extended)``: the parameters (in the target's dtype) and the paths of the weights that were
+      extended for new species.
+
+    Raises:
+      DataError: a weight whose shape cannot be matched (a species that cannot be added to this model).
+      ConfigError: the trees differ (not the same architecture).
+    """
+    old, new = len(source.species), len(target.species)
+    missing = sorted(set(source.species) - set(target.species))
+    if missing:
+        raise ConfigError(f"fine-tuning cannot drop species the source knows: {missing}")
+    where = np.searchsorted(np.asarray(target.species), np.asarray(source.species))
+    src_leaves = {_keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(source_params)[0]}
+    flat, treedef = jax.tree_util.tree_flatten_with_path(target_params)
+    dtype = target.jnp_dtype
+    out, extended = [], []
+    for path, leaf in flat:
+        key = _keystr(path)
+        tgt = np.asarray(leaf)
+        if key not in src_leaves:  # e3nn names a Linear's weights by its irreps, e.g. "w[0,0] 3x0e,4x0e"
+            key = re.sub(rf"(?<![0-9]){new}x", f"{old}x", key)
+        if key not in src_leaves:
+            raise ConfigError(f"fine-tuning: the source has no weight {key}: not the same architecture")
+        src = src_leaves[key]
+        if src.shape == tgt.shape:
+            out.append(np.asarray(src, dtype))
+            continue
+        axes = [a for a, (s, t) in enumerate(zip(src.shape, tgt.shape, strict=False)) if s != t]
+        blocks = _declared_blocks(target, key)
+        if blocks is not None and src.ndim == tgt.ndim and axes == [blocks[0]]:
+            axis, n_blocks, normalised = blocks
+            rest = src.shape[axis] - n_blocks * old
+            if rest >= 0 and tgt.shape[axis] - n_blocks * new == rest:
+                rows = [b * new + where for b in range(n_blocks)] + [n_blocks * new + np.arange(rest)]
+                merged = np.array(tgt, dtype=np.asarray(src, dtype).dtype)
+                index = tuple(np.concatenate(rows) if a == axis else np.arange(src.shape[a]) for a in range(src.ndim))
+                # a layer that divides by sqrt(fan-in) sees a larger fan-in now: keep w / sqrt(fan-in) unchanged
+                factor = np.sqrt(tgt.shape[axis] / src.shape[axis]) if normalised else 1.0
+                merged[np.ix_(*index)] = src * factor
+                out.append(merged)
+                extended.append(key)
+                continue
+        if src.ndim != tgt.ndim or old == new or any(src.shape[a] != old or tgt.shape[a] != new for a in axes):
+            raise DataError(
+                f"cannot add species {sorted(set(target.species) - set(source.species))} to this model: weight "
+                f"{key} has shape {src.shape} in the source and {tgt.shape} with the new species, which is not a "
+                "per-species table"
+            )
+        merged = np.array(tgt, dtype=np.asarray(src, dtype).dtype)
+        index = tuple(where if a in axes else np.arange(src.shape[a]) for a in range(src.ndim))
+        merged[np.ix_(*index)] = src
+        out.append(merged)
+        extended.append(key)
+    return jax.tree_util.tree_unflatten(treedef, out), extended
+
+
+def freeze_labels(params: Any, patterns: Sequence[str]) -> Any:
+    """``"frozen"`` for every parameter whose path (``params/interaction_0/...``) matches one of the regular
+    expressions (``re.search``), else ``"trainable"``; a tree like ``params``."""
+    compiled = [re.compile(p) for p in patterns]
+
+    def label(path: tuple, _leaf: Any) -> str:
+        key = _keystr(path)
+        return "frozen" if any(c.search(key) for c in compiled) else "trainable"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def check_freeze_patterns(params: Any, patterns: Sequence[str]) -> int:
+    """How many parameter arrays the patterns freeze.
+
+    Raises:
+      ConfigError: an invalid regular expression, or a pattern that matches no parameter (a typo would
+        otherwise freeze nothing, silently).
+    """
+    keys = [_keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    n = 0
+    for p in patterns:
+        try:
+            c = re.compile(p)
+        except re.error as err:
+            raise ConfigError(f"finetune.freeze: invalid pattern {p!r}: {err}") from err
+        hits = [k for k in keys if c.search(k)]
+        if not hits:
+            raise ConfigError(f"finetune.freeze: pattern {p!r} matches no parameter (e.g. {keys[:3]})")
+        n += len(hits)
+    return n
+
+
+def lineage_record(path: str | Path, digest: str, header: dict[str, Any]) -> list[dict[str, Any]]:
+    """The fine-tuned model's lineage: its source (path, sha256, model, what it was trained on), then the
+    source's own lineage."""
+    meta = header.get("metadata") or {}
+    cfg = meta.get("config") or {}
+    entry = {
+        "init_from": str(Path(path).resolve()),
+        "sha256": digest,
+        "model": header["potential"]["model"].get("name"),
+        "species": header["potential"]["species"],
+        "equiforce_version": header.get("equiforce_version"),
+        "trained_on": (cfg.get("data") or {}).get("train"),
+        "n_train": meta.get("n_train"),
+        "source": meta.get("source"),  # an imported model's origin (e.g. a mace-torch file)
+    }
+    return [entry, *list(meta.get("lineage") or [])]
+
+
+def replay_structures(cfg: TrainConfig, n_train: int, read: Callable[[str], StructureSet]) -> StructureSet | None:
+    """The replayed part of the source's training data: ``round(replay_fraction · n_train)`` structures of
+    ``finetune.replay_data`` (a seeded random draw without replacement), or None.
+
+    Raises:
+      ConfigError: the file has fewer structures than asked for, or no energy and forces labels.
+    """
+    f = cfg.finetune
+    if f.replay_data is None or f.replay_fraction <= 0:
+        return None
+    pool = read(f.replay_data)
+    n = max(1, round(f.replay_fraction * n_train))
+    if n > len(pool):
+        raise ConfigError(
+            f"finetune.replay_fraction={f.replay_fraction} asks for {n} replay structures but "
+            f"{f.replay_data} has {len(pool)}"
+        )
+    if pool.energy is None or pool.forces is None:
+        raise ConfigError(f"finetune.replay_data {f.replay_data} needs energy and forces labels")
+    pick = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0x4E91A7])).choice(len(pool), n, replace=False)
+    return pool.subset(np.sort(pick))
+
+
+def start_from_source(
+    cfg: TrainConfig, train: StructureSet, log: Callable[[str], None]
+) -> tuple[Potential, Any, list[dict[str, Any]]]:
+    """The potential and starting weights of a fine-tuning run, and its lineage.
+
+    Species: the source's plus the training set's. E0s: given ones as they are; fitted ones start from the
+    source's (0 for a new species) plus the least-squares per-species offset of ``E_ref − E_pred`` on the
+    training set, so the starting model has the new data's energy reference.
+
+    Raises:
+      ConfigError: unreadable source, or a config whose architecture differs from the source's.
+      DataError: species that cannot be added to the model.
+    """
+    from equiforce.data.statistics import check_atomic_energies
+    from equiforce.potentials.registry import config_from_dict
+    from equiforce.potentials.uncertainty import network_params
+    from equiforce.training.finish import refit_atomic_energies
+
+    m = cfg.model
+    path = cfg.resolve_path(m.init_from)
+    source, src_params, header, digest = load_source(path)
+    wanted = config_from_dict({"name": m.name, **m.hyperparameters})
+    if wanted != source.model or abs(m.r_max - source.r_max) > 1e-9 or m.ensemble_size != source.ensemble_size:
+        raise ConfigError(
+            f"model.init_from {path}: the config's model ({m.name}, r_max {m.r_max} Å, {m.ensemble_size} "
+            f"member(s)) is not the source's ({source.model.name}, r_max {source.r_max} Å, "
+            f"{source.ensemble_size} member(s)); load the config with load_config, which takes the source's over"
+        )
+    species = tuple(sorted(set(source.species) | {int(z) for z in train.species}))
+    new = [z for z in species if z not in source.species]
+    old_e0 = dict(zip(source.species, source.atomic_energies, strict=True))
+    base = Potential(
+        model=source.model,
+        species=species,
+        r_max=source.r_max,
+        atomic_energies=tuple(old_e0.get(z, 0.0) for z in species),
+        scale=source.scale,
+        shift=source.shift,
+        avg_num_neighbours=source.avg_num_neighbours,
+        dtype=m.dtype,
+        ensemble_size=source.ensemble_size,
+    )
+    fresh = base.init(jax.random.PRNGKey(cfg.seed))
+    params, extended = transfer_params(source, network_params(src_params), base, fresh)
+    if isinstance(m.atomic_energies, dict):
+        given = check_atomic_energies({int(k): float(v) for k, v in m.atomic_energies.items()}, species)
+        potential = base.replace(atomic_energies=tuple(given[z] for z in species))
+    else:
+        potential = refit_atomic_energies(base, params, train)
+    from ase.data import chemical_symbols
+
+    names = [chemical_symbols[z] for z in new]
+    added = f"; adding {names}: {len(extended)} per-species weights extended" if new else ""
+    how = "given" if isinstance(m.atomic_energies, dict) else "fitted on the residuals of the source network"
+    log(f"fine-tuning {path} ({source.model.name}, {len(source.species)} species{added}); E0s {how}")
+    return potential, params, lineage_record(path, digest, header)
