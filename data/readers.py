@@ -524,18 +524,28 @@ def sample_path(name: str) -> Path:
 
 
 def load_sample(split: str = "train") -> StructureSet:
-    """The shipped real-DFT sample: rMD17 aspirin, official split 01 (1000 frames, 21 atoms each).
+    """The shipped real-DFT samples of rMD17 (official split 01).
 
     Args:
-      split: ``"train"`` or ``"test"``.
+      split: ``"train"`` / ``"test"``: aspirin (1000 frames each, 21 atoms); ``"salicylic:train"`` /
+        ``"salicylic:test"``: salicylic acid, the first 100 / 200 frames of its split-01 files (16 atoms;
+        the same elements as aspirin: for fine-tuning and distribution-shift tests).
 
     Returns:
       A :class:`StructureSet` in eV, eV/Å, Å (see :func:`read_rmd17_npz`). Source: andersx/rmd17-npz
       (CC0 1.0); Christensen & von Lilienfeld, arXiv:2007.09593.
 
     Raises:
-      DataError: ``split`` is not "train" or "test".
+      DataError: an unknown ``split``.
     """
-    if split not in ("train", "test"):
-        raise DataError(f"split must be 'train' or 'test', got {split!r}")
-    return read_rmd17_npz(sample_path(f"rmd17_aspirin_{split}_01.npz"))
+    files = {
+        "train": "rmd17_aspirin_train_01.npz",
+        "test": "rmd17_aspirin_test_01.npz",
+        "aspirin:train": "rmd17_aspirin_train_01.npz",
+        "aspirin:test": "rmd17_aspirin_test_01.npz",
+        "salicylic:train": "rmd17_salicylic_train_01_first100.npz",
+        "salicylic:test": "rmd17_salicylic_test_01_first200.npz",
+    }
+    if split not in files:
+        raise DataError(f"split must be one of {sorted(files)}, got {split!r}")
+    return read_rmd17_npz(sample_path(files[split]))

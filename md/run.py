@@ -70,7 +70,8 @@ class MDResult:
 
 def load_structure(spec: str | Path) -> Any:
     """An ``ase.Atoms`` from a file ase reads (``path`` or ``path@index``, default the last frame) or from
-    the shipped sample (``sample:train:K`` / ``sample:test:K``, default frame 0).
+    the shipped samples (``sample:train:K`` / ``sample:test:K`` for aspirin, ``sample:salicylic:test:K``;
+    default frame 0).
 
     Raises:
       FileNotFoundError: no such file.
@@ -80,9 +81,9 @@ def load_structure(spec: str | Path) -> Any:
     if spec.startswith("sample:"):
         from equiforce.data.readers import load_sample
 
-        parts = spec.split(":")
-        index = int(parts[2]) if len(parts) > 2 else 0
-        return load_sample(parts[1]).to_atoms(index)
+        parts = spec.split(":")[1:]  # [molecule:]split[:index]
+        index = int(parts.pop()) if len(parts) > 1 and parts[-1].lstrip("-").isdigit() else 0
+        return load_sample(":".join(parts)).to_atoms(index)
     import ase.io
 
     path, _, index = spec.partition("@")

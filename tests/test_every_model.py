@@ -42,6 +42,7 @@ def trained(request, tmp_path_factory):
             "optim.learning_rate=0.01",
             "optim.batch_size=5",
             "md_check.steps=0",
+            "model.uncertainty=false",  # LLPR for every model: tests/uncertainty (linear in its last layer)
         ],
     )
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hyperparameters=hp))

@@ -24,6 +24,7 @@ def trained_aspirin_model(tmp_path_factory) -> str:
             "optim.learning_rate=0.01",
             "optim.batch_size=5",
             "md_check.steps=400",
+            "model.uncertainty=false",  # MD with σ: tests/uncertainty
             "md_check.timestep_fs=0.25",
         ],
     )

@@ -48,6 +48,7 @@ def _cfg(out, *overrides: str):
         "optim.batch_size=5",
         "optim.max_epochs=3",
         "md_check.steps=0",  # the NVE gate is exercised by tests/test_cli.py and tests/md
+        "model.uncertainty=false",  # the calibration step: tests/uncertainty, tests/test_cli.py
     ]
     return load_config(None, base + list(overrides))
 
@@ -421,7 +422,7 @@ def test_a_committee_member_equals_a_network_trained_alone(tmp_path):
     """Member 0 of a committee trained in one program (vmapped, member-wise optimiser) has the parameters of a
     single network trained with the same seed and data order; member 1 differs (independent init)."""
     jax.config.update("jax_enable_x64", True)
-    common = ["model.dtype=float64", "model.uncertainty=false", "optim.max_epochs=2", "data.test_size=2"]
+    common = ["model.dtype=float64", "optim.max_epochs=2", "data.test_size=2"]
     single = train(_cfg(tmp_path / "one", *common), log=lambda _: None)
     committee = train(_cfg(tmp_path / "two", *common, "model.ensemble_size=2"), log=lambda _: None)
     assert committee.potential.ensemble_size == 2
@@ -487,9 +488,7 @@ def test_bootstrap_training_gives_each_member_its_resample(tmp_path, monkeypatch
 
     monkeypatch.setattr(trainer, "make_train_step", spy)
     monkeypatch.setattr(trainer, "batch_groups", recording_groups)
-    cfg = _cfg(
-        tmp_path, "model.ensemble_size=2", "model.bootstrap=true", "model.uncertainty=false", "optim.max_epochs=1"
-    )
+    cfg = _cfg(tmp_path, "model.ensemble_size=2", "model.bootstrap=true", "optim.max_epochs=1")
     result = train(cfg, log=_quiet)
     assert result.potential.ensemble_size == 2
     expected = bootstrap_counts(23, 2, cfg.seed)

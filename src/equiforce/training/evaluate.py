@@ -5,6 +5,7 @@ Used for validation during training, for the test set at the end, and by ``equif
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +40,10 @@ def e0_sum(potential: Potential, structures: StructureSet) -> np.ndarray:
     return composition_matrix(structures, potential.species) @ np.asarray(potential.atomic_energies)
 
 
+@functools.lru_cache(maxsize=16)
 def _predict_fn(potential: Potential, with_stress: bool):
-    """Jitted energies *without* E0s (added on the host in float64 so float32 models stay precise)."""
+    """Jitted energies *without* E0s (added on the host in float64 so float32 models stay precise); one per
+    potential, so repeated predictions with the same shapes compile once."""
 
     def fn(params: Any, batch: Batch):
         out = potential(params, batch.graph, compute_forces=True, compute_stress=with_stress, include_e0=False)

@@ -15,6 +15,7 @@ Errors are energies per structure (eV) and force components (eV/Å); a force com
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -22,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from equiforce.data.graph import PaddingBudget
-from equiforce.data.neighbours import NeighbourGraph
+from equiforce.data.graph import PaddingBudget, estimate_budget
+from equiforce.data.neighbours import NeighbourGraph, build_neighbour_graphs
 from equiforce.data.structures import StructureSet
 from equiforce.potentials.potential import Potential
 from equiforce.potentials.uncertainty import UncertaintyConfig, last_layer_features, network_params
@@ -69,6 +70,33 @@ class UncertainPredictions:
     member_energies: np.ndarray | None = None
 
 
+@functools.lru_cache(maxsize=8)
+def _uncertainty_fn(potential: Potential) -> Callable:
+    """The jitted ``(params, graph) -> (energy, forces, σ_E, σ_F, member energies)``, one per potential."""
+
+    @jax.jit
+    def fn(params: Any, graph: Any):
+        p = potential.predict_uncertainty(params, graph, include_e0=False)
+        energy = jax.ops.segment_sum(p.node_energies, jnp.asarray(graph.node_graph), num_segments=graph.n_graphs)
+        return energy, p.forces, p.energy_uncertainty, p.forces_uncertainty, p.member_energies
+
+    return fn
+
+
+@functools.lru_cache(maxsize=8)
+def _features_fn(single: Potential) -> Callable:
+    """The jitted ``(params, graph) -> (G [n_graphs, P], g [n_nodes, P])`` last-layer features."""
+
+    @jax.jit
+    def fn(params: Any, graph: Any):
+        g = last_layer_features(
+            single.model.last_layer, params, lambda p: single.node_energies(p, graph, include_e0=False)
+        )
+        return jax.ops.segment_sum(g, jnp.asarray(graph.node_graph), num_segments=graph.n_graphs), g
+
+    return fn
+
+
 def predict_uncertainties(
     potential: Potential,
     params: Any,
@@ -90,12 +118,7 @@ def predict_uncertainties(
             "LLPR uncertainty with `equiforce calibrate MODEL DATA`"
         )
 
-    @jax.jit
-    def fn(params: Any, graph: Any):
-        p = potential.predict_uncertainty(params, graph, include_e0=False)
-        energy = jax.ops.segment_sum(p.node_energies, jnp.asarray(graph.node_graph), num_segments=graph.n_graphs)
-        return energy, p.forces, p.energy_uncertainty, p.forces_uncertainty, p.member_energies
-
+    fn = _uncertainty_fn(potential)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("e", "f", "se", "sf", "m")}
     for batch in padded_batches(potential, structures, batch_size, graphs, budget):
         g = batch.graph
@@ -145,21 +168,19 @@ def _require_labels(s: StructureSet, what: str) -> None:
 
 
 def _features(
-    potential: Potential, params: Any, structures: StructureSet, batch_size: int
+    potential: Potential,
+    params: Any,
+    structures: StructureSet,
+    batch_size: int,
+    graphs: list[NeighbourGraph] | None = None,
+    budget: PaddingBudget | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(G [S, P], g [n_atoms_total, P])``: per-structure and per-atom last-layer features (float64)."""
     single = potential.single()
     net = network_params(params)
-
-    @jax.jit
-    def fn(params: Any, graph: Any):
-        g = last_layer_features(
-            single.model.last_layer, params, lambda p: single.node_energies(p, graph, include_e0=False)
-        )
-        return jax.ops.segment_sum(g, jnp.asarray(graph.node_graph), num_segments=graph.n_graphs), g
-
+    fn = _features_fn(single)
     per_graph, per_atom = [], []
-    for batch in padded_batches(single, structures, batch_size):
+    for batch in padded_batches(single, structures, batch_size, graphs, budget):
         gr = batch.graph
         big_g, g = fn(net, jax.tree.map(jnp.asarray, gr))
         per_graph.append(np.asarray(big_g, np.float64)[: int(np.sum(gr.graph_mask))])
@@ -236,9 +257,15 @@ def fit_llpr(
     _require_labels(valid, "validation")
     single = potential.single()
     net = network_params(params)
-    big_g, g_atoms = _features(single, net, train, batch_size)
-    gv, gv_atoms = _features(single, net, valid, batch_size)
-    pred = predict(single, net, valid, batch_size=batch_size)
+    # one padded shape for both sets: each jitted function compiles once
+    graphs_t = build_neighbour_graphs(train, single.r_max)
+    graphs_v = build_neighbour_graphs(valid, single.r_max)
+    budget = estimate_budget(
+        np.concatenate([train.n_atoms, valid.n_atoms]), [g.n_edges for g in graphs_t + graphs_v], batch_size
+    )
+    big_g, g_atoms = _features(single, net, train, batch_size, graphs_t, budget)
+    gv, gv_atoms = _features(single, net, valid, batch_size, graphs_v, budget)
+    pred = predict(single, net, valid, batch_size=batch_size, graphs=graphs_v, budget=budget)
     err_e = pred.energy - valid.energy
     err_f = (pred.forces - valid.forces).ravel()
     lam_e, reg_e, proj_e, alpha_e = _best_scale(err_e, _projections(big_g.T @ big_g), gv, 1)
