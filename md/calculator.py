@@ -154,7 +154,7 @@ class EquiforceCalculator(Calculator):
         self.min_distance = float(min_distance)
         self.budget: PaddingBudget | None = None
         self.trace_count = 0  # how many times the potential has been traced (= compiled) by this calculator
-        self._functions: dict[bool, Any] = {}
+        self._functions: dict[Any, Any] = {}
 
     @classmethod
     def from_potential(cls, potential: Potential, params: Any, **kwargs: Any) -> EquiforceCalculator:
@@ -245,6 +245,33 @@ class EquiforceCalculator(Calculator):
         graph = collate(structures, [neighbours], [0], budget, dtype=dtype).graph
         periodic = bool(np.all(pbc)) and abs(np.linalg.det(cell)) > 1e-9
         return graph, periodic
+
+    def get_hessian(self, atoms=None, *, block_size: int | None = None) -> np.ndarray:
+        """The exact Hessian of the energy with respect to the positions (see :meth:`Potential.hessian`).
+
+        Args:
+          atoms: the structure (default: the calculator's atoms); a periodic cell is held fixed.
+          block_size: rows computed at once (None: all; an integer bounds the memory to about that many
+            force evaluations).
+
+        Returns:
+          ``[3N, 3N]`` float64, eV/Å², atom-major (x, y, z per atom), as
+          :meth:`ase.vibrations.VibrationsData.from_2d` expects.
+
+        Raises:
+          The evaluation errors of the class (empty atoms, NaN, overlapping atoms, unknown species).
+        """
+        atoms = self.atoms if atoms is None else atoms
+        if atoms is None:
+            raise ValueError("get_hessian needs atoms (none given, none attached)")
+        graph, _ = self._prepare(atoms)
+        key = ("hessian", block_size)
+        if key not in self._functions:
+            potential = self.potential
+            self._functions[key] = jax.jit(lambda p, g: potential.hessian(p, g, block_size=block_size))
+        hess = np.asarray(self._functions[key](self.params, graph), dtype=np.float64)
+        n = len(atoms)
+        return hess[:n, :, :n, :].reshape(3 * n, 3 * n)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         """Fill ``self.results`` for ``atoms`` (ASE's calculator protocol; see the class docstring)."""

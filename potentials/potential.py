@@ -397,6 +397,51 @@ class Potential:
         forces = jnp.where(jnp.asarray(graph.node_mask)[:, None], -d_pos, 0.0)
         return PotentialOutput(energy, forces if compute_forces else None, stress, node_e)
 
+    def hessian(self, params: Any, graph: Graph, *, block_size: int | None = None) -> jnp.ndarray:
+        """The exact Hessian ∂²E/∂x_i∂x_j of the total energy with respect to the positions.
+
+        Forward-over-reverse: each row is a Jacobian-vector product of the forces' gradient function with a
+        unit displacement (``jax.jvp`` of ``jax.grad``), so the result is exact to floating point, symmetric
+        up to rounding, and needs no step size. For a periodic structure the cell is held fixed (the
+        force constants of that cell, e.g. a phonon supercell).
+
+        Args:
+          params: the parameters.
+          graph: a padded graph (typically one structure; with several, the cross blocks are zero).
+          block_size: rows computed at once. ``None``: all ``3 n_nodes`` rows in one vectorised pass (fastest;
+            memory about ``3 n_nodes`` times that of one force evaluation). An integer bounds the memory to
+            about ``block_size`` force evaluations' worth (rows are computed in ``jax.lax.map`` blocks).
+
+        Returns:
+          ``[n_nodes, 3, n_nodes, 3]`` in eV/Å², in the potential's dtype; rows and columns of padding nodes
+          are zero. ``H.reshape(3 n, 3 n)`` is the usual ``[3N, 3N]`` matrix (atom-major, x y z).
+
+        Raises:
+          ValueError: ``block_size`` < 1.
+        """
+        if block_size is not None and block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        dtype = self.jnp_dtype
+        positions = jnp.asarray(graph.positions, dtype)
+        mask = jnp.asarray(graph.node_mask)
+        n = positions.shape[0]
+
+        def gradient(pos: jnp.ndarray) -> jnp.ndarray:
+            g = jax.grad(lambda p: jnp.sum(self.node_energies(params, graph, positions=p)))(pos)
+            return jnp.where(mask[:, None], g, 0.0)
+
+        def row(direction: jnp.ndarray) -> jnp.ndarray:
+            return jax.jvp(gradient, (positions,), (direction,))[1]
+
+        directions = jnp.eye(3 * n, dtype=dtype).reshape(3 * n, n, 3)
+        if block_size is None or block_size >= 3 * n:
+            rows = jax.vmap(row)(directions)
+        else:
+            rows = jax.lax.map(row, directions, batch_size=block_size)
+        hess = rows.reshape(n, 3, n, 3)
+        real = mask[:, None, None, None] & mask[None, None, :, None]
+        return jnp.where(real, hess, 0.0)
+
     def predict_uncertainty(self, params: Any, graph: Graph, *, include_e0: bool = True) -> UncertainPrediction:
         """Mean energies and forces with calibrated uncertainties for every structure of a padded graph.
 

@@ -143,6 +143,44 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_vibrations(args: argparse.Namespace) -> int:
+    import json
+
+    from ase.optimize import BFGS
+
+    from equiforce.md.calculator import EquiforceCalculator
+    from equiforce.md.run import load_structure
+    from equiforce.potentials.model_io import atomic_write_bytes
+    from equiforce.vibrations import vibrations
+
+    _enable_x64_for(args.model)
+    calc = EquiforceCalculator(args.model)
+    atoms = load_structure(args.structure)
+    if args.relax is not None:
+        atoms.calc = calc
+        opt = BFGS(atoms, logfile=None)
+        converged = opt.run(fmax=args.relax, steps=args.relax_steps)
+        print(f"relaxed in {opt.nsteps} BFGS steps{'' if converged else ' (not converged)'} to fmax {args.relax} eV/Å")
+        atoms.calc = None
+    vib = vibrations(calc, atoms, block_size=args.block_size)
+    print(vib.tabulate())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    freqs = vib.get_frequencies()
+    record = {
+        "model": str(args.model),
+        "structure": str(args.structure),
+        "frequencies_cm-1": [float(f.real) if f.imag == 0 else -float(f.imag) for f in freqs],
+        "imaginary": [bool(f.imag != 0) for f in freqs],
+        "zero_point_energy_eV": float(vib.get_zero_point_energy()),
+    }
+    atomic_write_bytes(out / "frequencies.json", json.dumps(record, indent=1).encode())
+    vib.write_jmol(str(out / "modes.xyz"))
+    vib.write(str(out / "vibrations.json"))
+    print(f"frequencies (imaginary ones negative) in {out / 'frequencies.json'}; normal modes in {out / 'modes.xyz'}")
+    return 0
+
+
 def _cmd_select(args: argparse.Namespace) -> int:
     from equiforce.potentials.model_io import load_model
     from equiforce.uncertainty.select import read_pool, select_structures, write_selection
@@ -351,6 +389,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--energy-unit", default="eV")
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("vibrations", help="harmonic frequencies (cm⁻¹) and normal modes from the exact Hessian")
+    p.add_argument("model", help="model file (.eqf)")
+    p.add_argument("structure", help="structure file (path or path@index) or sample:test:K")
+    p.add_argument(
+        "--relax", type=float, default=None, metavar="FMAX", help="relax with BFGS to this fmax first (eV/Å)"
+    )
+    p.add_argument("--relax-steps", type=int, default=1000)
+    p.add_argument("--block-size", type=int, default=None, help="Hessian rows at once (bounds the memory)")
+    p.add_argument("--out", default="vibrations", help="folder for frequencies.json, modes.xyz, vibrations.json")
+    p.set_defaults(func=_cmd_vibrations)
 
     p = sub.add_parser("select", help="pick structures to label by uncertainty and diversity (active learning)")
     p.add_argument("pool", help="pool of structures: extxyz, ASE db, any readable file, or an H5MD trajectory")
