@@ -44,6 +44,7 @@ def test_train(trained_run):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # the override won over the file's 5
     written = yaml.safe_load((out / "config.yaml").read_text())
     assert written["seed"] == 3 and written["optim"]["max_epochs"] == 1
+    assert (out / "learning_curve.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_evaluate_writes_parity_and_json(trained_run, tmp_path, capsys):

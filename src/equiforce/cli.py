@@ -242,7 +242,7 @@ def _cmd_md(args: argparse.Namespace) -> int:
         raise ValueError("md needs MODEL and STRUCTURE (or --repair FILE)")
     if args.more_steps is not None and not args.restart:
         raise ValueError("--more-steps continues a run: use it with --restart")
-    from equiforce.md.run import run_md
+    from equiforce.md.run import load_structure, run_md
 
     _enable_x64_for(args.model)
     result = run_md(
@@ -288,6 +288,30 @@ def _cmd_md(args: argparse.Namespace) -> int:
     )
     if args.out:
         print(f"trajectory (H5MD) written to {args.out}")
+    if args.thermo:
+        _thermo_plot(args.thermo, len(load_structure(args.structure)))
+    return 0
+
+
+def _thermo_plot(thermo: str, n_atoms: int | None) -> None:
+    """The thermo plot next to the CSV; a failure is reported, never fatal (the run's files are written)."""
+    from equiforce.md.plots import plot_thermo
+
+    png = Path(thermo).with_suffix(".png")
+    try:
+        plot_thermo(thermo, png, n_atoms=n_atoms)
+    except Exception as err:  # an optional picture: never lose the run over it
+        print(f"warning: could not draw {png}: {type(err).__name__}: {err}", file=sys.stderr)
+    else:
+        print(f"thermo plot written to {png}")
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from equiforce.md.plots import plot_thermo
+
+    out = args.out or str(Path(args.thermo).with_suffix(".png"))
+    plot_thermo(args.thermo, out, n_atoms=args.n_atoms)
+    print(f"thermo plot written to {out}")
     return 0
 
 
@@ -466,6 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--uncertain-frames", default=None, help="extxyz of the uncertain frames (default: OUT_uncertain.extxyz)"
     )
     p.set_defaults(func=_cmd_md)
+
+    p = sub.add_parser("plot", help="draw an MD thermo CSV (temperature, energies; volume and pressure for NPT)")
+    p.add_argument("thermo", help="thermo CSV written by `equiforce md --thermo`")
+    p.add_argument("--out", default=None, help="PNG file (default: the CSV's name with .png)")
+    p.add_argument("--n-atoms", type=int, default=None, help="draw energies per atom")
+    p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("info", help="print a model file's header (config, species, E0s, metrics)")
     p.add_argument("model")

@@ -273,6 +273,12 @@ def _log_summary(
         )
 
 
+def _write_learning_curve(path: Path, history: list[dict[str, Any]]) -> None:
+    from equiforce.training.plots import learning_curve_plot
+
+    learning_curve_plot(history, path)
+
+
 def _test_metrics(
     cfg: TrainConfig,
     out: Path,
@@ -409,6 +415,8 @@ def finish_training(
     model_path = _write(out, final, params, metadata)
     if optional:
         log(f"model saved to {model_path}; now: {', '.join(optional)}")
+    if loop.history:  # after the model file: a failing plot never costs the result
+        steps.run("learning_curve", lambda: _write_learning_curve(out / "learning_curve.png", loop.history))
 
     t0 = time.perf_counter()
     unc = None

@@ -248,7 +248,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
     ``best.eqf`` (best validation, EMA weights), ``model.eqf`` and ``final_metrics.json`` (final: best
     weights, E0s as ``model.refit_atomic_energies`` says; written before the optional post-training steps and
     again with their results: test metrics, NVE gate), ``metrics.jsonl`` (one line per epoch),
-    ``config.yaml``, ``parity_test.png``. See :mod:`equiforce.training.finish`.
+    ``config.yaml``, ``parity_test.png``, ``learning_curve.png``. See :mod:`equiforce.training.finish`.
 
     Args:
       cfg: the configuration.
