@@ -171,7 +171,7 @@ def test_half_list_gives_the_full_lists_trajectory(aspirin_potential, aspirin):
     )
 
 
-@pytest.mark.parametrize("name", ["mace", "schnet"])
+@pytest.mark.parametrize("name", [pytest.param("mace", marks=pytest.mark.slow), "schnet"])
 def test_half_list_gives_the_full_lists_trajectory_in_a_periodic_box(name):
     """The same for a periodic water box with a cell list, for a model that evaluates each pair once (MACE)
     and one that expands the half list (SchNet)."""

@@ -231,7 +231,7 @@ def _chunk_harnesses(model: str, chunk: int):
     }
 
 
-@pytest.mark.parametrize("model", ["mace", "nequip"])
+@pytest.mark.parametrize("model", ["mace", pytest.param("nequip", marks=pytest.mark.slow)])
 @pytest.mark.parametrize(
     "chunk", [7, pytest.param(1, marks=pytest.mark.slow), pytest.param(64, marks=pytest.mark.slow)]
 )

@@ -459,7 +459,7 @@ def test_a_weighted_batch_is_the_batch_with_structures_repeated(tmp_path):
     potential, _ = build_potential(cfg, data.train, graphs)
     params = potential.init(jax.random.PRNGKey(3))
     budget = estimate_budget(data.train.n_atoms, [g.n_edges for g in graphs], 4)
-    loss_fn = jax.value_and_grad(make_loss_fn(potential, cfg, use_stress=False), has_aux=True)
+    loss_fn = jax.jit(jax.value_and_grad(make_loss_fn(potential, cfg, use_stress=False), has_aux=True))
 
     residual = trainer._with_energy(data.train, data.train.energy - e0_sum(potential, data.train))
     counts = np.array([[2, 0, 1]])
