@@ -242,7 +242,7 @@ def _cmd_md(args: argparse.Namespace) -> int:
         raise ValueError("md needs MODEL and STRUCTURE (or --repair FILE)")
     if args.more_steps is not None and not args.restart:
         raise ValueError("--more-steps continues a run: use it with --restart")
-    from equiforce.md.run import load_structure, run_md
+    from equiforce.md.run import run_md
 
     _enable_x64_for(args.model)
     result = run_md(
@@ -289,7 +289,7 @@ def _cmd_md(args: argparse.Namespace) -> int:
     if args.out:
         print(f"trajectory (H5MD) written to {args.out}")
     if args.thermo:
-        _thermo_plot(args.thermo, len(load_structure(args.structure)))
+        _thermo_plot(args.thermo, len(result.final_atoms))
     return 0
 
 

@@ -19,14 +19,17 @@ def pyplot() -> Any:
 
 
 def save_png(fig: Any, path: str | Path, *, dpi: int = 120) -> Path:
-    """Write ``fig`` as a PNG atomically (a temporary file renamed over ``path``) and close it."""
-    plt = pyplot()
+    """Write ``fig`` as a PNG atomically (:func:`~equiforce.potentials.model_io.atomic_write_bytes`) and close it."""
+    import io
+
+    from equiforce.potentials.model_io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        pyplot().close(fig)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=dpi)
-    finally:
-        plt.close(fig)
-    tmp.replace(path)
+    atomic_write_bytes(path, buf.getvalue())
     return path

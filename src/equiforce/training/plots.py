@@ -5,12 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 
+from equiforce.figures import pyplot, save_png
 from equiforce.training.evaluate import Predictions, compute_metrics
 
 __all__ = ["learning_curve_plot", "parity_plot"]
@@ -22,7 +19,7 @@ def parity_plot(pred: Predictions, path: str | Path, *, title: str = "") -> Path
     if pred.energy_ref is None or pred.forces_ref is None:
         raise ValueError("a parity plot needs reference energies and forces")
     m = compute_metrics(pred)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), constrained_layout=True)
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 4.6), constrained_layout=True)
     e_ref = pred.energy_ref / pred.n_atoms
     e_pred = pred.energy / pred.n_atoms
     offset = float(np.mean(e_ref))
@@ -48,13 +45,7 @@ def parity_plot(pred: Predictions, path: str | Path, *, title: str = "") -> Path
         ax.legend(loc="upper left")
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_png(fig, path)
 
 
 def learning_curve_plot(history: list[dict], path: str | Path) -> dict[str, np.ndarray]:
@@ -72,8 +63,6 @@ def learning_curve_plot(history: list[dict], path: str | Path) -> dict[str, np.n
     Raises:
       ValueError: an empty history.
     """
-    from equiforce.figures import save_png
-
     if not history:
         raise ValueError("no epochs to plot")
     epoch = np.array([h["epoch"] for h in history], dtype=np.float64)
@@ -85,7 +74,7 @@ def learning_curve_plot(history: list[dict], path: str | Path) -> dict[str, np.n
     }
     factor = np.array([h.get("lr_factor", 1.0) for h in history], dtype=np.float64)
     drawn["lr_changes"] = epoch[1:][np.diff(factor) != 0]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), constrained_layout=True)
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 4.2), constrained_layout=True)
     axes[0].semilogy(epoch, drawn["train_loss"], "o-", ms=3, label="training loss")
     axes[0].set_ylabel("loss")
     axes[1].semilogy(epoch, drawn["valid_energy_mae_meV"], "o-", ms=3, label="valid energy MAE [meV]")

@@ -77,23 +77,19 @@ class Datasets:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def _read(cfg: TrainConfig, spec: str, size: int | None) -> StructureSet:
+def _read(cfg: TrainConfig, spec: str, size: int | None, fmt: str | None, energy_unit: str) -> StructureSet:
+    """A data set by its config spec (``sample:...`` or a path relative to the config) in ``fmt`` (None:
+    from the file name) and ``energy_unit``; the first ``size`` structures when given."""
     if spec.startswith("sample:"):
         s = load_sample(spec.split(":", 1)[1])
     else:
-        kwargs = {} if cfg.data.energy_unit == "eV" else {"energy_unit": cfg.data.energy_unit}
-        s = read_structures(cfg.resolve_path(spec), format=cfg.data.format, **kwargs)
+        kwargs = {} if energy_unit == "eV" else {"energy_unit": energy_unit}
+        s = read_structures(cfg.resolve_path(spec), format=fmt, **kwargs)
     if size is not None:
         if size > len(s):
             raise ConfigError(f"asked for {size} structures from {spec}, which has only {len(s)}")
         s = s.subset(np.arange(size))
     return s
-
-
-def _read_replay(cfg: TrainConfig, spec: str) -> StructureSet:
-    if spec.startswith("sample:"):
-        return load_sample(spec.split(":", 1)[1])
-    return read_structures(cfg.resolve_path(spec), format=cfg.finetune.replay_format)
 
 
 def load_datasets(cfg: TrainConfig) -> Datasets:
@@ -105,19 +101,19 @@ def load_datasets(cfg: TrainConfig) -> Datasets:
     appends ``finetune.replay_fraction`` x that many structures of ``finetune.replay_data`` to the training set.
     """
     d = cfg.data
-    full = _read(cfg, d.train, None)
+    full = _read(cfg, d.train, None, d.format, d.energy_unit)
     if d.valid is None:
         n_valid = max(1, round(d.valid_fraction * len(full)))
         train_idx, valid_idx = random_split(len(full), sizes=(len(full) - n_valid, n_valid), seed=d.split_seed)
         train, valid = full.subset(train_idx), full.subset(valid_idx)
     else:
-        train, valid = full, _read(cfg, d.valid, None)
+        train, valid = full, _read(cfg, d.valid, None, d.format, d.energy_unit)
     if d.train_size is not None:
         if d.train_size > len(train):
             raise ConfigError(f"data.train_size={d.train_size} but only {len(train)} training structures")
         train = train.subset(np.arange(d.train_size))
-    test = _read(cfg, d.test, d.test_size) if d.test else None
-    replay = replay_structures(cfg, len(train), lambda spec: _read_replay(cfg, spec))
+    test = _read(cfg, d.test, d.test_size, d.format, d.energy_unit) if d.test else None
+    replay = replay_structures(cfg, len(train), lambda spec: _read(cfg, spec, None, cfg.finetune.replay_format, "eV"))
     if replay is not None:  # fine-tuning with replay: part of the source's training data joins the new
         train = StructureSet.concatenate([train, replay])
     for name, s in (("train", train), ("valid", valid)):

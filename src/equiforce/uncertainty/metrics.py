@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from equiforce.figures import pyplot, save_png
+
 __all__ = [
     "forces_per_structure",
     "per_structure_mean",
@@ -109,19 +111,10 @@ def forces_per_structure(pred: Any) -> tuple[np.ndarray, np.ndarray]:
     return rmse, per_structure_mean(pred.forces_uncertainty, pred.n_atoms)
 
 
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_reliability(pred: Any, path: str | os.PathLike) -> None:
     """Reliability diagram: observed against expected fraction of errors inside each central interval,
     for energies and forces (the diagonal is perfect calibration). Written as PNG (atomically)."""
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="ideal")
     if pred.energy_ref is not None:
@@ -133,12 +126,12 @@ def plot_reliability(pred: Any, path: str | os.PathLike) -> None:
     ax.set(xlabel="expected fraction inside interval", ylabel="observed fraction", xlim=(0, 1), ylim=(0, 1))
     ax.legend()
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_sigma_vs_error(pred: Any, path: str | os.PathLike) -> None:
     """σ against |error| on log axes, energies (per structure, meV) and forces (per component, meV/Å)."""
-    plt = _figure()
+    plt = pyplot()
     panels = []
     if pred.energy_ref is not None:
         panels.append(("energy (meV)", pred.energy_uncertainty, np.abs(pred.energy - pred.energy_ref)))
@@ -154,15 +147,4 @@ def plot_sigma_vs_error(pred: Any, path: str | os.PathLike) -> None:
         ax.plot([lo, hi], [lo, hi], "k--", lw=1)
         ax.set(xscale="log", yscale="log", xlabel=f"σ {name}", ylabel=f"|error| {name}")
     fig.tight_layout()
-    _save(fig, path)
-
-
-def _save(fig: Any, path: str | os.PathLike) -> None:
-    import io
-
-    from equiforce.potentials.model_io import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    _figure().close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path)
