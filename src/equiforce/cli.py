@@ -12,6 +12,8 @@
     equiforce info MODEL.eqf
     equiforce benchmark rmd17 [--molecules aspirin ethanol] [--models mace nequip ...] [--split 1]
                  [--budget-minutes 30] [--size cpu|paper] [--data-dir DIR] [--out DIR]
+    equiforce benchmark materials DATA [DATA ...] [--names N ...] [--models mace nequip] [--budget-minutes 15]
+                 [--test-fraction 0.2] [--train-frames N] [--nve-supercell 2 2 2] [--out DIR]
     equiforce benchmark stability MODEL.eqf [STRUCTURE] [--reference DATA] [--temperature 500] [--time-ps 10]
                  [--seeds 0 1 2] [--uncertainty-threshold S] [--out DIR]
 
@@ -353,6 +355,38 @@ def _cmd_benchmark_rmd17(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_benchmark_materials(args: argparse.Namespace) -> int:
+    from equiforce.benchmark.materials import MaterialsSettings, run_materials_benchmark
+
+    settings = MaterialsSettings(
+        datasets=tuple(args.data),
+        names=tuple(args.names) if args.names else None,
+        models=tuple(args.models),
+        budget_minutes=args.budget_minutes,
+        size=args.size,
+        dtype=args.dtype,
+        out_dir=args.out,
+        format=args.format,
+        test_fraction=args.test_fraction,
+        test_frames=args.test_frames,
+        train_frames=args.train_frames,
+        stress_weight=args.stress_weight,
+        nve_supercell=tuple(args.nve_supercell),
+        md_check_steps=args.md_check_steps,
+        seed=args.seed,
+        max_epochs=args.max_epochs,
+        force=args.force,
+        progress_bar=not args.no_progress,
+    )
+    try:
+        run_materials_benchmark(settings)
+    except KeyboardInterrupt:
+        print(f"interrupted; run the same command again to resume (results so far in {args.out})", file=sys.stderr)
+        return 130
+    print((Path(args.out) / "results.md").read_text())
+    return 0
+
+
 class _IntermixedParser(argparse.ArgumentParser):
     """Flags may come anywhere, also between positionals and overrides (``train CONFIG --resume k=v``).
 
@@ -527,6 +561,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retrain even where a finished run exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_benchmark_rmd17)
+
+    p = bench.add_parser(
+        "materials",
+        help="train models on periodic data with stress (DeePMD folders, extxyz, ...), test energy/atom, forces, "
+        "stress, NVE on a supercell; write a Markdown table",
+    )
+    p.add_argument("data", nargs="+", help="datasets: one path each (a folder of DeePMD systems is pooled)")
+    p.add_argument("--names", nargs="+", default=None, help="a short name per dataset (default: from the path)")
+    p.add_argument("--models", nargs="+", default=["mace", "nequip"])
+    p.add_argument("--budget-minutes", type=float, default=15.0, help="wall-clock training budget per model")
+    p.add_argument("--size", default="cpu", choices=["cpu", "paper"], help="model size preset")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--format", default=None, help="reader format for every dataset (default: detected)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="share of the frames held out for testing")
+    p.add_argument("--test-frames", type=int, default=None, help="at most this many test frames")
+    p.add_argument("--train-frames", type=int, default=None, help="training + validation frames (default: all)")
+    p.add_argument("--stress-weight", type=float, default=1000.0, help="loss weight of the stress (eV/Å³)")
+    p.add_argument("--nve-supercell", type=int, nargs=3, default=[2, 2, 2], help="minimal NVE supercell")
+    p.add_argument("--md-check-steps", type=int, default=1000, help="NVE steps after training (0: off)")
+    p.add_argument("--out", default="runs/benchmark_materials", help="output folder (runs, results.md, results.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-epochs", type=int, default=100_000)
+    p.add_argument("--force", action="store_true", help="retrain even where a finished run exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_benchmark_materials)
 
     p = bench.add_parser("stability", help="MD stability (Fu et al., arXiv:2210.07237): time to the first broken bond")
     p.add_argument("model")

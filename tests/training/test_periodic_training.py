@@ -210,6 +210,11 @@ def test_supercell_for_cutoff():
     assert reps == (5, 5, 1) and np.all(cell_heights(cell.cell[:]) > 8.0)
     molecule = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]])
     assert supercell_for_cutoff(molecule, 5.0) == (molecule, (1, 1, 1))
+    # a requested minimum: at least (2, 2, 2), more where the cutoff needs it; molecules stay as they are
+    assert supercell_for_cutoff(li3p, 5.0, (2, 2, 2))[1] == (2, 2, 2)
+    assert supercell_for_cutoff(li3p, 5.0, (1, 1, 1))[1] == (2, 2, 1)
+    assert supercell_for_cutoff(cu, 1.0, (3, 1, 2))[1] == (3, 1, 2)
+    assert supercell_for_cutoff(molecule, 5.0, (2, 2, 2))[1] == (1, 1, 1)
 
 
 class _FakeRunMD:
@@ -249,6 +254,10 @@ def test_md_check_config_validation():
     with pytest.raises(ConfigError, match="wrong type"):
         load_config(None, ["model.refit_atomic_energies=sometimes"])
     assert load_config(None, ["md_check.steps=0"]).md_check.steps == 0
+    assert load_config(None, ["md_check.supercell=[2, 2, 1]"]).md_check.supercell == (2, 2, 1)
+    for bad in ("[2, 2]", "[0, 1, 1]"):
+        with pytest.raises(ConfigError, match="supercell"):
+            load_config(None, [f"md_check.supercell={bad}"])
 
 
 def test_cli_exits_nonzero_when_the_gate_fails(monkeypatch, tmp_path, capsys, emt_run):

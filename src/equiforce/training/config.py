@@ -125,6 +125,10 @@ class MDCheckConfig:
     or ``fail`` (the same, then :func:`~equiforce.training.train` raises
     :class:`~equiforce.training.finish.MDCheckFailedError` after the model is saved: ``equiforce train``
     exits non-zero).
+
+    ``supercell``: repeat a periodic start structure at least ``(n1, n2, n3)`` times along its lattice
+    vectors (the cutoff may need more, see :func:`~equiforce.training.nve_check.supercell_for_cutoff`);
+    ``None``: only what the cutoff needs. Ignored for molecules.
     """
 
     steps: int = 2000
@@ -133,6 +137,7 @@ class MDCheckConfig:
     report_interval: int = 50
     max_drift_meV_per_atom_per_ps: float = 1.0
     on_failure: str = "warn"
+    supercell: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +225,8 @@ class TrainConfig:
                 f"md_check.steps = {c.steps} gives a single energy sample every {c.report_interval} steps: the drift "
                 "needs at least two (steps > md_check.report_interval), or steps: 0 to switch the check off"
             )
+        if c.supercell is not None and (len(c.supercell) != 3 or min(c.supercell) < 1):
+            raise ConfigError(f"md_check.supercell must be three integers >= 1, got {list(c.supercell)}")
 
     def resolve_path(self, path: str) -> Path:
         p = Path(path).expanduser()

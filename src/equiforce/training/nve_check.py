@@ -23,7 +23,9 @@ from equiforce.training.config import MDCheckConfig
 __all__ = ["energy_conservation_check", "supercell_for_cutoff"]
 
 
-def supercell_for_cutoff(atoms: Any, r_max: float) -> tuple[Any, tuple[int, int, int]]:
+def supercell_for_cutoff(
+    atoms: Any, r_max: float, minimum: tuple[int, ...] | None = None
+) -> tuple[Any, tuple[int, int, int]]:
     """Repeat a fully periodic ``ase.Atoms`` until every cell height is longer than ``2 r_max``.
 
     Repeating ``n`` times along lattice vector ``a_i`` multiplies the height across the faces spanned by
@@ -34,6 +36,8 @@ def supercell_for_cutoff(atoms: Any, r_max: float) -> tuple[Any, tuple[int, int,
     Args:
       atoms: an ``ase.Atoms``.
       r_max: the potential's cutoff, Å.
+      minimum: repeat at least this often along each lattice vector (e.g. ``(2, 2, 2)`` for an NVE check on
+        a supercell); ``None``: only what the cutoff needs.
 
     Returns:
       ``(atoms or its supercell, (n1, n2, n3))``; the input is not modified.
@@ -49,6 +53,8 @@ def supercell_for_cutoff(atoms: Any, r_max: float) -> tuple[Any, tuple[int, int,
     heights = cell_heights(cell)
     # a relative margin of 1e-9 so that a height of exactly 2 r_max (up to rounding) counts as too short
     reps = tuple(math.floor(2.0 * r_max * (1.0 + 1e-9) / h) + 1 for h in heights)
+    if minimum is not None:
+        reps = tuple(max(int(r), int(m)) for r, m in zip(reps, minimum, strict=True))
     if reps == (1, 1, 1):
         return atoms, reps
     return atoms.repeat(reps), reps
@@ -95,13 +101,15 @@ def energy_conservation_check(
     try:
         atoms = structures.to_atoms(0)
         atoms.calc = None
-        atoms, reps = supercell_for_cutoff(atoms, potential.r_max)
+        atoms, reps = supercell_for_cutoff(atoms, potential.r_max, c.supercell)
         result.update(supercell=list(reps), n_atoms=len(atoms))
         if reps != (1, 1, 1):
-            log(
-                f"NVE check: the validation cell is smaller than 2 r_max = {2 * potential.r_max:.2f} Å; "
-                f"running a {reps[0]}x{reps[1]}x{reps[2]} supercell ({len(atoms)} atoms)"
+            why = (
+                "as md_check.supercell asks"
+                if c.supercell is not None
+                else (f"the validation cell is smaller than 2 r_max = {2 * potential.r_max:.2f} Å")
             )
+            log(f"NVE check: running a {reps[0]}x{reps[1]}x{reps[2]} supercell ({len(atoms)} atoms), {why}")
         r = run_md(
             (potential, params),
             atoms,

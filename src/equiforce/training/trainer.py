@@ -95,9 +95,9 @@ def _read(cfg: TrainConfig, spec: str, size: int | None, fmt: str | None, energy
 def load_datasets(cfg: TrainConfig) -> Datasets:
     """Read train/validation/test sets as the config says.
 
-    Without ``data.valid`` the validation set is a seeded random ``data.valid_fraction`` of the train
-    file, taken from the first ``data.train_size`` structures when that is set (e.g. 950 + 50 of the
-    1000 frames of an rMD17 split file: ``train_size: null, valid_fraction: 0.05``). Fine-tuning with replay
+    Without ``data.valid`` the validation set is a seeded random ``data.valid_fraction`` of the whole train
+    file (e.g. 950 + 50 of the 1000 frames of an rMD17 split file: ``valid_fraction: 0.05``);
+    ``data.train_size`` then keeps the first that many of the remaining training structures. Fine-tuning with replay
     appends ``finetune.replay_fraction`` x that many structures of ``finetune.replay_data`` to the training set.
     """
     d = cfg.data
