@@ -272,7 +272,9 @@ def read_deepmd(
 
     Args:
       path: a system folder or a folder with systems below it.
-      type_map, energy_unit, length_unit: see :func:`read_deepmd_system`.
+      type_map: see :func:`read_deepmd_system`.
+      energy_unit: see :func:`read_deepmd_system`.
+      length_unit: see :func:`read_deepmd_system`.
 
     Returns:
       A :class:`StructureSet` in Å, eV, eV/Å, eV/Å³ (float64).

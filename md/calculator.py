@@ -246,7 +246,7 @@ class EquiforceCalculator(Calculator):
         periodic = bool(np.all(pbc)) and abs(np.linalg.det(cell)) > 1e-9
         return graph, periodic
 
-    def get_hessian(self, atoms=None, *, block_size: int | None = None) -> np.ndarray:
+    def get_hessian(self, atoms: Any = None, *, block_size: int | None = None) -> np.ndarray:
         """The exact Hessian of the energy with respect to the positions (see :meth:`Potential.hessian`).
 
         Args:
@@ -259,7 +259,8 @@ class EquiforceCalculator(Calculator):
           :meth:`ase.vibrations.VibrationsData.from_2d` expects.
 
         Raises:
-          The evaluation errors of the class (empty atoms, NaN, overlapping atoms, unknown species).
+          ValueError: the evaluation errors of the class (empty atoms, NaN, overlapping atoms, unknown
+            species: ``UnknownSpeciesError``), or no atoms given or attached.
         """
         atoms = self.atoms if atoms is None else atoms
         if atoms is None:

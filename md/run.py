@@ -165,13 +165,22 @@ def run_md(
         Velocities already set on ``atoms`` are used (zero total momentum is not enforced); otherwise
         Maxwell–Boltzmann at ``temperature_K``.
       ensemble: ``nve``, ``nvt_langevin``, ``nvt_nose_hoover`` or ``npt_nose_hoover`` (periodic only).
-      temperature_K, timestep_fs, friction_per_ps, thermostat_tau_fs, pressure_GPa, barostat_tau_fs, skin,
-        seed: see :class:`MDConfig`.
+      temperature_K: initial temperature and thermostat target, K (see :class:`MDConfig`).
+      timestep_fs: time step, fs.
+      friction_per_ps: Langevin friction, 1/ps.
+      thermostat_tau_fs: Nosé–Hoover time constant, fs (None: 100 time steps).
+      pressure_GPa: NPT target pressure, GPa.
+      barostat_tau_fs: NPT barostat time constant, fs (None: 1000 time steps).
+      skin: neighbour-list skin, Å.
+      seed: initial velocities and Langevin noise.
       steps: the run's total length in steps, counted from step 0 and rounded up to whole chunks of
         ``report_interval``. With ``restart=True`` the run continues *up to* this total (like GROMACS
         ``-cpi`` or LAMMPS ``run N upto``): re-issuing the command of a killed run finishes it, and
         re-issuing a finished run's command does nothing (it logs so and returns an empty result).
-      trajectory: H5MD output (``.h5``); thermo: CSV output.
+      report_interval: steps per jitted chunk = the interval of trajectory frames and thermo rows.
+      trajectory: H5MD output (``.h5``); None: no trajectory.
+      thermo: thermo CSV output; None: none.
+      write_forces: also store the forces (eV/Å) in the trajectory.
       restart: continue from the restart state in ``trajectory`` exactly (from its last committed frame;
         frames and thermo rows written after it by a killed run are dropped, and HDF5's consistency flags
         left by the kill are cleared). Without a trajectory to continue (no file yet, or one a kill left
@@ -190,6 +199,11 @@ def run_md(
         files) at most once per ``uncertainty_min_spacing`` steps and per chunk; ``stop`` also ends the run
         after the chunk, keeping its trajectory frame (``MDResult.stopped_because`` names the step, atom and
         σ_F). See :mod:`equiforce.md.uncertainty_monitor`.
+      uncertainty_action: ``record`` or ``stop`` (see ``uncertainty_threshold``).
+      uncertainty_min_spacing: steps between two recorded configurations at least.
+      uncertain_frames: extxyz file for the recorded configurations (default: see ``uncertainty_threshold``).
+      max_temperature_K: above this temperature the run counts as blown up, K.
+      log: receives progress messages (default: ``tqdm.write``, which keeps the progress bar intact).
 
     Returns:
       An :class:`MDResult`.

@@ -294,8 +294,10 @@ class Potential:
             Edges longer than :attr:`r_max` contribute nothing (smooth cutoff), so a neighbour list
             with a skin can be passed as is.
           species: ``[n_nodes]`` int32 species indices (see :meth:`species_index`).
-          senders, receivers: ``[n_edges]`` int32.
-          edge_mask, node_mask: bool masks of real edges / atoms.
+          senders: ``[n_edges]`` int32, the edges' source atoms.
+          receivers: ``[n_edges]`` int32, the edges' target atoms.
+          edge_mask: ``[n_edges]`` bool, True for real (not padding) edges.
+          node_mask: ``[n_nodes]`` bool, True for real atoms.
           half_list: the edges are a half neighbour list (each unordered pair once, in either direction;
             static). Every model gives the energies of the full list; NequIP and MACE evaluate their
             per-edge radial and angular work once per pair, the other models expand the list

@@ -20,6 +20,8 @@ from equiforce.training import load_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SCRIPTS = ("train_from_trajectory", "md_from_script", "ase_relax_and_md")
+# the tutorial scripts of the documentation site (run end to end by docs/run_tutorials.py in CI's docs target)
+TUTORIAL_SCRIPTS = ("npt_crystal", "precision", "uncertainty_md", "finetune", "vibrations", "benchmark_quick")
 
 
 def load_example(name: str) -> ModuleType:
@@ -39,13 +41,23 @@ def tiny_run(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("name", SCRIPTS + TUTORIAL_SCRIPTS)
 def test_scripts_run_as_programs(name):
     done = subprocess.run(
         [sys.executable, str(EXAMPLES / f"{name}.py"), "--help"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
-    assert "--model" in done.stdout or "--data" in done.stdout
+    assert done.stdout.startswith("usage:") and ("--model" in done.stdout or "--tiny" in done.stdout)
+
+
+def test_readme_main_job_trains_mace():
+    """The README's first command trains the most accurate model at equal CPU time (MACE, see BENCHMARKS.md)."""
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    assert "equiforce train examples/aspirin_cpu.yaml" in readme
+    cfg = load_config(EXAMPLES / "aspirin_cpu.yaml")
+    assert cfg.model.name == "mace" and cfg.data.train == "sample:train"
+    assert 0 < cfg.optim.time_budget_minutes <= 15
+    assert load_config(EXAMPLES / "aspirin_nequip_cpu.yaml").model.name == "nequip"
 
 
 def test_train_from_trajectory(tiny_run, capsys):

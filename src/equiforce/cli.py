@@ -577,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.2, help="share of the frames held out for testing")
     p.add_argument("--test-frames", type=int, default=None, help="at most this many test frames")
     p.add_argument("--train-frames", type=int, default=None, help="training + validation frames (default: all)")
-    p.add_argument("--stress-weight", type=float, default=1000.0, help="loss weight of the stress (eV/Å³)")
+    p.add_argument("--stress-weight", type=float, default=1.0e4, help="loss weight of the stress (eV/Å³)")
     p.add_argument("--nve-supercell", type=int, nargs=3, default=[2, 2, 2], help="minimal NVE supercell")
     p.add_argument("--md-check-steps", type=int, default=1000, help="NVE steps after training (0: off)")
     p.add_argument("--out", default="runs/benchmark_materials", help="output folder (runs, results.md, results.json)")

@@ -58,7 +58,7 @@ def vibrations(
       ``get_modes()``, ``tabulate()``, ``write_jmol()``, ``get_zero_point_energy()`` (eV).
 
     Raises:
-      The calculator's errors (unknown species, overlapping atoms, ...).
+      ValueError: the calculator's errors (unknown species: ``UnknownSpeciesError``, overlapping atoms, ...).
     """
     from ase.vibrations import VibrationsData
 

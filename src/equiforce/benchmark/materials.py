@@ -71,7 +71,8 @@ class MaterialsSettings:
       test_frames: at most this many test frames (``None``: all of ``test_fraction``).
       train_frames: training frames from the pool (``None``: all that validation leaves).
       valid_fraction: share of the pool held out for validation (before ``train_frames`` is applied).
-      stress_weight: weight of the stress term of the loss (stress in eV/Å³; energy is per atom).
+      stress_weight: weight of the stress term of the loss (stress in eV/Å³; energy is per atom; see
+        :class:`~equiforce.training.config.LossConfig`).
       nve_supercell: minimal repetitions of the NVE check's start cell.
       md_check_steps: NVE steps after training (0: no check).
       seed: split, initialisation and shuffling seed.
@@ -92,7 +93,7 @@ class MaterialsSettings:
     test_frames: int | None = None
     train_frames: int | None = None
     valid_fraction: float = 0.05
-    stress_weight: float = 1000.0
+    stress_weight: float = 1.0e4
     nve_supercell: tuple[int, int, int] = (2, 2, 2)
     md_check_steps: int = 1000
     seed: int = 0
@@ -405,10 +406,11 @@ def markdown_table(settings: MaterialsSettings, results: Sequence[MaterialsResul
         f"## Periodic materials: {settings.size}-size models, {settings.dtype}",
         "",
         f"Seeded random split (seed {settings.seed}): {settings.test_fraction:g} of each dataset's frames for "
-        f"testing, {settings.valid_fraction:g} of the others for validation, training on {train}; loss weights energy/atom "
-        f"1, forces 10, stress {settings.stress_weight:g}; wall-clock budget {settings.budget_minutes:g} min per "
-        f"model (compilation included); device: {', '.join(devices)}. Energy errors per atom, raw (E0s re-fitted "
-        f"after training); stress in ASE's sign over the test frames with a stress label. NVE: "
+        f"testing, {settings.valid_fraction:g} of the others for validation, training on {train}; loss weights "
+        f"energy/atom 1, forces 10, stress {settings.stress_weight:g}; wall-clock budget "
+        f"{settings.budget_minutes:g} min per model (compilation included); device: {', '.join(devices)}. "
+        "Energy errors per atom, raw (E0s re-fitted after training); stress in ASE's sign over the test frames "
+        "with a stress label. NVE: "
         f"{settings.md_check_steps} steps of 1 fs at 300 K from a validation frame, on at least a "
         f"{'x'.join(map(str, settings.nve_supercell))} supercell.",
         "",

@@ -37,7 +37,22 @@ class ConfigError(ValueError):
 class DataConfig:
     """Where the data come from. Paths are relative to the config file's folder.
 
-    ``train`` may be ``"sample:train"`` / ``"sample:test"`` for the shipped rMD17 aspirin split 01.
+    Attributes:
+      train: training data: any file or folder :func:`~equiforce.data.readers.read_structures` reads (npz,
+        extxyz, ASE db, HDF5, a DeePMD folder), or ``"sample:train"`` / ``"sample:test"`` for the shipped
+        rMD17 aspirin split 01 (``"sample:salicylic:train"`` / ``"sample:salicylic:test"``: salicylic acid).
+      valid: validation data; ``None``: a seeded random ``valid_fraction`` of ``train``.
+      valid_fraction: share of ``train`` held out for validation when ``valid`` is not given, in (0, 1).
+      test: test data, evaluated once after training; ``None``: no test.
+      format: reader format for every file (``None``: detected from the name and content; an ASE format
+        name is passed to ``ase.io.read``).
+      energy_unit: unit of the files' energies (a key of :data:`equiforce.data.readers.ENERGY_UNITS`:
+        ``eV``, ``meV``, ``kcal/mol``, ``kJ/mol``, ``Hartree``, ``Ry``);
+        forces and stress follow it. Converted to eV on reading.
+      train_size: keep only the first this many training structures after the validation split
+        (``None``: all).
+      test_size: evaluate only the first this many test structures (``None``: all).
+      split_seed: seed of the validation split.
     """
 
     train: str = "sample:train"
@@ -54,6 +69,21 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     """The potential: model family, its hyperparameters and the physics around it.
+
+    Attributes:
+      name: registered model: ``mace``, ``nequip``, ``allegro``, ``painn`` or ``schnet``.
+      r_max: cutoff radius, Å.
+      dtype: parameter and compute precision, ``float32`` or ``float64`` (float64 switches JAX's x64 on).
+      atomic_energies: ``"fit"`` or given E0s ``{Z: eV}`` (see below).
+      hyperparameters: the model's own settings (see the model hyperparameter tables); unknown keys are an
+        error.
+      refit_atomic_energies: re-fit E0s after training (see below); the model file's metadata
+        (``atomic_energies``) records per element whether its E0 was fitted or given, re-fitted, and the
+        values before and after.
+      ensemble_size: committee size K >= 1 (see below).
+      bootstrap: train each committee member on its own bootstrap resample (see below).
+      uncertainty: calibrate and store an uncertainty after training (see below).
+      init_from: fine-tune from this model file (see below); ``None``: train from scratch.
 
     ``atomic_energies``: ``"fit"`` (least squares on the training set) or given E0s ``{Z: eV}``.
     ``refit_atomic_energies``: after training, fold the network's remaining per-composition energy offset
@@ -84,7 +114,19 @@ class ModelSection:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Loss = energy_weight·L(ΔE/N) + forces_weight·L(ΔF) + stress_weight·L(Δσ), L = MSE or Huber."""
+    """Loss = energy_weight·L(ΔE/N) + forces_weight·L(ΔF) + stress_weight·L(Δσ), L = MSE or Huber.
+
+    Attributes:
+      energy_weight: weight of the energy-per-atom term (ΔE/N in eV).
+      forces_weight: weight of the force term (eV/Å, per component).
+      stress_weight: weight of the stress term (eV/Å³, per Voigt component; structures without a stress
+        label are masked out). 0: no stress term. Stress is small in these units (1 GPa = 6.24e-3 eV/Å³), so
+        the term is invisible at weights near 1: a stress error δσ costs as much as a force error
+        δF = δσ·√(stress_weight / forces_weight). 1e4 (with forces_weight 10) makes a 0.1 GPa stress error
+        weigh like a 20 meV/Å force error, 1e5 like 62 meV/Å: start at 1e4.
+      kind: ``mse`` or ``huber``.
+      huber_delta: the Huber loss's switch-over point, in the unit of each term.
+    """
 
     energy_weight: float = 1.0
     forces_weight: float = 10.0
@@ -95,7 +137,27 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """Optimiser, schedule, EMA and stopping."""
+    """Optimiser, schedule, EMA and stopping (optax).
+
+    Attributes:
+      optimizer: ``amsgrad``, ``adam`` or ``adamw`` (Adam with ``weight_decay``).
+      learning_rate: peak learning rate.
+      weight_decay: decoupled weight decay added to the update (0: none).
+      clip_grad_norm: clip the global gradient norm to this (``None``: no clipping).
+      warmup_epochs: linear warm-up from 0 to ``learning_rate``, in epochs.
+      schedule: ``plateau`` (multiply by ``plateau_factor`` after ``plateau_patience`` epochs without a
+        relative validation improvement of 1e-4), ``cosine`` (decay to ``min_learning_rate`` over
+        ``max_epochs``) or ``constant``.
+      plateau_patience: epochs without improvement before the plateau schedule lowers the rate.
+      plateau_factor: the plateau schedule's factor, in (0, 1).
+      min_learning_rate: floor of the plateau and cosine schedules.
+      ema_decay: decay of the exponential moving average of the weights used for validation and the saved
+        model (``None``: no EMA).
+      batch_size: structures per step (per committee, all members see the same batch).
+      max_epochs: upper bound on epochs.
+      time_budget_minutes: stop after this much wall-clock time, compilation included (``None``: no limit).
+      early_stopping_patience: stop after this many epochs without a validation improvement (``None``: never).
+    """
 
     optimizer: str = "amsgrad"
     learning_rate: float = 0.005
@@ -116,6 +178,18 @@ class OptimConfig:
 @dataclasses.dataclass(frozen=True)
 class MDCheckConfig:
     """The energy-conservation gate run after training: NVE from a validation structure.
+
+    Attributes:
+      steps: NVE steps (0: no check).
+      timestep_fs: time step, fs.
+      temperature_K: initial Maxwell–Boltzmann temperature, K.
+      report_interval: steps between energy samples (and per jitted chunk).
+      max_drift_meV_per_atom_per_ps: the gate's threshold on |drift| (slope of a linear fit of the total
+        energy). Why 1: sound models drift <= 0.01 meV/atom/ps; 1 meV/atom/ps heats an NVE run by about 8 K
+        per ps, while the slope noise of the default 1 ps check is about 0.5 x the fluctuation per ps.
+      on_failure: ``warn`` or ``fail`` (see below); either way the model file is saved first and the
+        verdict (``nve_check.status``: passed / failed / blew_up / error) is in its metadata.
+      supercell: minimal repetitions of a periodic start cell (see below).
 
     ``steps: 0`` switches it off. The drift (meV/atom/ps) and fluctuation (meV/atom) of the total energy
     go into the final report and the model file's metadata next to the MAE.
@@ -144,6 +218,14 @@ class MDCheckConfig:
 class FinetuneConfig:
     """Fine-tuning options, used with ``model.init_from`` (see :mod:`equiforce.training.finetune`).
 
+    Attributes:
+      freeze: regular expressions on parameter paths (see below); empty: everything trains alike.
+      frozen_learning_rate: learning rate of the matched parameters (0: frozen).
+      frozen_warmup_epochs: linear warm-up of the matched parameters' rate, epochs.
+      replay_data: the source's training data, mixed in to limit forgetting (``None``: no replay).
+      replay_format: reader format of ``replay_data`` (``None``: detected).
+      replay_fraction: replayed structures as a multiple of the training-set size, in [0, 10].
+
     ``freeze``: regular expressions on parameter paths (e.g. ``params/interaction_0/``); the matching
     parameters train with ``frozen_learning_rate`` (0: not at all) after ``frozen_warmup_epochs`` of linear
     warm-up, the others with ``optim.learning_rate``. ``replay_data``: a file of the source's training data
@@ -161,7 +243,21 @@ class FinetuneConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """The whole training run."""
+    """The whole training run: the top level of a training YAML file.
+
+    Attributes:
+      seed: initialisation and data-order seed.
+      output_dir: where the model file, metrics, checkpoints and plots go (relative to the config file).
+      data: see :class:`DataConfig`.
+      model: see :class:`ModelSection`.
+      loss: see :class:`LossConfig`.
+      optim: see :class:`OptimConfig`.
+      md_check: see :class:`MDCheckConfig`.
+      finetune: see :class:`FinetuneConfig`.
+      progress_bar: show a tqdm progress bar per epoch.
+      base_dir: folder that relative paths are resolved against (set by :func:`load_config` to the config
+        file's folder).
+    """
 
     seed: int = 0
     output_dir: str = "runs/default"

@@ -104,12 +104,13 @@ def energy_conservation_check(
         atoms, reps = supercell_for_cutoff(atoms, potential.r_max, c.supercell)
         result.update(supercell=list(reps), n_atoms=len(atoms))
         if reps != (1, 1, 1):
-            why = (
-                "as md_check.supercell asks"
-                if c.supercell is not None
-                else (f"the validation cell is smaller than 2 r_max = {2 * potential.r_max:.2f} Å")
-            )
-            log(f"NVE check: running a {reps[0]}x{reps[1]}x{reps[2]} supercell ({len(atoms)} atoms), {why}")
+            asked = tuple(c.supercell) if c.supercell is not None else (1, 1, 1)
+            why = []
+            if any(r > 1 for r in asked):
+                why.append(f"md_check.supercell asks for at least {'x'.join(map(str, asked))}")
+            if any(r > a for r, a in zip(reps, asked, strict=True)):
+                why.append(f"the cell must be wider than 2 r_max = {2 * potential.r_max:.2f} Å")
+            log(f"NVE check: running a {reps[0]}x{reps[1]}x{reps[2]} supercell ({len(atoms)} atoms): {'; '.join(why)}")
         r = run_md(
             (potential, params),
             atoms,
