@@ -32,6 +32,7 @@ CONFIG_CLASSES = [
     train_config.OptimConfig,
     train_config.MDCheckConfig,
     train_config.FinetuneConfig,
+    train_config.ParallelConfig,
     MDConfig,
     *MODELS.values(),
 ]

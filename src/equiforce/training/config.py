@@ -19,10 +19,12 @@ import yaml
 __all__ = [
     "ConfigError",
     "DataConfig",
+    "FinetuneConfig",
     "LossConfig",
     "MDCheckConfig",
     "ModelSection",
     "OptimConfig",
+    "ParallelConfig",
     "TrainConfig",
     "apply_overrides",
     "load_config",
@@ -242,6 +244,19 @@ class FinetuneConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """Data-parallel training over the devices of one host (see :mod:`equiforce.training.parallel`).
+
+    Attributes:
+      devices: ``"all"``, a device count N (the first N devices), or ``None``: all devices on a GPU/TPU
+        machine, one on CPU. Each global batch of ``optim.batch_size`` structures is split over the devices;
+        the loss and gradients are those of the whole batch, so results do not depend on the device count.
+    """
+
+    devices: int | str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The whole training run: the top level of a training YAML file.
 
@@ -254,6 +269,7 @@ class TrainConfig:
       optim: see :class:`OptimConfig`.
       md_check: see :class:`MDCheckConfig`.
       finetune: see :class:`FinetuneConfig`.
+      parallel: see :class:`ParallelConfig`.
       progress_bar: show a tqdm progress bar per epoch.
       base_dir: folder that relative paths are resolved against (set by :func:`load_config` to the config
         file's folder).
@@ -267,6 +283,7 @@ class TrainConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     md_check: MDCheckConfig = dataclasses.field(default_factory=MDCheckConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     progress_bar: bool = True
     base_dir: str = "."
 
@@ -293,6 +310,9 @@ class TrainConfig:
         if self.model.bootstrap and self.model.ensemble_size < 2:
             raise ConfigError("model.bootstrap resamples the training set per committee member: set ensemble_size >= 2")
         self._check_md_check()
+        d = self.parallel.devices
+        if (isinstance(d, str) and d != "all") or (isinstance(d, int) and d < 1):
+            raise ConfigError(f"parallel.devices must be 'all', null or a device count >= 1, got {d!r}")
 
     def _check_finetune(self) -> None:
         f = self.finetune

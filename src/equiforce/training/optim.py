@@ -4,6 +4,7 @@ host-driven ReduceLROnPlateau factor injected as a hyperparameter (changing it n
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import optax
 
 from equiforce.training.config import FinetuneConfig, OptimConfig
 
-__all__ = ["PlateauState", "make_optimizer", "member_wise", "plateau_update", "set_lr_factor"]
+__all__ = ["PlateauState", "ema_update", "make_optimizer", "member_wise", "plateau_update", "set_lr_factor"]
 
 
 def _warmup_constant(peak: float, warmup: int) -> optax.Schedule:
@@ -113,3 +114,15 @@ def plateau_update(state: PlateauState, value: float, cfg: OptimConfig) -> Plate
         floor = cfg.min_learning_rate / cfg.learning_rate
         return PlateauState(best=state.best, bad_epochs=0, factor=max(state.factor * cfg.plateau_factor, floor))
     return PlateauState(best=state.best, bad_epochs=bad, factor=state.factor)
+
+
+def ema_update(ema_params: Any, params: Any, step: Any, decay: float | None) -> Any:
+    """The exponential moving average of the weights after optimiser step ``step`` (0-based).
+
+    The decay warms up as ``min(decay, (1 + t) / (10 + t))``; the update is ``e + (1 - d)(p - e)``, so a weight
+    that does not move (frozen) keeps its EMA bit for bit. ``decay`` None: no EMA (the weights themselves)."""
+    if not decay:
+        return params
+    t = step.astype(jnp.float32)
+    d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+    return jax.tree.map(lambda e, p: (e + (1.0 - d) * (p - e)).astype(p.dtype), ema_params, params)

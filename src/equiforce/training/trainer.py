@@ -44,7 +44,15 @@ from equiforce.training.finish import (
     refit_atomic_energies,
 )
 from equiforce.training.nve_check import energy_conservation_check
-from equiforce.training.optim import PlateauState, make_optimizer, member_wise, plateau_update, set_lr_factor
+from equiforce.training.optim import (
+    PlateauState,
+    ema_update,
+    make_optimizer,
+    member_wise,
+    plateau_update,
+    set_lr_factor,
+)
+from equiforce.training.parallel import DataParallel, resolve_devices
 
 __all__ = [
     "Datasets",
@@ -153,20 +161,19 @@ def _rho(kind: str, delta: float) -> Callable[[jnp.ndarray], jnp.ndarray]:
     return lambda x: x * x
 
 
-def make_loss_fn(potential: Potential, cfg: TrainConfig, use_stress: bool):
-    """``loss(params, batch, graph_weight=None) -> (scalar, aux)``; energies are compared without E0s.
+def make_loss_terms_fn(potential: Potential, cfg: TrainConfig, use_stress: bool):
+    """``terms(params, batch, graph_weight=None) -> (sums [3], counts [3])``: the summed ρ(error) of the
+    energy-per-atom, force-component and stress-component terms and how many items each sum runs over.
 
-    ``graph_weight`` (``[n_graphs]``, optional): how often each structure counts (a bootstrap resample's
-    counts, :mod:`equiforce.training.bootstrap`); the loss is then the loss of the batch with each structure
-    repeated that many times. Default: each real structure once.
-
-    For a committee (``ensemble_size > 1``) this is one member's loss on one member's parameters; the step
-    vmaps it over the members."""
+    The counts do not depend on the parameters, so a loss split over several batches (data parallelism,
+    :mod:`equiforce.training.parallel`) is exactly the one-batch loss when the sums and the counts are each
+    added up first: ``loss = Σ_t w_t Σ_d sums_d[t] / Σ_d counts_d[t]``. ``graph_weight``: see
+    :func:`make_loss_fn`."""
     potential = potential.single()
     lc = cfg.loss
     rho = _rho(lc.kind, lc.huber_delta)
 
-    def loss_fn(params: Any, batch: Batch, graph_weight: jnp.ndarray | None = None):
+    def terms(params: Any, batch: Batch, graph_weight: jnp.ndarray | None = None):
         g = batch.graph
         out = potential(params, g, compute_forces=True, compute_stress=use_stress, include_e0=False)
         dtype = out.energy.dtype
@@ -176,15 +183,41 @@ def make_loss_fn(potential: Potential, cfg: TrainConfig, use_stress: bool):
         nm = gm[g.node_graph] * g.node_mask.astype(dtype)
         n_atoms = jnp.maximum(g.n_node, 1).astype(dtype)
         de = (out.energy - batch.energy) / n_atoms
-        loss_e = jnp.sum(rho(de) * gm) / jnp.maximum(jnp.sum(gm), 1.0)
-        df = out.forces - batch.forces
-        loss_f = jnp.sum(rho(df) * nm[:, None]) / jnp.maximum(3.0 * jnp.sum(nm), 1.0)
-        total = lc.energy_weight * loss_e + lc.forces_weight * loss_f
+        sums = [jnp.sum(rho(de) * gm), jnp.sum(rho(out.forces - batch.forces) * nm[:, None])]
+        counts = [jnp.sum(gm), 3.0 * jnp.sum(nm)]
         if use_stress:
             sm = batch.stress_mask.astype(dtype) * gm
-            loss_s = jnp.sum(rho(out.stress - batch.stress) * sm[:, None]) / jnp.maximum(6.0 * jnp.sum(sm), 1.0)
-            total = total + lc.stress_weight * loss_s
-        return total, (loss_e, loss_f)
+            sums.append(jnp.sum(rho(out.stress - batch.stress) * sm[:, None]))
+            counts.append(6.0 * jnp.sum(sm))
+        else:
+            sums.append(jnp.zeros((), dtype))
+            counts.append(jnp.zeros((), dtype))
+        return jnp.stack(sums), jnp.stack(counts)
+
+    return terms
+
+
+def combine_loss_terms(cfg: TrainConfig, sums: jnp.ndarray, counts: jnp.ndarray):
+    """``(total, (loss_e, loss_f))`` from the summed terms and their counts (see :func:`make_loss_terms_fn`)."""
+    lc = cfg.loss
+    means = sums / jnp.maximum(counts, 1.0)
+    total = lc.energy_weight * means[0] + lc.forces_weight * means[1] + lc.stress_weight * means[2]
+    return total, (means[0], means[1])
+
+
+def make_loss_fn(potential: Potential, cfg: TrainConfig, use_stress: bool):
+    """``loss(params, batch, graph_weight=None) -> (scalar, aux)``; energies are compared without E0s.
+
+    ``graph_weight`` (``[n_graphs]``, optional): how often each structure counts (a bootstrap resample's
+    counts, :mod:`equiforce.training.bootstrap`); the loss is then the loss of the batch with each structure
+    repeated that many times. Default: each real structure once.
+
+    For a committee (``ensemble_size > 1``) this is one member's loss on one member's parameters; the step
+    vmaps it over the members."""
+    terms = make_loss_terms_fn(potential, cfg, use_stress)
+
+    def loss_fn(params: Any, batch: Batch, graph_weight: jnp.ndarray | None = None):
+        return combine_loss_terms(cfg, *terms(params, batch, graph_weight))
 
     return loss_fn
 
@@ -208,13 +241,7 @@ def make_train_step(potential: Potential, cfg: TrainConfig, optimizer: optax.Gra
         (loss, (le, lf)), grads = value_and_grad(state.params, batch, weights)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        if ema_decay:
-            t = state.step.astype(jnp.float32)
-            d = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
-            # e + (1 - d)(p - e): a weight that does not move (frozen) keeps its EMA bit for bit
-            ema = jax.tree.map(lambda e, p: (e + (1.0 - d) * (p - e)).astype(p.dtype), state.ema_params, params)
-        else:
-            ema = params
+        ema = ema_update(state.ema_params, params, state.step, ema_decay)
         return TrainState(params, opt_state, ema, state.step + 1), (loss, le, lf)
 
     return jax.jit(step, donate_argnums=(0,))
@@ -338,7 +365,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
         f"budget {budget.n_nodes} nodes / {budget.n_edges} edges / {budget.n_graphs} graphs"
     )
 
-    step_fn = make_train_step(potential, cfg, optimizer, use_stress)
+    devices = resolve_devices(cfg.parallel.devices)
+    dp = None
+    if len(devices) > 1:  # the global batch split over the devices, parameters replicated
+        dp = DataParallel(devices, data.train.n_atoms, [g.n_edges for g in train_graphs], bs)
+        log(dp.describe(bs))
+        step_fn = dp.make_train_step(
+            make_loss_terms_fn(potential, cfg, use_stress),
+            lambda sums, counts: combine_loss_terms(cfg, sums, counts),
+            optimizer,
+            cfg.optim.ema_decay,
+            potential.ensemble_size,
+            cfg.model.bootstrap,
+        )
+        state = dp.replicate(state)
+    else:
+        step_fn = make_train_step(potential, cfg, optimizer, use_stress)
     counts = None
     if cfg.model.bootstrap:  # bagging: member k's structure counts, the same on resume (drawn from the seed)
         counts = bootstrap_counts(len(data.train), potential.ensemble_size, cfg.seed)
@@ -388,9 +430,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
                 if i < skip:
                     continue
                 t0 = time.perf_counter()
-                batch = collate(train_res, train_graphs, group, budget, dtype)
-                weights = None if counts is None else batch_weights(counts, group, budget.n_graphs, dtype)
-                state, losses = step_fn(state, jax.tree.map(jnp.asarray, batch), weights)
+                if dp is not None:
+                    batch, weights = dp.batch(train_res, train_graphs, group, dtype, counts)
+                else:
+                    batch = jax.tree.map(jnp.asarray, collate(train_res, train_graphs, group, budget, dtype))
+                    weights = None if counts is None else batch_weights(counts, group, budget.n_graphs, dtype)
+                state, losses = step_fn(state, batch, weights)
                 if compile_s is None:
                     jax.block_until_ready(losses)
                     compile_s = time.perf_counter() - t0
@@ -434,6 +479,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
             if cfg.optim.schedule == "plateau":
                 plateau = plateau_update(plateau, vloss, cfg.optim)
                 state = state._replace(opt_state=set_lr_factor(state.opt_state, plateau.factor))
+                if dp is not None:  # the new factor as replicated as the rest, so the step does not recompile
+                    state = dp.replicate(state)
             host["plateau"] = dataclasses.asdict(plateau)
             improved = host["best_val"] is None or vloss < host["best_val"]
             if improved:

@@ -1,0 +1,183 @@
+"""Data-parallel training over the devices of one host (``parallel.devices``), with JAX's own SPMD tools.
+
+Each global batch (the structures :func:`~equiforce.data.graph.batch_groups` puts together, exactly as on one
+device) is split into ``D`` consecutive parts, one per device. Every part is padded to the same per-device
+:class:`~equiforce.data.graph.PaddingBudget` (sized for ``ceil(batch_size / D)`` of the largest structures),
+so the step compiles once. The parts are stacked on a leading axis sharded over a one-dimensional
+``jax.sharding.Mesh`` (axis ``"data"``); parameters, optimiser and EMA state are replicated.
+
+The step is a ``jax.shard_map``: each device computes the summed loss terms of its part and their gradients
+(:func:`~equiforce.training.trainer.make_loss_terms_fn`), the item counts of every term are summed over the
+devices first (``psum``; they do not depend on the parameters), and the gradients and losses are summed
+over the devices. The loss and gradient are therefore exactly those of the whole batch on one device (up to
+the order of floating-point additions), the optimiser update runs replicated, and a checkpoint holds the
+same arrays whatever the device count: a run written on 4 devices resumes on 1 and the other way round.
+
+The same code runs on GPUs (``parallel.devices: all``, the default there) and on CPU devices simulated with
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (how the tests run it). Several hosts
+(``jax.distributed``) are not supported yet.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from equiforce.data.graph import Batch, PaddingBudget, collate, estimate_budget
+from equiforce.training.bootstrap import batch_weights
+from equiforce.training.config import ConfigError
+from equiforce.training.optim import ema_update
+
+__all__ = ["DataParallel", "resolve_devices", "split_group"]
+
+AXIS = "data"
+
+
+def resolve_devices(devices: int | str | None) -> list[Any]:
+    """The devices to train on for ``parallel.devices``.
+
+    Args:
+      devices: ``"all"``; a count N (the first N of ``jax.devices()``); ``None``: all on GPU/TPU, one on CPU
+        (simulated CPU devices share the same cores, so more of them do not make a CPU faster).
+
+    Raises:
+      ConfigError: a count below 1 or above the available devices, or another string.
+    """
+    available = jax.devices()
+    if devices is None:
+        return available if available[0].platform != "cpu" else available[:1]
+    if devices == "all":
+        return available
+    if isinstance(devices, str) or isinstance(devices, bool) or not isinstance(devices, int):
+        raise ConfigError(f"parallel.devices must be 'all' or a device count, got {devices!r}")
+    if not 1 <= devices <= len(available):
+        raise ConfigError(
+            f"parallel.devices = {devices}, but {len(available)} {available[0].platform} device(s) are available "
+            "(simulate CPU devices with XLA_FLAGS=--xla_force_host_platform_device_count=N)"
+        )
+    return available[:devices]
+
+
+def split_group(group: Sequence[int], n_parts: int) -> list[list[int]]:
+    """Split a batch's structure indices into ``n_parts`` consecutive parts whose sizes differ by at most one
+    (the first parts are the larger ones; parts may be empty when the batch is smaller than ``n_parts``)."""
+    group = list(group)
+    base, extra = divmod(len(group), n_parts)
+    parts, start = [], 0
+    for d in range(n_parts):
+        size = base + (1 if d < extra else 0)
+        parts.append(group[start : start + size])
+        start += size
+    return parts
+
+
+def _stack(trees: Sequence[Any]) -> Any:
+    return jax.tree.map(lambda *xs: np.stack(xs), *trees)
+
+
+class DataParallel:
+    """The data-parallel pieces of one training run: the mesh, the per-device budget and the step.
+
+    Args:
+      devices: the devices (see :func:`resolve_devices`).
+      n_atoms, n_edges: sizes of every structure the step may see (training set), for the per-device budget.
+      batch_size: the global batch size.
+    """
+
+    def __init__(self, devices: Sequence[Any], n_atoms: np.ndarray, n_edges: Sequence[int], batch_size: int):
+        self.devices = list(devices)
+        self.n_devices = len(self.devices)
+        self.mesh = Mesh(np.array(self.devices), (AXIS,))
+        self.per_device_batch = math.ceil(batch_size / self.n_devices)
+        self.budget: PaddingBudget = estimate_budget(n_atoms, n_edges, self.per_device_batch)
+        self.replicated = NamedSharding(self.mesh, P())
+        self.sharded = NamedSharding(self.mesh, P(AXIS))
+
+    def describe(self, batch_size: int) -> str:
+        kind = self.devices[0].device_kind
+        return (
+            f"data parallel over {self.n_devices} {self.devices[0].platform} devices ({kind}): global batch "
+            f"{batch_size}, per device up to {self.per_device_batch} (budget {self.budget.n_nodes} nodes / "
+            f"{self.budget.n_edges} edges / {self.budget.n_graphs} graphs each)"
+        )
+
+    def replicate(self, tree: Any) -> Any:
+        """Put a pytree (parameters, optimiser state) on every device."""
+        return jax.device_put(tree, self.replicated)
+
+    def batch(
+        self,
+        structures: Any,
+        graphs: Sequence[Any],
+        group: Sequence[int],
+        dtype: Any,
+        counts: np.ndarray | None = None,
+    ) -> tuple[Batch, jnp.ndarray | None]:
+        """The global batch ``group`` as ``[D, ...]`` padded parts sharded over the devices, and the
+        bootstrap weights ``[D, K, n_graphs]`` of each part (None without bootstrap)."""
+        parts = split_group(group, self.n_devices)
+        batch = _stack([collate(structures, graphs, part, self.budget, dtype) for part in parts])
+        weights = None
+        if counts is not None:
+            weights = np.stack([batch_weights(counts, part, self.budget.n_graphs, dtype) for part in parts])
+            weights = jax.device_put(weights, self.sharded)
+        return jax.device_put(batch, self.sharded), weights
+
+    def make_train_step(
+        self,
+        terms_fn: Callable,
+        combine: Callable,
+        optimizer: optax.GradientTransformation,
+        ema_decay: float | None,
+        ensemble_size: int,
+        bootstrap: bool,
+    ) -> Callable:
+        """The jitted step ``(state, batch [D, ...], weights) -> (state, (loss, loss_e, loss_f))``.
+
+        ``terms_fn(params, batch, graph_weight) -> (sums [3], counts [3])`` and ``combine(sums, counts) ->
+        (total, (loss_e, loss_f))`` are the trainer's (:func:`~equiforce.training.trainer.make_loss_terms_fn`,
+        :func:`~equiforce.training.trainer.combine_loss_terms`)."""
+
+        def member(params: Any, batch: Batch, weight: jnp.ndarray | None):
+            _, counts = terms_fn(jax.lax.stop_gradient(params), batch, weight)
+            counts = jax.lax.psum(counts, AXIS)  # the global item counts, parameter-free
+
+            def local_loss(p: Any):
+                sums, _ = terms_fn(p, batch, weight)
+                return combine(sums, counts)  # this part's share of the global loss
+
+            (loss, (le, lf)), grads = jax.value_and_grad(local_loss, has_aux=True)(params)
+            return loss, le, lf, grads
+
+        def local(params: Any, batch: Batch, weights: jnp.ndarray | None):
+            batch = jax.tree.map(lambda x: x[0], batch)  # this device's part
+            w = None if weights is None else weights[0]
+            if ensemble_size > 1:
+                loss, le, lf, grads = jax.vmap(member, in_axes=(0, None, 0 if bootstrap else None))(params, batch, w)
+                loss, le, lf = jnp.mean(loss), jnp.mean(le), jnp.mean(lf)
+            else:
+                loss, le, lf, grads = member(params, batch, w)
+            return jax.lax.psum((loss, le, lf, grads), AXIS)
+
+        in_specs = (P(), P(AXIS), P(AXIS) if bootstrap else None)
+        # check_vma=False: every cross-device sum is the explicit psum above (with the varying-axes check on,
+        # JAX would also sum the cotangent of the replicated parameters by itself, counting it twice)
+        sharded_value_and_grad = jax.shard_map(local, mesh=self.mesh, in_specs=in_specs, out_specs=P(), check_vma=False)
+
+        def step(state: Any, batch: Batch, weights: jnp.ndarray | None = None):
+            loss, le, lf, grads = sharded_value_and_grad(state.params, batch, weights)
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            ema = ema_update(state.ema_params, params, state.step, ema_decay)
+            return type(state)(params, opt_state, ema, state.step + 1), (loss, le, lf)
+
+        # the state comes back replicated with the same sharding it went in with, so the step compiles once
+        return jax.jit(step, donate_argnums=(0,), out_shardings=self.replicated)
