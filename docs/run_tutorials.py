@@ -39,6 +39,7 @@ def tutorial_runs(out: Path) -> list[tuple[str, list[str]]]:
         ("vibrations", ["--model", model, "--max-relax-steps", "20", "--phonons", cu_model,
                         "--out", str(out / "vibrations")]),
         ("benchmark_quick", ["--tiny", "--out", str(out / "benchmark")]),
+        ("parallel_training", ["--simulate-cpu-devices", "2", "--tiny", "--out", str(out / "parallel")]),
     ]  # fmt: skip
 
 

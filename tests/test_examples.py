@@ -21,7 +21,15 @@ from equiforce.training import load_config
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SCRIPTS = ("train_from_trajectory", "md_from_script", "ase_relax_and_md")
 # the tutorial scripts of the documentation site (run end to end by docs/run_tutorials.py in CI's docs target)
-TUTORIAL_SCRIPTS = ("npt_crystal", "precision", "uncertainty_md", "finetune", "vibrations", "benchmark_quick")
+TUTORIAL_SCRIPTS = (
+    "npt_crystal",
+    "precision",
+    "uncertainty_md",
+    "finetune",
+    "vibrations",
+    "benchmark_quick",
+    "parallel_training",
+)
 
 
 def load_example(name: str) -> ModuleType:
