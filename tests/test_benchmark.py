@@ -192,6 +192,7 @@ def test_run_writes_table_and_reuses_finished_runs(split_dir, tmp_path, tiny_pre
     assert other.n_train == 11 and model_file.stat().st_mtime_ns != stamp
 
 
+@pytest.mark.slow  # the same run as test_run_writes_table_and_reuses_finished_runs, through the command line
 def test_cli_prints_the_table(split_dir, tmp_path, tiny_preset, capsys):
     args = ["benchmark", "rmd17", "--molecules", "aspirin", "--models", "nequip", "--data-dir", str(split_dir)]
     args += ["--out", str(tmp_path / "cli"), "--max-epochs", "1", "--train-frames", "8", "--test-frames", "8"]
