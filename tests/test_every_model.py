@@ -21,7 +21,6 @@ from equiforce.potentials import MODELS, load_model
 from equiforce.training import load_config, train
 from tests.potentials.property_suite import MODEL_TEST_CASES, get_harness
 
-
 # The default run takes MACE (the default model) and Allegro (strictly local, the other code path); NequIP,
 # PaiNN and SchNet are trained end to end by the slow target (NequIP also by tests/training and tests/test_cli
 # in the default run; every model's physics is in the property suite).
