@@ -43,12 +43,22 @@ def tutorial_runs(out: Path) -> list[tuple[str, list[str]]]:
     ]  # fmt: skip
 
 
+def included_scripts() -> dict[str, set[str]]:
+    """Page (relative to ``docs/``) → the ``examples/`` scripts it includes (``--8<-- "examples/X.py"``)."""
+    docs = ROOT / "docs"
+    return {
+        str(page.relative_to(docs)): set(re.findall(r'^--8<--\s+"examples/(\w+)\.py"', page.read_text(), re.M))
+        for page in sorted(docs.rglob("*.md"))
+    }
+
+
 def check_pages(names: set[str]) -> list[str]:
-    """Scripts included by a page (``--8<-- "examples/X.py"``) that :func:`tutorial_runs` does not run."""
-    included = set()
-    for page in (ROOT / "docs").rglob("*.md"):
-        included |= set(re.findall(r'--8<--\s+"examples/(\w+)\.py"', page.read_text()))
-    return sorted(included - names)
+    """Scripts included by a page that :func:`tutorial_runs` does not run, and tutorial pages that include no
+    script (a broken include directive would otherwise pass unnoticed)."""
+    pages = included_scripts()
+    problems = sorted(set().union(*pages.values()) - names)
+    problems += [f"{page}: includes no script" for page, s in pages.items() if page.startswith("tutorials/") and not s]
+    return problems
 
 
 def main(argv: list[str] | None = None) -> int:

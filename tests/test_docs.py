@@ -87,6 +87,8 @@ def test_every_script_a_page_includes_is_run_by_the_tutorial_runner():
     runs = runner.tutorial_runs(Path("/tmp/x"))
     names = {name for name, _ in runs}
     assert runner.check_pages(names) == []
+    included = set().union(*runner.included_scripts().values())
+    assert included == names  # every script the runner runs is shown on a page, and every shown one runs
     for name in names:
         assert (ROOT / "examples" / f"{name}.py").is_file()
     # and every tutorial page in the navigation exists
