@@ -39,7 +39,7 @@ import jax
 import numpy as np
 
 from equiforce.benchmark.presets import Preset, get_preset
-from equiforce.benchmark.rmd17 import _fmt_time, _normalised, device_description
+from equiforce.benchmark.protocol import device_description, fmt_time, protocol_config, train_or_reuse
 from equiforce.data.errors import DataError
 from equiforce.data.hdf5 import read_hdf5, write_hdf5
 from equiforce.potentials.model_io import atomic_write_bytes, enable_x64_for, load_model
@@ -254,18 +254,12 @@ def _first_of_each_size(data: Any) -> list[int]:
 # --------------------------------------------------------------------------------------------- configs
 def materials_config(preset: Preset, settings: MaterialsSettings, train_path: Path, test_path: Path, run_dir: Path):
     """The :class:`~equiforce.training.config.TrainConfig` of one run (the shared protocol + the preset)."""
-    from equiforce.training.config import (
-        DataConfig,
-        LossConfig,
-        MDCheckConfig,
-        ModelSection,
-        OptimConfig,
-        TrainConfig,
-    )
+    from equiforce.training.config import DataConfig, MDCheckConfig
 
-    return TrainConfig(
+    return protocol_config(
+        preset,
         seed=settings.seed,
-        output_dir=str(Path(run_dir).resolve()),
+        run_dir=run_dir,
         data=DataConfig(
             train=str(Path(train_path).resolve()),
             valid_fraction=settings.valid_fraction,
@@ -274,64 +268,26 @@ def materials_config(preset: Preset, settings: MaterialsSettings, train_path: Pa
             format="hdf5",
             train_size=settings.train_frames,
         ),
-        model=ModelSection(
-            name=preset.model,
-            r_max=preset.r_max,
-            dtype=settings.dtype,
-            atomic_energies="fit",
-            hyperparameters=dict(preset.hyperparameters),
-            uncertainty=False,
-        ),
-        loss=LossConfig(energy_weight=1.0, forces_weight=10.0, stress_weight=settings.stress_weight, kind="mse"),
-        optim=OptimConfig(
-            optimizer="amsgrad",
-            learning_rate=preset.learning_rate,
-            batch_size=preset.batch_size,
-            warmup_epochs=1.0,
-            schedule="plateau",
-            plateau_patience=3,
-            plateau_factor=0.8,
-            ema_decay=0.99,
-            clip_grad_norm=10.0,
-            max_epochs=settings.max_epochs,
-            time_budget_minutes=settings.budget_minutes,
-            early_stopping_patience=30,
-        ),
+        dtype=settings.dtype,
+        budget_minutes=settings.budget_minutes,
+        max_epochs=settings.max_epochs,
         md_check=MDCheckConfig(
             steps=settings.md_check_steps, supercell=tuple(settings.nve_supercell), timestep_fs=1.0, report_interval=20
         ),
         progress_bar=settings.progress_bar,
+        stress_weight=settings.stress_weight,
+        uncertainty=False,
     )
 
 
 # ----------------------------------------------------------------------------------------------- runs
 def _run_one(settings: MaterialsSettings, index: int, model: str, log: Callable[[str], None]) -> MaterialsResult:
-    from equiforce.training.config import ConfigError
-    from equiforce.training.trainer import train
-
     name = settings.dataset_names[index]
     preset = get_preset(model, settings.size)
     train_path, test_path, info = prepare_dataset(settings, index, log)
     run_dir = Path(settings.out_dir) / f"{name}_{model}"
     cfg = materials_config(preset, settings, train_path, test_path, run_dir)
-    final = run_dir / "final_metrics.json"
-    meta = None
-    if final.is_file() and not settings.force:
-        meta = json.loads(final.read_text())
-        if meta.get("config") == _normalised(cfg.to_dict()) and (run_dir / "model.eqf").is_file():
-            log(f"{name}/{model}: reusing the finished run in {run_dir} (--force retrains)")
-        else:
-            meta = None
-    if meta is None:
-        if (run_dir / "checkpoints" / "last.ckpt").is_file() and not settings.force:
-            try:
-                train(cfg, resume=True, log=log)
-            except ConfigError as err:  # a checkpoint of another configuration: start afresh
-                log(f"{name}/{model}: not resuming ({err}); training from scratch")
-                train(cfg, log=log)
-        else:
-            train(cfg, log=log)
-        meta = json.loads(final.read_text())
+    meta = train_or_reuse(cfg, run_dir, force=settings.force, label=f"{name}/{model}", log=log)
     enable_x64_for(run_dir / "model.eqf")
     _, params, _ = load_model(run_dir / "model.eqf")
     tm = meta["test_metrics"] or {}
@@ -431,7 +387,7 @@ def markdown_table(settings: MaterialsSettings, results: Sequence[MaterialsResul
         atoms = "/".join(map(str, r.atoms_per_frame))
         lines.append(
             f"| {r.dataset} ({', '.join(r.formulas)}) | {atoms} | {r.model} | {r.n_params:,} "
-            f"| {r.n_train} / {r.n_test} | {r.epochs} | {_fmt_time(r.training_time_s)} "
+            f"| {r.n_train} / {r.n_test} | {r.epochs} | {fmt_time(r.training_time_s)} "
             f"| {r.energy_per_atom_mae_meV:.2f} | {r.forces_mae_meV_per_A:.1f} | {stress} "
             f"| {r.nve_atoms if r.nve_atoms is not None else '—'} | {drift} |"
         )

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ import jax
 import numpy as np
 
 from equiforce.benchmark.presets import Preset, get_preset
+from equiforce.benchmark.protocol import device_description, fmt_time, protocol_config, train_or_reuse
 from equiforce.data.download import RMD17_MOLECULES, load_rmd17, load_rmd17_split
 from equiforce.data.errors import DataError
 from equiforce.data.hdf5 import read_hdf5, write_hdf5
@@ -204,18 +204,12 @@ def prepare_data(settings: BenchmarkSettings, molecule: str, log: Callable[[str]
 # --------------------------------------------------------------------------------------------- configs
 def benchmark_config(preset: Preset, settings: BenchmarkSettings, train_path: Path, test_path: Path, run_dir: Path):
     """The :class:`~equiforce.training.config.TrainConfig` of one run (shared protocol + the model's preset)."""
-    from equiforce.training.config import (
-        DataConfig,
-        LossConfig,
-        MDCheckConfig,
-        ModelSection,
-        OptimConfig,
-        TrainConfig,
-    )
+    from equiforce.training.config import DataConfig, MDCheckConfig
 
-    return TrainConfig(
+    return protocol_config(
+        preset,
         seed=settings.seed,
-        output_dir=str(Path(run_dir).resolve()),
+        run_dir=run_dir,
         data=DataConfig(
             train=str(Path(train_path).resolve()),
             valid_fraction=0.05,  # 50 of the 1,000 frames; 950 for training
@@ -224,82 +218,21 @@ def benchmark_config(preset: Preset, settings: BenchmarkSettings, train_path: Pa
             train_size=settings.train_frames,
             test_size=settings.test_frames,
         ),
-        model=ModelSection(
-            name=preset.model,
-            r_max=preset.r_max,
-            dtype=settings.dtype,
-            atomic_energies="fit",
-            hyperparameters=dict(preset.hyperparameters),
-        ),
-        loss=LossConfig(energy_weight=1.0, forces_weight=10.0, kind="mse"),
-        optim=OptimConfig(
-            optimizer="amsgrad",
-            learning_rate=preset.learning_rate,
-            batch_size=preset.batch_size,
-            warmup_epochs=1.0,
-            schedule="plateau",
-            plateau_patience=3,
-            plateau_factor=0.8,
-            ema_decay=0.99,
-            clip_grad_norm=10.0,
-            max_epochs=settings.max_epochs,
-            time_budget_minutes=settings.budget_minutes,
-            early_stopping_patience=30,
-        ),
+        dtype=settings.dtype,
+        budget_minutes=settings.budget_minutes,
+        max_epochs=settings.max_epochs,
         md_check=MDCheckConfig(steps=settings.md_check_steps),
         progress_bar=settings.progress_bar,
     )
 
 
-def _normalised(d: dict[str, Any]) -> Any:
-    return json.loads(json.dumps(d, default=str))
-
-
 # ----------------------------------------------------------------------------------------------- runs
-def device_description() -> str:
-    """``"CPU: <model name> (<n> cores)"`` or the accelerator's kind, e.g. ``"GPU: NVIDIA H200"``."""
-    dev = jax.devices()[0]
-    if dev.platform == "cpu":
-        name = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return f"CPU: {name} ({cores} cores)"
-    return f"{dev.platform.upper()}: {dev.device_kind}"
-
-
 def _run_one(settings: BenchmarkSettings, molecule: str, model: str, log: Callable[[str], None]) -> BenchmarkResult:
-    from equiforce.training.config import ConfigError
-    from equiforce.training.trainer import train
-
     preset = get_preset(model, settings.size)
     train_path, test_path = prepare_data(settings, molecule, log)
     run_dir = Path(settings.out_dir) / f"{molecule}_{model}"
     cfg = benchmark_config(preset, settings, train_path, test_path, run_dir)
-    final = run_dir / "final_metrics.json"
-    meta = None
-    if final.is_file() and not settings.force:
-        meta = json.loads(final.read_text())
-        if meta.get("config") == _normalised(cfg.to_dict()) and (run_dir / "model.eqf").is_file():
-            log(f"{molecule}/{model}: reusing the finished run in {run_dir} (--force retrains)")
-        else:
-            meta = None
-    if meta is None:
-        resume = (run_dir / "checkpoints" / "last.ckpt").is_file() and not settings.force
-        if resume:
-            try:
-                train(cfg, resume=True, log=log)
-            except ConfigError as err:  # a checkpoint of another configuration: start afresh
-                log(f"{molecule}/{model}: not resuming ({err}); training from scratch")
-                train(cfg, log=log)
-        else:
-            train(cfg, log=log)
-        meta = json.loads(final.read_text())
+    meta = train_or_reuse(cfg, run_dir, force=settings.force, label=f"{molecule}/{model}", log=log)
     enable_x64_for(run_dir / "model.eqf")  # a reused float64 run loads without the trainer having switched x64 on
     _, params, _ = load_model(run_dir / "model.eqf")
     n_params = int(sum(np.size(x) for x in jax.tree.leaves(params)))
@@ -362,11 +295,6 @@ def _write_tables(settings: BenchmarkSettings, results: Sequence[BenchmarkResult
     atomic_write_bytes(out / "results.md", markdown_table(settings, results).encode())
 
 
-def _fmt_time(seconds: float) -> str:
-    m, s = divmod(round(seconds), 60)
-    return f"{m} min {s:02d} s"
-
-
 def markdown_table(settings: BenchmarkSettings, results: Sequence[BenchmarkResult]) -> str:
     """The results as a Markdown section: protocol line, table, published-values source."""
     devices = sorted({r.device for r in results}) or [device_description()]
@@ -394,7 +322,7 @@ def markdown_table(settings: BenchmarkSettings, results: Sequence[BenchmarkResul
         if settings.md_check_steps == 0:
             drift = "—"
         lines.append(
-            f"| {r.molecule} | {r.model} | {r.n_params:,} | {r.epochs} | {_fmt_time(r.training_time_s)} "
+            f"| {r.molecule} | {r.model} | {r.n_params:,} | {r.epochs} | {fmt_time(r.training_time_s)} "
             f"| {r.energy_mae_meV:.1f} | {r.forces_mae_meV_per_A:.1f} | {pub} | {drift} |"
         )
     lines += ["", f"Published: {PUBLISHED_SOURCE}.", ""]
