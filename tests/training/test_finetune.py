@@ -113,7 +113,7 @@ def test_init_from_takes_the_source_architecture(source_file, tmp_path):
             load_config(None, [f"model.init_from={path}", bad])
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(None, [f"model.init_from={tmp_path / 'missing.eqf'}"])
-    with pytest.raises(ConfigError, match=r"need model\.init_from"):
+    with pytest.raises(ConfigError, match=r"finetune\.freeze set, but fine-tuning needs model\.init_from"):
         load_config(None, ["finetune.freeze=[interaction_0]"])
     with pytest.raises(ConfigError, match="go together"):
         load_config(None, [f"model.init_from={path}", "finetune.replay_fraction=0.5"])

@@ -316,9 +316,17 @@ class TrainConfig:
 
     def _check_finetune(self) -> None:
         f = self.finetune
-        used = f.freeze or f.replay_data is not None or f.replay_fraction > 0
+        defaults = FinetuneConfig()
+        used = [
+            f"finetune.{k.name}"
+            for k in dataclasses.fields(f)
+            if k.name in ("freeze", "replay_data", "replay_fraction")
+            and getattr(f, k.name) != getattr(defaults, k.name)
+        ]
         if used and self.model.init_from is None:
-            raise ConfigError("finetune.* options need model.init_from (the model file to fine-tune)")
+            raise ConfigError(
+                f"{', '.join(used)} set, but fine-tuning needs model.init_from (the model file to start from)"
+            )
         if f.frozen_learning_rate < 0 or f.frozen_warmup_epochs < 0:
             raise ConfigError("finetune.frozen_learning_rate and finetune.frozen_warmup_epochs must be >= 0")
         if not 0.0 <= f.replay_fraction <= 10.0:
