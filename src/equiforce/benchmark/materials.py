@@ -234,7 +234,7 @@ def prepare_dataset(
         "n_frames": n,
         "n_test": n_test,
         "n_pool": n - n_test,
-        "n_test_with_stress": int(np.sum(test.has_stress)) if test.stress is not None else 0,
+        "n_test_with_stress": int(np.sum(test.has_stress)),
     }
     atomic_write_bytes(info_path, json.dumps(info, indent=2).encode())
     log(f"{name}: {n} frames ({', '.join(formulas)}) -> {n - n_test} for training, {n_test} for testing, in {folder}")
@@ -242,12 +242,10 @@ def prepare_dataset(
 
 
 def _first_of_each_size(data: Any) -> list[int]:
-    """One frame index per distinct (atom count, composition) — enough to name the formulas."""
+    """One frame index per distinct composition (element counts) — enough to name the formulas."""
     seen: dict[tuple, int] = {}
-    offsets = np.concatenate([[0], np.cumsum(data.n_atoms)])
     for k in range(len(data)):
-        z = data.atomic_numbers[offsets[k] : offsets[k + 1]]
-        seen.setdefault((int(data.n_atoms[k]), tuple(np.bincount(z, minlength=119))), k)
+        seen.setdefault(tuple(np.bincount(data.atomic_numbers[data.atom_slice(k)], minlength=119)), k)
     return sorted(seen.values())
 
 

@@ -56,7 +56,7 @@ def resolve_devices(devices: int | str | None) -> list[Any]:
         return available if available[0].platform != "cpu" else available[:1]
     if devices == "all":
         return available
-    if isinstance(devices, str) or isinstance(devices, bool) or not isinstance(devices, int):
+    if isinstance(devices, bool) or not isinstance(devices, int):
         raise ConfigError(f"parallel.devices must be 'all' or a device count, got {devices!r}")
     if not 1 <= devices <= len(available):
         raise ConfigError(
@@ -147,12 +147,11 @@ class DataParallel:
         :func:`~equiforce.training.trainer.combine_loss_terms`)."""
 
         def member(params: Any, batch: Batch, weight: jnp.ndarray | None):
-            _, counts = terms_fn(jax.lax.stop_gradient(params), batch, weight)
-            counts = jax.lax.psum(counts, AXIS)  # the global item counts, parameter-free
-
             def local_loss(p: Any):
-                sums, _ = terms_fn(p, batch, weight)
-                return combine(sums, counts)  # this part's share of the global loss
+                sums, counts = terms_fn(p, batch, weight)
+                # this part's share of the global loss: its sums over the global item counts (parameter-free,
+                # so nothing flows back through their psum)
+                return combine(sums, jax.lax.psum(counts, AXIS))
 
             (loss, (le, lf)), grads = jax.value_and_grad(local_loss, has_aux=True)(params)
             return loss, le, lf, grads
