@@ -146,14 +146,12 @@ def config_reference_markdown() -> str:
         "the key.",
         "",
     ]
-    top = [f for f in dataclasses.fields(TrainConfig) if not dataclasses.is_dataclass(f.type)]
     hints = typing.get_type_hints(TrainConfig)
     out += _section("Top level", TrainConfig, "")
     for f in dataclasses.fields(TrainConfig):
         sub = hints[f.name]
         if dataclasses.is_dataclass(sub):
             out += _section(f"`{f.name}` ({sub.__name__})", sub, f"{f.name}.")
-    del top
     out += [
         "## Model hyperparameters",
         "",
