@@ -11,8 +11,14 @@ checked at the start and the end). The harness
    equiforce (``md_throughput.py`` for MD, ``train_step.py`` for one training step) and each peer runner of
    ``benchmarks/peers/`` with the python of its own virtual environment (``benchmarks/peers/setup.sh``), for
    every peer whose venv exists;
+   The codes are interleaved over ``--rounds R`` rounds (default 3) per (system, precision): round 1 runs
+   equiforce and then each peer once, round 2 runs them all again, and so on, so that every code sees the
+   same slow and quiet spells of a shared machine;
 3. prints and writes (``--out``: ``results.json``, ``results.md``) a table of MD steps/s, atom-steps/s,
-   first-call time, training step time, peak memory and the ratio equiforce / peer, with the machine.
+   first-call time, training step time, peak memory and the ratio equiforce / peer, with the machine. Each
+   ratio is taken per round (equiforce's round-r figure over the peer's round-r figure) and reported as the
+   median over the rounds with its minimum and maximum (``3.2 (2.5–4.0)``); a code's own figures are the
+   medians over its rounds (peak memory: the maximum; the per-round results are in the JSON).
 
 Peers per equiforce model: MACE ↔ mace-torch (ASE), mlip MACE (its jax-md engine and its ASE calculator);
 NequIP ↔ nequip (ASE), mlip has no NequIP runner here. Allegro runs with ``--peer-models allegro``.
@@ -20,7 +26,7 @@ NequIP ↔ nequip (ASE), mlip has no NequIP runner here. Allegro runs with ``--p
     python benchmarks/side_by_side.py --model mace --systems aspirin water --dtypes float32 float64 --out runs/sbs
     python benchmarks/side_by_side.py --model nequip --systems aspirin --dtypes float32 --out runs/sbs_nequip
 
-The machine is noisy: compare only ratios from one run.
+The machine is noisy: compare only ratios from one run, and quote them with their range over the rounds.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +136,12 @@ def equiforce_train(model: str, dtype: str, args: argparse.Namespace, work: Path
     return {"train_step_s": r["train_step_s_median"], "train_first_s": r["first_step_s"]}
 
 
+def peer_python(peer: tuple[str, str, str, list[str], bool], args: argparse.Namespace) -> Path | None:
+    """The python of a peer's venv (``<peers-dir>/<venv>/bin/python``); None when it is not installed."""
+    python = Path(args.peers_dir) / peer[1] / "bin" / "python"
+    return python if python.is_file() else None
+
+
 def peer_run(
     peer: tuple[str, str, str, list[str], bool],
     system: str,
@@ -138,9 +151,9 @@ def peer_run(
     work: Path,
 ) -> dict[str, Any] | None:
     """One peer runner in its own venv; None when the venv is not installed."""
-    label, venv, runner, extra, train = peer
-    python = Path(args.peers_dir) / venv / "bin" / "python"
-    if not python.is_file():
+    label, _venv, runner, extra, train = peer
+    python = peer_python(peer, args)
+    if python is None:
         return None
     tag = label.replace(" ", "_").replace("(", "").replace(")", "")
     out = work / f"{tag}_{system}_{dtype}.json"
@@ -158,6 +171,94 @@ def peer_run(
     return r
 
 
+def run_rounds(
+    runners: Sequence[tuple[str, Callable[[], dict[str, Any]]]], rounds: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Run every code once per round, round after round: ``A B C, A B C, ...`` (interleaved, never ``A A A``).
+
+    Args:
+      runners: ``(label, run)`` per code, in the order each round runs them; ``run()`` starts one measurement
+        (one process) and returns its result (``{"error": ...}`` when it failed).
+      rounds: the number of rounds R >= 1.
+
+    Returns:
+      Each label's R results, in round order.
+
+    Raises:
+      ValueError: ``rounds < 1``.
+    """
+    if rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {rounds}")
+    results: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in runners}
+    for r in range(rounds):
+        for label, run_once in runners:
+            print(f"  round {r + 1}/{rounds}: {label}", flush=True)
+            results[label].append(run_once())
+    return results
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and bool(np.isfinite(x)) and x > 0
+
+
+def ratio_stats(ours: Sequence[Any], theirs: Sequence[Any]) -> dict[str, Any] | None:
+    """The per-round ratios ``ours[r] / theirs[r]`` and their median, minimum and maximum.
+
+    Args:
+      ours, theirs: one figure per round (steps/s, or s/step for the training step); a round where either is
+        missing (None, not positive or not finite: a failed run) is left out.
+
+    Returns:
+      ``{"median", "min", "max", "rounds": [ratio per round, None where left out], "n": rounds used}``, or
+      None when no round has both figures.
+    """
+    per_round = [a / b if _finite(a) and _finite(b) else None for a, b in zip(ours, theirs, strict=True)]
+    used = [x for x in per_round if x is not None]
+    if not used:
+        return None
+    return {
+        "median": float(np.median(used)),
+        "min": float(min(used)),
+        "max": float(max(used)),
+        "rounds": per_round,
+        "n": len(used),
+    }
+
+
+#: figures whose median over the rounds a row reports (peak memory: the maximum)
+MEDIAN_KEYS = ("steps_per_s", "atom_steps_per_s", "first_call_s", "train_step_s", "train_first_s", "gflops_per_s")
+
+
+def summarise_rounds(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One code's row from its per-round results: medians of the timings (:data:`MEDIAN_KEYS`), the largest
+    peak memory, the pair counts of the round whose end count moved furthest from its start, the other
+    fields of the first round, every distinct error, and the per-round results under ``"rounds"``."""
+    row = {k: v for k, v in results[0].items() if k not in (*MEDIAN_KEYS, "peak_rss_mb", "error", "train_error")}
+    for key in MEDIAN_KEYS:
+        values = [r[key] for r in results if _finite(r.get(key))]
+        row[key] = float(np.median(values)) if values else None
+    rss = [r["peak_rss_mb"] for r in results if _finite(r.get("peak_rss_mb"))]
+    row["peak_rss_mb"] = max(rss) if rss else None
+    pairs = [r["pairs"] for r in results if isinstance(r.get("pairs"), list) and None not in r["pairs"]]
+    if pairs:
+        row["pairs"] = max(pairs, key=lambda p: abs(p[1] - p[0]))
+    for key in ("error", "train_error"):
+        errors = list(dict.fromkeys(str(r[key]) for r in results if r.get(key)))
+        row[key] = "; ".join(errors) or None
+    row["rounds"] = list(results)
+    return row
+
+
+def _fmt_ratio(stats: dict[str, Any] | None) -> str:
+    """``median (min–max)`` of :func:`ratio_stats`; the median alone when the range is one value."""
+    if stats is None:
+        return "–"
+    median = _fmt(stats["median"], 2)
+    if stats["n"] < 2:
+        return median
+    return f"{median} ({_fmt(stats['min'], 2)}–{_fmt(stats['max'], 2)})"
+
+
 def _fmt(x: Any, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and not np.isfinite(x)):
         return "–"
@@ -165,6 +266,7 @@ def _fmt(x: Any, digits: int = 3) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
+    """The results table; each ratio as ``median (min–max)`` over the rounds."""
     head = (
         "| system | precision | code | steps/s | atom-steps/s | equiforce / this | first call s | train s/step "
         "| equiforce train / this | peak RSS MB | pairs start → end | note |\n"
@@ -172,11 +274,12 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     )
     lines = [head]
     for r in rows:
-        note = (r.get("error") or "")[:60]
+        note = (r.get("error") or r.get("train_error") or "")[:60]
         lines.append(
             f"| {r['system']} | {r['dtype']} | {r['code']} | {_fmt(r.get('steps_per_s'))} "
-            f"| {_fmt(r.get('atom_steps_per_s'))} | {_fmt(r.get('ratio'), 2)} | {_fmt(r.get('first_call_s'))} "
-            f"| {_fmt(r.get('train_step_s'))} | {_fmt(r.get('train_ratio'), 2)} | {_fmt(r.get('peak_rss_mb'), 4)} "
+            f"| {_fmt(r.get('atom_steps_per_s'))} | {_fmt_ratio(r.get('ratio_stats'))} | {_fmt(r.get('first_call_s'))} "
+            f"| {_fmt(r.get('train_step_s'))} | {_fmt_ratio(r.get('train_ratio_stats'))} "
+            f"| {_fmt(r.get('peak_rss_mb'), 4)} "
             f"| {r.get('pairs', ['–', '–'])[0]} → {r.get('pairs', ['–', '–'])[1]} | {note} |"
         )
     return "\n".join(lines)
@@ -192,6 +295,12 @@ def main() -> None:
     ap.add_argument("--chunk-aspirin", type=int, default=CHUNK["aspirin"])
     ap.add_argument("--chunk-water", type=int, default=CHUNK["water"])
     ap.add_argument("--equiforce-chunk-water", type=int, default=10, help="equiforce's steps per chunk (thermo)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="interleaved rounds per system and precision (each code once per round); ratios: median (min–max)",
+    )
     ap.add_argument("--train-steps", type=int, default=3)
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--cost-analysis", action="store_true", help="XLA FLOP rate of equiforce on the water box")
@@ -199,6 +308,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per process")
     ap.add_argument("--out", default="runs/side_by_side")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
     args.chunk = {"aspirin": args.chunk_aspirin, "water": args.chunk_water}
     if args.no_train:
         args.train_steps = 0
@@ -210,28 +321,41 @@ def main() -> None:
     machine = machine_info()
     print(f"# {machine['cpu']}, {machine['nproc']} cores, jax {machine['jax']}, git {machine['git_commit']}")
     peers = [p for p in PEERS[args.model] if args.peers is None or p[0] in args.peers]
+    installed = [p for p in peers if peer_python(p, args) is not None]
+    for peer in peers:
+        if peer not in installed:
+            print(f"  (peer {peer[0]} not installed in {args.peers_dir}; bash benchmarks/peers/setup.sh)")
     rows: list[dict[str, Any]] = []
     for system in args.systems:
         for dtype in args.dtypes:
             print(f"# {system} {dtype}", flush=True)
-            ours = {"system": system, "dtype": dtype, "code": f"equiforce {args.model}"}
-            ours.update(equiforce_md(args.model, system, dtype, args, work))
-            if system == "aspirin" and args.train_steps:
-                ours.update(equiforce_train(args.model, dtype, args, work))
+            ours_label = f"equiforce {args.model}"
+
+            def ours_once(system: str = system, dtype: str = dtype) -> dict[str, Any]:
+                r = equiforce_md(args.model, system, dtype, args, work)
+                if system == "aspirin" and args.train_steps:
+                    r.update(equiforce_train(args.model, dtype, args, work))
+                return r
+
+            runners: list[tuple[str, Callable[[], dict[str, Any]]]] = [(ours_label, ours_once)]
+            if dtype != "mixed":  # no peer has a mixed-precision mode
+                for peer in installed:
+
+                    def peer_once(peer=peer, s: str = system, d: str = dtype) -> dict[str, Any]:
+                        return peer_run(peer, s, d, paths, args, work) or {"error": "not installed"}
+
+                    runners.append((peer[0], peer_once))
+            results = run_rounds(runners, args.rounds)
+            ours = {**summarise_rounds(results[ours_label]), "system": system, "dtype": dtype, "code": ours_label}
             rows.append(ours)
-            if dtype == "mixed":  # no peer has a mixed-precision mode
-                print(markdown([ours]), flush=True)
-                continue
-            for peer in peers:
-                r = peer_run(peer, system, dtype, paths, args, work)
-                if r is None:
-                    print(f"  (peer {peer[0]} not installed in {args.peers_dir}; bash benchmarks/peers/setup.sh)")
-                    continue
-                row = {**r, "system": system, "dtype": dtype, "code": peer[0], "package": r.get("code")}
-                if ours.get("steps_per_s") and r.get("steps_per_s"):
-                    row["ratio"] = ours["steps_per_s"] / r["steps_per_s"]
-                if ours.get("train_step_s") and r.get("train_step_s"):
-                    row["train_ratio"] = ours["train_step_s"] / r["train_step_s"]
+            for label, _ in runners[1:]:
+                row = summarise_rounds(results[label])
+                row = {**row, "system": system, "dtype": dtype, "code": label, "package": row.get("code")}
+                ours_rounds, theirs_rounds = results[ours_label], results[label]
+                for key, name in (("steps_per_s", "ratio"), ("train_step_s", "train_ratio")):
+                    stats = ratio_stats([r.get(key) for r in ours_rounds], [r.get(key) for r in theirs_rounds])
+                    row[f"{name}_stats"] = stats
+                    row[name] = None if stats is None else stats["median"]
                 rows.append(row)
             print(markdown([r for r in rows if r["system"] == system and r["dtype"] == dtype]), flush=True)
     table = markdown(rows)
@@ -239,7 +363,9 @@ def main() -> None:
         f"Machine: {machine['cpu']} ({machine['nproc']} cores), jax {machine['jax']}, git {machine['git_commit']}, "
         f"{machine['date']}. equiforce model: {args.model} {json.dumps(PROTOCOL_HP.get(args.model, {}))}. "
         "Ratios: equiforce steps/s ÷ peer steps/s (> 1: equiforce faster); train: equiforce s/step ÷ peer s/step "
-        "(< 1: equiforce faster)."
+        f"(< 1: equiforce faster). The codes ran interleaved over {args.rounds} round(s) (each code once per round); "
+        "each ratio is taken per round and given as median (min–max) over the rounds, each code's own figures "
+        "as medians over its rounds (peak RSS: the maximum)."
     )
     print("\n" + header + "\n\n" + table)
     (out_dir / "results.md").write_text(header + "\n\n" + table + "\n")
