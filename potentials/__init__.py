@@ -6,6 +6,7 @@ Importing this package registers every built-in model (see :data:`MODELS`).
 from equiforce.potentials import nequip as _nequip  # noqa: F401  (registers the model)
 from equiforce.potentials.allegro import AllegroConfig
 from equiforce.potentials.mace import MACEConfig
+from equiforce.potentials.mace_compat import MACECompatConfig
 from equiforce.potentials.model_io import ModelFileError, load_model, read_header, save_model
 from equiforce.potentials.nequip import NequIPConfig
 from equiforce.potentials.painn import PaiNNConfig
@@ -16,6 +17,7 @@ from equiforce.potentials.schnet import SchNetConfig
 __all__ = [
     "MODELS",
     "AllegroConfig",
+    "MACECompatConfig",
     "MACEConfig",
     "ModelConfig",
     "ModelFileError",

@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -142,12 +143,16 @@ class _SymmetricBasis:
       u: ``{(ν, irrep): [sizes[ν-1], M, 2L+1]}`` coefficients on the monomials, multiplicities of the symmetric
         tensor folded in and divided by ν (mace-jax normalisation); M = number of couplings.
       irreps_out: per-channel output irreps (those with at least one coupling).
+      monomials: for ν = 1..correlation, ``[sizes[ν-1], ν]`` int: the sorted component indices
+        ``(i1 <= .. <= iν)`` of each kept monomial, in the row order of ``u`` (used to express other coupling
+        bases in this one, e.g. mace-torch's, see :mod:`equiforce.interop.mace`).
     """
 
     parents: tuple[tuple[np.ndarray, np.ndarray], ...]
     sizes: tuple[int, ...]
     u: dict[tuple[int, str], np.ndarray]
     irreps_out: str
+    monomials: tuple[np.ndarray, ...] = ()
 
 
 @functools.cache
@@ -200,7 +205,12 @@ def _symmetric_basis(irreps_in: str, irreps_out: str, correlation: int) -> _Symm
     u = {(nu, ir): c[needed[nu]] for nu in coefficients for ir, c in coefficients[nu].items()}
     present = {ir for (_, ir) in u}
     out = e3nn.Irreps([(1, ir) for ir in keep if str(ir) in present])
-    return _SymmetricBasis(tuple(parents), tuple(len(needed[nu]) for nu in range(1, correlation + 1)), u, str(out))
+    monomials = tuple(
+        np.array([tuples[nu][i] for i in needed[nu]], np.int32).reshape(-1, nu) for nu in range(1, correlation + 1)
+    )
+    return _SymmetricBasis(
+        tuple(parents), tuple(len(needed[nu]) for nu in range(1, correlation + 1)), u, str(out), monomials
+    )
 
 
 # ---------------------------------------------------------------------------------------- layers
@@ -359,6 +369,91 @@ class SymmetricContraction(nn.Module):
         return chunked_node_map(contract, (a, onehot), self.node_chunk_size)
 
 
+def tensor_product_irreps(irreps_in: str, l_max: int) -> str:
+    """The per-channel output irreps of :func:`channelwise_convolution` (``"Px0e + Px1o + ..."``, sorted)."""
+    return _tensor_product_constants(str(e3nn.Irreps(irreps_in)), l_max, str(natural_irreps(l_max)))[1]
+
+
+def channelwise_convolution(
+    x: jnp.ndarray,
+    edge_sh: jnp.ndarray,
+    edge_radial: jnp.ndarray,
+    senders: jnp.ndarray,
+    receivers: jnp.ndarray,
+    *,
+    irreps_in: str,
+    l_max: int,
+    radial_weights: Callable[[jnp.ndarray], jnp.ndarray],
+    edge_chunk_size: int,
+    half_list: bool,
+) -> tuple[jnp.ndarray, str]:
+    """MACE's one-particle basis before its linear layer: Σ_j R(r_ij) (x_j ⊗ Y(r̂_ij)), channel by channel.
+
+    Every path ``l_in ⊗ l_sh -> L`` with L of natural parity up to ``l_max`` (e3nn "uvu" instructions, e3nn's
+    "component" normalisation: the Clebsch-Gordan block times sqrt(2L+1), as mace-torch's ``conv_tp``), weighted
+    per path and channel by ``radial_weights``, summed over each receiver's edges (no division).
+
+    Args:
+      x: ``[n_nodes, D_in, C]`` sender features (channels last, see :class:`ChannelLinear`).
+      edge_sh: ``[n_edges, (l_max+1)^2]`` spherical harmonics of the edge directions.
+      edge_radial: ``[n_edges, B]`` input of ``radial_weights`` (zero on padding edges).
+      senders, receivers: ``[n_edges]`` int.
+      irreps_in: per-channel irreps of ``x``.
+      l_max: maximal degree of ``edge_sh`` and of the output.
+      radial_weights: ``[e, B] -> [e, P, C]`` weights of the P paths (in the order of the output irreps'
+        groups, paths of one group in the order input irrep, then harmonic) and C channels; must be zero where
+        its input is zero, so padding edges contribute nothing.
+      edge_chunk_size: > 0: edges (pairs with ``half_list``) in blocks of this size (layers.chunked_edge_sum).
+      half_list: each edge is an unordered pair: also send its reversed message.
+
+    Returns:
+      ``([n_nodes, D_mid, C], irreps_mid)``, ``irreps_mid`` as :func:`tensor_product_irreps`.
+    """
+    n_nodes, dtype = x.shape[0], x.dtype
+    cg_np, irreps_mid, _ = _tensor_product_constants(str(e3nn.Irreps(irreps_in)), l_max, str(natural_irreps(l_max)))
+    mid_blocks = _blocks(e3nn.Irreps(irreps_mid))
+    cg = jnp.asarray(cg_np, dtype)
+
+    def weights_of(radial_in: jnp.ndarray) -> jnp.ndarray:
+        """``[e, D_mid, C]`` per-column radial weights: slices + broadcasts, no gather."""
+        radial = radial_weights(radial_in)
+        channels = radial.shape[-1]
+        expanded, path = [], 0
+        for ir, _, mul in mid_blocks:
+            block = jnp.broadcast_to(radial[:, None, path : path + mul, :], (radial.shape[0], ir.dim, mul, channels))
+            expanded.append(block.reshape(radial.shape[0], ir.dim * mul, channels))
+            path += mul
+        return jnp.concatenate(expanded, axis=1)
+
+    if not half_list:
+
+        def edge_fn(radial_in, sh, s):
+            """``[e, D_mid, C]`` messages of a block of edges."""
+            coupling = jnp.einsum("ej,ijk->eki", sh, cg)  # [e, D_mid, D_in]
+            return (coupling @ x[s]) * weights_of(radial_in)
+
+        aggregated = chunked_edge_sum(edge_fn, (edge_radial, edge_sh, senders), receivers, n_nodes, edge_chunk_size)
+    else:
+        # a pair's two messages share the radial weights and the coupling; reversing the edge flips the
+        # sign of Y^l for odd l, i.e. of the columns of paths through odd-l harmonics
+        sh_degrees = np.floor(np.sqrt(np.arange(edge_sh.shape[1]))).astype(int)  # rows of 0e + 1o + 2e + ...
+        sign = jnp.asarray(reverse_edge_signs(cg_np, sh_degrees), dtype)[:, None]
+
+        def pair_fn(radial_in, sh, s, r):
+            """``[e, 2, D_mid, C]``: the messages r <- s and s <- r of a block of pairs."""
+            coupling = jnp.einsum("ej,ijk->eki", sh, cg)  # [e, D_mid, D_in]
+            return pair_messages(coupling, x, s, r, weights_of(radial_in), sign)
+
+        aggregated = chunked_edge_sum(
+            pair_fn,
+            (edge_radial, edge_sh, senders, receivers),
+            jnp.stack([receivers, senders], axis=1),
+            n_nodes,
+            edge_chunk_size,
+        )
+    return aggregated, irreps_mid
+
+
 class MACEInteraction(nn.Module):
     """One MACE layer: interaction (A basis), product basis (B, message), update and readout.
 
@@ -391,7 +486,7 @@ class MACEInteraction(nn.Module):
         senders: jnp.ndarray,  # [n_edges]
         receivers: jnp.ndarray,  # [n_edges]
     ) -> tuple[jnp.ndarray, jnp.ndarray]:
-        n_nodes, channels = node_feats.shape[0], self.num_features
+        channels = self.num_features
         dtype = node_feats.dtype
         irreps_a = str(natural_irreps(self.l_max))
 
@@ -404,59 +499,26 @@ class MACEInteraction(nn.Module):
         x = ChannelLinear(self.irreps_in, self.irreps_in, channels, name="linear_up")(node_feats)
 
         # channel-wise ("uvu") tensor product with Y(r̂), weighted per path and channel by the radial MLP
-        cg, irreps_mid, _ = _tensor_product_constants(self.irreps_in, self.l_max, irreps_a)
-        mid_blocks = _blocks(e3nn.Irreps(irreps_mid))
-        n_paths = e3nn.Irreps(irreps_mid).num_irreps
+        n_paths = e3nn.Irreps(tensor_product_irreps(self.irreps_in, self.l_max)).num_irreps
         radial_mlp = e3nn.flax.MultiLayerPerceptron(
             self.radial_mlp_layers * (self.radial_mlp_hidden,) + (n_paths * channels,),
             act=jax.nn.silu,
             output_activation=False,
             name="radial_mlp",
         )  # bias-free: zero where edge_radial is zero (padding, beyond r_max)
-        cg_np, cg = cg, jnp.asarray(cg, dtype)
-
         mlp = pure_submodule(radial_mlp, edge_radial[:1])
-
-        def weights_of(radial_in: jnp.ndarray) -> jnp.ndarray:
-            """``[e, D_mid, C]`` per-column radial weights: slices + broadcasts, no gather."""
-            radial = mlp(radial_in).reshape(-1, n_paths, channels)
-            expanded, path = [], 0
-            for ir, _, mul in mid_blocks:
-                block = jnp.broadcast_to(
-                    radial[:, None, path : path + mul, :], (radial.shape[0], ir.dim, mul, channels)
-                )
-                expanded.append(block.reshape(radial.shape[0], ir.dim * mul, channels))
-                path += mul
-            return jnp.concatenate(expanded, axis=1)
-
-        if not self.half_list:
-
-            def edge_fn(radial_in, sh, s):
-                """``[e, D_mid, C]`` messages of a block of edges."""
-                coupling = jnp.einsum("ej,ijk->eki", sh, cg)  # [e, D_mid, D_in]
-                return (coupling @ x[s]) * weights_of(radial_in)
-
-            aggregated = chunked_edge_sum(
-                edge_fn, (edge_radial, edge_sh, senders), receivers, n_nodes, self.edge_chunk_size
-            )
-        else:
-            # a pair's two messages share the radial weights and the coupling; reversing the edge flips the
-            # sign of Y^l for odd l, i.e. of the columns of paths through odd-l harmonics
-            sh_degrees = np.floor(np.sqrt(np.arange(edge_sh.shape[1]))).astype(int)  # rows of 0e + 1o + 2e + ...
-            sign = jnp.asarray(reverse_edge_signs(cg_np, sh_degrees), dtype)[:, None]
-
-            def pair_fn(radial_in, sh, s, r):
-                """``[e, 2, D_mid, C]``: the messages r <- s and s <- r of a block of pairs."""
-                coupling = jnp.einsum("ej,ijk->eki", sh, cg)  # [e, D_mid, D_in]
-                return pair_messages(coupling, x, s, r, weights_of(radial_in), sign)
-
-            aggregated = chunked_edge_sum(
-                pair_fn,
-                (edge_radial, edge_sh, senders, receivers),
-                jnp.stack([receivers, senders], axis=1),
-                n_nodes,
-                self.edge_chunk_size,
-            )
+        aggregated, irreps_mid = channelwise_convolution(
+            x,
+            edge_sh,
+            edge_radial,
+            senders,
+            receivers,
+            irreps_in=self.irreps_in,
+            l_max=self.l_max,
+            radial_weights=lambda r: mlp(r).reshape(-1, n_paths, channels),
+            edge_chunk_size=self.edge_chunk_size,
+            half_list=self.half_list,
+        )
         aggregated = aggregated / jnp.asarray(self.avg_num_neighbours, dtype)
         a = ChannelLinear(irreps_mid, irreps_a, channels, name="linear_down")(aggregated)  # [n, D_A, C]
         if not self.residual:  # RealAgnosticInteractionBlock: species-indexed linear of A

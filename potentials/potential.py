@@ -4,7 +4,8 @@ It turns the network's per-atom outputs into physics:
 
 * per-atom energy ``e_i = scale * (out_i - out_iso[Z_i]) + shift + E0[Z_i]`` (eV), where ``out_i`` is the
   network's output for atom i and ``out_iso[Z]`` its output for an isolated atom of element Z (no
-  neighbours), so that an isolated atom has exactly ``E0[Z] + shift``,
+  neighbours), so that an isolated atom has exactly ``E0[Z] + shift`` (models that reproduce another code
+  exactly, ``ModelConfig.isolated_atom_reference = False``, use ``out_i`` itself, as that code does),
 * total energy ``E = Σ_i e_i`` per structure,
 * forces ``F = -∂E/∂positions`` (eV/Å) through ``jax.grad``,
 * stress ``σ = (1/V) ∂E/∂ε`` (eV/Å³, ASE sign and Voigt order xx yy zz yz xz xy) from a homogeneous
@@ -325,7 +326,8 @@ class Potential:
             )(params)
             return jnp.mean(members, axis=0)
         out = self.module.apply(params, vectors, species, senders, receivers, edge_mask, half_list=half_list)
-        out = out - self._isolated_outputs(params)[species]
+        if self.model.isolated_atom_reference:
+            out = out - self._isolated_outputs(params)[species]
         dtype = self.jnp_dtype
         e = jnp.asarray(self.scale, dtype) * out + jnp.asarray(self.shift, dtype)
         if include_e0:

@@ -38,6 +38,10 @@ class ModelConfig:
     #: ``Linear`` and ``MultiLayerPerceptron``: the copied weights are then rescaled so that the function on
     #: the old species stays the same). Plain unnormalised tables need no declaration.
     species_blocks: ClassVar[tuple[tuple[str, int, int, bool], ...]] = ()
+    #: the Potential subtracts each species' isolated-atom output from the network's per-atom outputs (so an
+    #: isolated atom has exactly E0 + shift). False for models that reproduce another code's energies exactly
+    #: (:class:`~equiforce.potentials.mace_compat.MACECompatConfig`: mace-torch has no such reference).
+    isolated_atom_reference: ClassVar[bool] = True
 
     def build(self, *, num_species: int, r_max: float, avg_num_neighbours: float) -> nn.Module:
         raise NotImplementedError

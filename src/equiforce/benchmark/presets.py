@@ -81,6 +81,28 @@ _PRESETS: tuple[Preset, ...] = (
         "correlation 3, 8 Bessel, r_max 5 Å, batch 5, AMSGrad lr 0.01 "
         "(values of the mace README's paper-era rMD17 example)",
     ),
+    # ---------------------------------------------------------------- MACE in mace-torch's exact form
+    Preset(
+        "mace_compat",
+        "cpu",
+        dict(num_interactions=2, num_features=32, l_max=3, hidden_l_max=1, correlation=3, radial_mlp=(64, 64, 64)),
+        learning_rate=0.01,
+    ),
+    Preset(
+        "mace_compat",
+        "paper",
+        dict(
+            num_interactions=2,
+            num_features=256,
+            l_max=3,
+            hidden_l_max=2,
+            correlation=3,
+            radial_mlp=(64, 64, 64),
+            first_layer_residual=True,
+        ),
+        learning_rate=0.01,
+        source="as the mace paper preset, in mace-torch's form (ScaleShiftMACE with residual first layer)",
+    ),
     # ---------------------------------------------------------------- SchNet (arXiv:1706.08566)
     Preset(
         "schnet",
