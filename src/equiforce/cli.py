@@ -387,6 +387,18 @@ def _cmd_benchmark_materials(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_mace(args: argparse.Namespace) -> int:
+    from equiforce.interop.mace_torch import import_mace
+
+    path, summary = import_mace(args.model_file, args.out, dtype=args.dtype, head=args.head)
+    print(
+        f"imported {summary['file']} (mace-torch {summary['mace_torch_version']}, head {summary['head']!r}, "
+        f"{summary['parameters']:,} parameters, species {summary['species']}, r_max {summary['r_max']:g} Å) "
+        f"-> {path} ({summary['out_bytes'] / 1e6:.1f} MB, {args.dtype}) in {summary['seconds']:.1f} s"
+    )
+    return 0
+
+
 class _IntermixedParser(argparse.ArgumentParser):
     """Flags may come anywhere, also between positionals and overrides (``train CONFIG --resume k=v``).
 
@@ -535,6 +547,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.set_defaults(func=_cmd_info)
 
+    imports = sub.add_parser("import", help="convert a model of another code into an equiforce model file")
+    imports = imports.add_subparsers(dest="source", required=True)
+    p = imports.add_parser(
+        "mace",
+        help="a mace-torch MACE / ScaleShiftMACE model file (needs `pip install 'equiforce[mace-import]'`)",
+        description="Read a mace-torch model file (it is a pickle: import only files you trust) and write an "
+        "equiforce model file that gives the same energies, forces and stress, loadable without torch.",
+    )
+    p.add_argument("model_file", help="the mace-torch model file (e.g. a released *.model)")
+    p.add_argument("out", help="the equiforce model file to write (*.eqf)")
+    p.add_argument("--dtype", choices=["float64", "float32"], default="float64", help="precision (default float64)")
+    p.add_argument(
+        "--head", default=None, help="head of a multi-head model (default: the only head or the one called 'default')"
+    )
+    p.set_defaults(func=_cmd_import_mace)
+
     bench = sub.add_parser("benchmark", help="reproducible accuracy benchmarks").add_subparsers(
         dest="benchmark", required=True
     )
@@ -608,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
         # Our errors (DataError, ConfigError, ModelFileError, UnknownSpeciesError) are ValueErrors
         # with a message meant for the user.
         print(f"equiforce {args.command}: error: {err}", file=sys.stderr)

@@ -273,8 +273,8 @@ def convert_mace(
       state_dict: mace-torch's ``model.state_dict()`` as NumPy arrays (parameters and buffers, float32 or
         float64; keys as mace-torch names them).
       hyperparameters: the model's hyperparameters, keys :data:`HYPERPARAMETER_KEYS`.
-      head: the head of a multi-head model to import (default: the only head, or the last one, as
-        mace-torch's calculator does).
+      head: the head of a multi-head model to import (default, as mace-torch's calculator: the only head,
+        or the one called "default"; a model with several heads and none called so needs it).
       dtype: ``"float64"`` or ``"float32"``, the equiforce potential's precision.
 
     Returns:
@@ -282,8 +282,8 @@ def convert_mace(
       model and its parameter tree (NumPy arrays in ``dtype``).
 
     Raises:
-      MaceImportError: an unsupported architecture or option (named), an unknown head, a state dict that
-        does not match the hyperparameters.
+      MaceImportError: an unsupported architecture or option (named), an unknown or missing head, a state
+        dict that does not match the hyperparameters.
     """
     h = dict(hyperparameters)
     _check_supported(h)
@@ -291,8 +291,11 @@ def convert_mace(
         raise MaceImportError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     state = {k: np.asarray(v) for k, v in state_dict.items()}
     heads = list(h["heads"])
-    if head is None:
-        head = heads[-1]
+    if head is None:  # as mace-torch's calculator: the only head, or the one called "default"
+        named_default = [name for name in heads if name.lower() == "default"]
+        if len(heads) > 1 and not named_default:
+            raise MaceImportError(f"the model has several heads {heads}: choose one (--head / head=)")
+        head = heads[0] if len(heads) == 1 else named_default[0]
     if head not in heads:
         raise MaceImportError(f"head {head!r} is not in the model's heads {heads}")
     hi, n_heads = heads.index(head), len(heads)

@@ -11,9 +11,13 @@ mace-torch itself does. Import only model files you trust.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +30,24 @@ __all__ = ["MaceImportError", "import_mace", "read_mace_model"]
 _EXTRA_HINT = "pip install 'equiforce[mace-import]' (the CPU build of torch: see the README)"
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence what importing and unpickling mace-torch prints (its cuequivariance notice, e3nn's and torch's
+    warnings about ``torch.load``), none of which concerns the user of the importer."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
 def _modules() -> tuple[Any, Any]:
     try:
-        import mace  # noqa: F401  (first: sets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, which e3nn 0.4.4 needs)
-        import torch
+        with _quiet():
+            import mace  # (first: sets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, which e3nn 0.4.4 needs)
+            import torch
+            from e3nn import o3  # noqa: F401  (loads e3nn's constants once, quietly)
     except ImportError as exc:
         raise ImportError(f"importing a mace-torch model needs torch and mace-torch: {_EXTRA_HINT} ({exc})") from exc
-    import mace as mace_module
-
-    return torch, mace_module
+    return torch, mace
 
 
 def _sha256(path: Path) -> str:
@@ -129,7 +142,8 @@ def read_mace_model(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     if not path.is_file():
         raise FileNotFoundError(f"no mace-torch model file at {path}")
     try:
-        model = torch.load(path, map_location="cpu", weights_only=False)
+        with _quiet():
+            model = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises several types for a file that is not a torch pickle
         raise MaceImportError(f"{path} is not a mace-torch model file ({type(exc).__name__}: {exc})") from exc
     if isinstance(model, dict):
@@ -162,7 +176,8 @@ def import_mace(
       model_file: the mace-torch model file.
       out: the equiforce model file to write (conventionally ``*.eqf``; written atomically).
       dtype: ``"float64"`` or ``"float32"``: the precision the imported potential computes in.
-      head: the head of a multi-head model (default: the last, as mace-torch's calculator).
+      head: the head of a multi-head model (default: the only head or the one called "default", as
+        mace-torch's calculator).
 
     Returns:
       ``(path, summary)``: the file written and a summary (source, head, parameters, seconds, bytes).
@@ -177,8 +192,12 @@ def import_mace(
 
     start = time.perf_counter()
     state, hyper, source = read_mace_model(model_file)
-    chosen = head if head is not None else hyper["heads"][-1]
     potential, params = convert_mace(state, hyper, head=head, dtype=dtype)
+    chosen = (
+        head
+        if head is not None
+        else next(h for h in hyper["heads"] if len(hyper["heads"]) == 1 or h.lower() == "default")
+    )
     n_params = int(sum(np.size(x) for x in jax.tree.leaves(params)))
     metadata = {
         "source": {**source, "format": "mace-torch", "head": chosen, "hyperparameters": hyper},
