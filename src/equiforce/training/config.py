@@ -245,15 +245,39 @@ class FinetuneConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
-    """Data-parallel training over the devices of one host (see :mod:`equiforce.training.parallel`).
+    """Data-parallel training over the devices of one host (see :mod:`equiforce.training.parallel`) and over
+    several processes on one or more hosts (see :mod:`equiforce.training.distributed`).
 
     Attributes:
-      devices: ``"all"``, a device count N (the first N devices), or ``None``: all devices on a GPU/TPU
-        machine, one on CPU. Each global batch of ``optim.batch_size`` structures is split over the devices;
-        the loss and gradients are those of the whole batch, so results do not depend on the device count.
+      devices: this process's devices: ``"all"``, a device count N (the first N devices), or ``None``: all
+        devices on a GPU/TPU machine or in a run over several processes, one on CPU. Each global batch of
+        ``optim.batch_size`` structures is split over the devices of every process; the loss and gradients are
+        those of the whole batch, so results do not depend on the device or process count.
+      coordinator_address: ``host:port`` of process 0's coordination service (``jax.distributed``), the same
+        for every process; ``None``: the environment variable ``EQUIFORCE_COORDINATOR_ADDRESS`` (or JAX's
+        ``JAX_COORDINATOR_ADDRESS``), else found by ``cluster_detection``.
+      num_processes: the number of processes P of the run; ``None``: ``EQUIFORCE_NUM_PROCESSES``, else
+        found by ``cluster_detection``, else 1; 1: a single process (``jax.distributed`` is not started).
+      process_id: this process's index, 0 to P - 1 (process 0 hosts the coordinator and alone writes logs,
+        checkpoints and model files); ``None``: ``EQUIFORCE_PROCESS_ID``, else found by ``cluster_detection``.
+      cluster_detection: where the three settings above come from when they are not given: ``auto`` (a SLURM
+        step started by ``srun`` or an Open MPI 4 ``mpirun`` job with more than one task, as JAX detects
+        them), ``slurm``, ``ompi`` (only that one; an error if absent) or ``off``.
+      initialization_timeout: seconds to wait for the coordinator and for every process to join, at the
+        start; an unreachable coordinator is then an error, and JAX ends process 0 when not all joined.
+      heartbeat_timeout: seconds without a heartbeat after which JAX's coordination service declares a
+        process dead and stops all the others.
+      shutdown_timeout: seconds a finishing process waits at JAX's shutdown barrier for the others.
     """
 
     devices: int | str | None = None
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    cluster_detection: str = "auto"
+    initialization_timeout: int = 300
+    heartbeat_timeout: int = 100
+    shutdown_timeout: int = 300
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,9 +334,7 @@ class TrainConfig:
         if self.model.bootstrap and self.model.ensemble_size < 2:
             raise ConfigError("model.bootstrap resamples the training set per committee member: set ensemble_size >= 2")
         self._check_md_check()
-        d = self.parallel.devices
-        if (isinstance(d, str) and d != "all") or (isinstance(d, int) and d < 1):
-            raise ConfigError(f"parallel.devices must be 'all', null or a device count >= 1, got {d!r}")
+        self._check_parallel()
 
     def _check_finetune(self) -> None:
         f = self.finetune
@@ -352,12 +374,57 @@ class TrainConfig:
         if c.supercell is not None and (len(c.supercell) != 3 or min(c.supercell) < 1):
             raise ConfigError(f"md_check.supercell must be three integers >= 1, got {list(c.supercell)}")
 
+    def _check_parallel(self) -> None:
+        p = self.parallel
+        d = p.devices
+        if (isinstance(d, str) and d != "all") or (isinstance(d, int) and d < 1):
+            raise ConfigError(f"parallel.devices must be 'all', null or a device count >= 1, got {d!r}")
+        if p.num_processes is not None and p.num_processes < 1:
+            raise ConfigError(f"parallel.num_processes must be >= 1, got {p.num_processes}")
+        if p.process_id is not None and p.process_id < 0:
+            raise ConfigError(f"parallel.process_id must be >= 0, got {p.process_id}")
+        if p.process_id is not None and p.num_processes is not None and p.process_id >= p.num_processes:
+            raise ConfigError(
+                f"parallel.process_id = {p.process_id} is out of range for parallel.num_processes = "
+                f"{p.num_processes} (0 to {p.num_processes - 1})"
+            )
+        if p.coordinator_address is not None:
+            check_coordinator_address(p.coordinator_address, "parallel.coordinator_address")
+        if p.cluster_detection not in CLUSTER_DETECTION:
+            raise ConfigError(
+                f"parallel.cluster_detection must be one of {', '.join(CLUSTER_DETECTION)}, got {p.cluster_detection!r}"
+            )
+        for name in ("initialization_timeout", "heartbeat_timeout", "shutdown_timeout"):
+            if getattr(p, name) < 1:
+                raise ConfigError(f"parallel.{name} must be at least 1 second, got {getattr(p, name)}")
+
     def resolve_path(self, path: str) -> Path:
         p = Path(path).expanduser()
         return p if p.is_absolute() else Path(self.base_dir) / p
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+#: values of ``parallel.cluster_detection``
+CLUSTER_DETECTION = ("auto", "slurm", "ompi", "off")
+
+
+def check_coordinator_address(address: str, where: str) -> tuple[str, int]:
+    """Split a coordinator address ``host:port`` (IPv6 hosts in brackets: ``[::1]:1234``) into host and port.
+
+    Args:
+      address: the address.
+      where: the setting it came from, for the error message.
+
+    Raises:
+      ConfigError: no host, no port, or a port outside 1-65535.
+    """
+    host, sep, port = address.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{where} must look like host:port (port 1-65535), e.g. node001:12345; got {address!r}")
+    return host, int(port)
 
 
 def _check_finite_fields(obj: Any, where: str) -> None:
