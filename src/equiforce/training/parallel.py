@@ -1,4 +1,5 @@
-"""Data-parallel training over the devices of one host (``parallel.devices``), with JAX's own SPMD tools.
+"""Data-parallel training over the devices of one host or of several processes (``parallel``), with JAX's own
+SPMD tools.
 
 Each global batch (the structures :func:`~equiforce.data.graph.batch_groups` puts together, exactly as on one
 device) is split into ``D`` consecutive parts, one per device. Every part is padded to the same per-device
@@ -13,9 +14,16 @@ over the devices. The loss and gradient are therefore exactly those of the whole
 the order of floating-point additions), the optimiser update runs replicated, and a checkpoint holds the
 same arrays whatever the device count: a run written on 4 devices resumes on 1 and the other way round.
 
+Several processes (hosts), started with ``jax.distributed`` (:mod:`equiforce.training.distributed`): the mesh
+spans the devices of every process (``jax.devices()``, each process's first ``parallel.devices`` local
+devices, process by process). Every process plans the same global batches; each collates only the parts of
+its own devices and assembles the global batch from them
+(``jax.make_array_from_single_device_arrays``), so no process builds or sends another's data. The loss
+and gradient sums then run across processes (NCCL on GPUs, gloo on CPUs) and the result is the same as
+on one device.
+
 The same code runs on GPUs (``parallel.devices: all``, the default there) and on CPU devices simulated with
-``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (how the tests run it). Several hosts
-(``jax.distributed``) are not supported yet.
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` or in several local processes (how the tests run it).
 """
 
 from __future__ import annotations
@@ -42,28 +50,41 @@ AXIS = "data"
 
 
 def resolve_devices(devices: int | str | None) -> list[Any]:
-    """The devices to train on for ``parallel.devices``.
+    """The devices to train on for ``parallel.devices``, in mesh order.
+
+    In a run over several processes the setting counts each process's own devices, and the result holds
+    that many of every process's devices, process by process (every process must choose the same count).
 
     Args:
-      devices: ``"all"``; a count N (the first N of ``jax.devices()``); ``None``: all on GPU/TPU, one on CPU
-        (simulated CPU devices share the same cores, so more of them do not make a CPU faster).
+      devices: ``"all"``; a count N (the first N of this process's devices); ``None``: all on GPU/TPU or in a
+        run over several processes, one on a single CPU process (simulated CPU devices share the same cores,
+        so more of them do not make a CPU faster).
 
     Raises:
-      ConfigError: a count below 1 or above the available devices, or another string.
+      ConfigError: a count below 1 or above this process's devices, or another string.
     """
-    available = jax.devices()
+    available = jax.local_devices()
+    multi = jax.process_count() > 1
     if devices is None:
-        return available if available[0].platform != "cpu" else available[:1]
-    if devices == "all":
-        return available
-    if isinstance(devices, bool) or not isinstance(devices, int):
+        n = len(available) if multi or available[0].platform != "cpu" else 1
+    elif devices == "all":
+        n = len(available)
+    elif isinstance(devices, bool) or not isinstance(devices, int):
         raise ConfigError(f"parallel.devices must be 'all' or a device count, got {devices!r}")
-    if not 1 <= devices <= len(available):
+    elif not 1 <= devices <= len(available):
+        where = f" on process {jax.process_index()}" if multi else ""
         raise ConfigError(
-            f"parallel.devices = {devices}, but {len(available)} {available[0].platform} device(s) are available "
-            "(simulate CPU devices with XLA_FLAGS=--xla_force_host_platform_device_count=N)"
+            f"parallel.devices = {devices}, but {len(available)} {available[0].platform} device(s) are "
+            f"available{where} (simulate CPU devices with XLA_FLAGS=--xla_force_host_platform_device_count=N)"
         )
-    return available[:devices]
+    else:
+        n = devices
+    if not multi:
+        return available[:n]
+    by_process: dict[int, list[Any]] = {}
+    for d in jax.devices():
+        by_process.setdefault(d.process_index, []).append(d)
+    return [d for p in sorted(by_process) for d in by_process[p][:n]]
 
 
 def split_group(group: Sequence[int], n_parts: int) -> list[list[int]]:
@@ -79,15 +100,11 @@ def split_group(group: Sequence[int], n_parts: int) -> list[list[int]]:
     return parts
 
 
-def _stack(trees: Sequence[Any]) -> Any:
-    return jax.tree.map(lambda *xs: np.stack(xs), *trees)
-
-
 class DataParallel:
     """The data-parallel pieces of one training run: the mesh, the per-device budget and the step.
 
     Args:
-      devices: the devices (see :func:`resolve_devices`).
+      devices: the devices of every process, in mesh order (see :func:`resolve_devices`).
       n_atoms, n_edges: sizes of every structure the step may see (training set), for the per-device budget.
       batch_size: the global batch size.
     """
@@ -100,18 +117,53 @@ class DataParallel:
         self.budget: PaddingBudget = estimate_budget(n_atoms, n_edges, self.per_device_batch)
         self.replicated = NamedSharding(self.mesh, P())
         self.sharded = NamedSharding(self.mesh, P(AXIS))
+        self.n_processes = len({d.process_index for d in self.devices})
+        #: (mesh position, device) of this process's devices: the parts this process builds
+        self.local = [(i, d) for i, d in enumerate(self.devices) if d.process_index == jax.process_index()]
 
     def describe(self, batch_size: int) -> str:
         kind = self.devices[0].device_kind
+        where = f" in {self.n_processes} processes" if self.n_processes > 1 else ""
         return (
-            f"data parallel over {self.n_devices} {self.devices[0].platform} devices ({kind}): global batch "
+            f"data parallel over {self.n_devices} {self.devices[0].platform} devices ({kind}){where}: global batch "
             f"{batch_size}, per device up to {self.per_device_batch} (budget {self.budget.n_nodes} nodes / "
             f"{self.budget.n_edges} edges / {self.budget.n_graphs} graphs each)"
         )
 
     def replicate(self, tree: Any) -> Any:
-        """Put a pytree (parameters, optimiser state) on every device."""
-        return jax.device_put(tree, self.replicated)
+        """Put a pytree (parameters, optimiser state) on every device of every process.
+
+        Across processes every process must pass the same values; arrays that are already replicated over
+        the mesh stay as they are."""
+        if self.n_processes == 1:
+            return jax.device_put(tree, self.replicated)
+
+        def put(x: Any) -> Any:
+            if isinstance(x, jax.Array) and x.sharding == self.replicated:
+                return x
+            value = np.asarray(x)
+            return jax.make_array_from_callback(value.shape, self.replicated, lambda index: value[index])
+
+        return jax.tree.map(put, tree)
+
+    def to_local(self, tree: Any) -> Any:
+        """A replicated pytree as arrays on this process's first device (for host-side use: validation,
+        model files, running sums), without touching other processes."""
+        return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
+
+    def _assemble(self, parts: Sequence[Any]) -> Any:
+        """The global ``[D, ...]`` arrays from this process's parts (one pytree of NumPy arrays per local
+        device, in the order of :attr:`local`)."""
+        on_device = [
+            jax.device_put(jax.tree.map(lambda x: x[None], part), device)
+            for part, (_, device) in zip(parts, self.local, strict=True)
+        ]
+
+        def global_array(*shards: jax.Array) -> jax.Array:
+            shape = (self.n_devices, *shards[0].shape[1:])
+            return jax.make_array_from_single_device_arrays(shape, self.sharded, list(shards))
+
+        return jax.tree.map(global_array, *on_device)
 
     def batch(
         self,
@@ -122,14 +174,16 @@ class DataParallel:
         counts: np.ndarray | None = None,
     ) -> tuple[Batch, jnp.ndarray | None]:
         """The global batch ``group`` as ``[D, ...]`` padded parts sharded over the devices, and the
-        bootstrap weights ``[D, K, n_graphs]`` of each part (None without bootstrap)."""
+        bootstrap weights ``[D, K, n_graphs]`` of each part (None without bootstrap).
+
+        Only this process's parts are collated and transferred; every process passes the same ``group``."""
         parts = split_group(group, self.n_devices)
-        batch = _stack([collate(structures, graphs, part, self.budget, dtype) for part in parts])
+        mine = [parts[i] for i, _ in self.local]
+        batch = self._assemble([collate(structures, graphs, part, self.budget, dtype) for part in mine])
         weights = None
         if counts is not None:
-            weights = np.stack([batch_weights(counts, part, self.budget.n_graphs, dtype) for part in parts])
-            weights = jax.device_put(weights, self.sharded)
-        return jax.device_put(batch, self.sharded), weights
+            weights = self._assemble([batch_weights(counts, part, self.budget.n_graphs, dtype) for part in mine])
+        return batch, weights
 
     def make_train_step(
         self,

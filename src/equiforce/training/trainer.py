@@ -2,7 +2,8 @@
 early stopping, wall-clock budget and exact resume. What follows the loop (E0s, final and test metrics,
 the model file, the NVE gate) is :mod:`equiforce.training.finish`.
 
-Everything a CLI run does is callable from Python: ``train(load_config("config.yaml"))``.
+Everything a CLI run does is callable from Python: ``train(load_config("config.yaml"))``. Runs over several
+processes (``jax.distributed``) are set up by :mod:`equiforce.training.distributed`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from equiforce.data.structures import StructureSet
 from equiforce.potentials.model_io import atomic_write_bytes, save_model
 from equiforce.potentials.potential import Potential
 from equiforce.potentials.registry import config_from_dict
+from equiforce.training import distributed
 from equiforce.training.bootstrap import batch_weights, bootstrap_counts
 from equiforce.training.checkpoint import load_checkpoint, save_checkpoint
 from equiforce.training.config import ConfigError, TrainConfig
@@ -273,22 +275,75 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
     again with their results: test metrics, NVE gate), ``metrics.jsonl`` (one line per epoch),
     ``config.yaml``, ``parity_test.png``, ``learning_curve.png``. See :mod:`equiforce.training.finish`.
 
+    Over several processes (``parallel.coordinator_address`` / ``num_processes`` / ``process_id``, their
+    environment variables, or a SLURM / Open MPI launch; :mod:`equiforce.training.distributed`) every process
+    calls ``train`` with the same config: ``jax.distributed`` starts first, the global batches are split over
+    the devices of all processes, and process 0 alone logs and writes the files above. The other processes
+    return once process 0 is done, with the result read back from ``model.eqf`` when they can see it. An
+    error in any process ends that process at once (after printing it) and with it the run: then ``train``
+    does not return or raise in any process.
+
     Args:
       cfg: the configuration.
       resume: continue from ``checkpoints/last.ckpt`` (same config required), or start from scratch when
         there is none yet (so a job script can always re-issue the same command); the loss curve continues
         exactly as an uninterrupted run's would.
-      log: receives one line per event (default: ``tqdm.write``).
+      log: receives one line per event (default: ``tqdm.write``); process 0 only.
 
     Raises:
       ConfigError / DataError: bad configuration or data (before training starts).
+      CoordinatorUnreachableError: (a ConfigError) process 0 of a multi-process run did not answer.
       MDCheckFailedError: the NVE gate failed with ``md_check.on_failure: fail`` (the model is saved first).
+      DistributedError: on processes other than 0, when process 0 failed after training.
     """
     log = log or tqdm.write
+    procs = distributed.initialize(cfg.parallel, log)
+    with distributed.stop_all_on_failure(procs):
+        finish, loop, out = _train_loop(cfg, resume, log if procs.is_main else _quiet, procs)
+    result = distributed.run_on_main(procs, finish)  # final metrics, model file, NVE gate: process 0 only
+    return result if procs.is_main else _result_of_main(out, loop)
+
+
+def _quiet(_: str) -> None:
+    """The log of processes other than 0."""
+
+
+def _result_of_main(out: Any, loop: LoopOutcome) -> TrainResult:
+    """A process other than 0: process 0's result, read from its ``model.eqf``, or the loop's own outcome
+    (EMA weights of the last epoch, no metrics) when that file is not visible here."""
+    from equiforce.potentials.model_io import load_model
+
+    path = out / "model.eqf"
+    try:
+        potential, params, header = load_model(path)
+    except Exception:  # e.g. process 0 wrote to a file system this host does not share
+        return TrainResult(path, loop.potential, loop.params, {}, None, loop.history, loop.stopped_because)
+    meta = header.get("metadata", {})
+    return TrainResult(
+        path,
+        potential,
+        params,
+        meta.get("valid_metrics") or {},
+        meta.get("test_metrics"),
+        loop.history,
+        loop.stopped_because,
+        nve_check=meta.get("nve_check"),
+        metadata=meta,
+    )
+
+
+def _train_loop(
+    cfg: TrainConfig, resume: bool, log: Callable[[str], None], procs: distributed.Processes
+) -> tuple[Callable[[], TrainResult], LoopOutcome, Any]:
+    """Everything up to the end of the training loop: ``(finish, loop, out)``, where ``finish()`` (process 0
+    only) writes the model file and runs the post-training steps (:func:`finish_training`) and ``loop`` is
+    what the loop produced (its ``params`` the last EMA weights)."""
+    main = procs.is_main
     if cfg.model.dtype == "float64" and not jax.config.jax_enable_x64:
         jax.config.update("jax_enable_x64", True)  # a float64 potential needs 64-bit JAX types
     out = cfg.resolve_path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoints" / "last.ckpt"
     if resume and not ckpt_path.is_file():
         # like GROMACS -cpi: a job script re-issues the same command after a crash, also one that came
@@ -349,12 +404,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
         log(f"resumed from {ckpt_path}: epoch {host['epoch']}, batch {host['batch_in_epoch']}")
     state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
 
-    (out / "config.yaml").write_text(_yaml_dump(cfg.to_dict()))
     metrics_path = out / "metrics.jsonl"
-    if not resume and metrics_path.exists():
-        metrics_path.unlink()
-    if resume:  # a kill between an epoch's metrics line and its checkpoint left one line too many
-        atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in host["history"]).encode())
+    if main:  # only process 0 writes files
+        (out / "config.yaml").write_text(_yaml_dump(cfg.to_dict()))
+        if not resume and metrics_path.exists():
+            metrics_path.unlink()
+        if resume:  # a kill between an epoch's metrics line and its checkpoint left one line too many
+            atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in host["history"]).encode())
 
     n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params)) // potential.ensemble_size
     committee = f" x {potential.ensemble_size} committee members" if potential.ensemble_size > 1 else ""
@@ -366,6 +422,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
     )
 
     devices = resolve_devices(cfg.parallel.devices)
+    distributed.check_same_on_every_process(
+        procs,
+        {
+            "config": {k: v for k, v in cfg.to_dict().items() if k not in ("parallel", "base_dir")},
+            "output folder": str(out),
+            "training data": [data.train.n_atoms, data.train.positions, data.train.energy],
+            "validation data": [data.valid.n_atoms, data.valid.positions, data.valid.energy],
+            "resume point": [resume, host["epoch"], host["batch_in_epoch"]],
+            "devices": [d.id for d in devices],
+        },
+    )
     dp = None
     if len(devices) > 1:  # the global batch split over the devices, parameters replicated
         dp = DataParallel(devices, data.train.n_atoms, [g.n_edges for g in train_graphs], bs)
@@ -405,7 +472,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
         host["elapsed_s"] = elapsed()
         if sums is not None:  # interrupted mid-epoch: keep the partial sums so the epoch's loss stays exact
             host["epoch_loss_sum"] = [float(s) for s in sums]
-        save_checkpoint(ckpt_path, state, host)
+        if main:
+            save_checkpoint(ckpt_path, state, host)
 
     try:
         while host["epoch"] < cfg.optim.max_epochs:
@@ -416,7 +484,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
                 total=steps_per_epoch,
                 initial=skip,
                 desc=f"epoch {epoch + 1}/{cfg.optim.max_epochs}",
-                disable=not cfg.progress_bar,
+                disable=not (cfg.progress_bar and main),
                 leave=False,
                 dynamic_ncols=True,
             )
@@ -436,6 +504,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
                     batch = jax.tree.map(jnp.asarray, collate(train_res, train_graphs, group, budget, dtype))
                     weights = None if counts is None else batch_weights(counts, group, budget.n_graphs, dtype)
                 state, losses = step_fn(state, batch, weights)
+                if dp is not None:  # replicated over the mesh: this process's copy
+                    losses = dp.to_local(losses)
                 if compile_s is None:
                     jax.block_until_ready(losses)
                     compile_s = time.perf_counter() - t0
@@ -445,7 +515,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
                 bar.update(1)
                 if (i + 1) % 10 == 0:
                     bar.set_postfix(loss=f"{float(losses[0]):.4g}")
-                if budget_s is not None and elapsed() > budget_s:
+                # every process stops at the same step: when any one is out of time
+                if budget_s is not None and distributed.any_process(procs, elapsed() > budget_s):
                     out_of_time = True
                     break
             bar.close()
@@ -460,7 +531,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
             train_loss = [s / n_batches for s in host["epoch_loss_sum"]]
             epoch_s = time.perf_counter() - t_epoch
 
-            eval_params = state.ema_params
+            eval_params = state.ema_params if dp is None else dp.to_local(state.ema_params)
             if predict_fn is None:
                 predict_fn = _predict_fn(potential, periodic)
             vm = compute_metrics(
@@ -474,7 +545,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
                     predict_fn=predict_fn,
                 )
             )
-            vloss = _val_loss(cfg, vm)
+            # process 0's value decides the schedule, the best epoch and early stopping on every process
+            vloss = distributed.from_main(procs, _val_loss(cfg, vm))
             plateau = PlateauState(**host["plateau"])
             if cfg.optim.schedule == "plateau":
                 plateau = plateau_update(plateau, vloss, cfg.optim)
@@ -485,12 +557,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
             improved = host["best_val"] is None or vloss < host["best_val"]
             if improved:
                 host["best_val"], host["best_epoch"], host["bad_epochs"] = vloss, epoch + 1, 0
-                save_model(
-                    out / "best.eqf",
-                    potential,
-                    eval_params,
-                    {"epoch": epoch + 1, "valid_metrics": vm, "dataset_statistics": stats},
-                )
+                if main:
+                    save_model(
+                        out / "best.eqf",
+                        potential,
+                        eval_params,
+                        {"epoch": epoch + 1, "valid_metrics": vm, "dataset_statistics": stats},
+                    )
             else:
                 host["bad_epochs"] += 1
             record = {
@@ -506,8 +579,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
                 **{f"valid_{k}": v for k, v in vm.items()},
             }
             host["history"].append(record)
-            with metrics_path.open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            if main:
+                with metrics_path.open("a") as fh:
+                    fh.write(json.dumps(record) + "\n")
             s_mae = f"  S MAE {vm['stress_mae_meV_per_A3']:.3f} meV/Å³" if "stress_mae_meV_per_A3" in vm else ""
             log(
                 f"epoch {epoch + 1:4d}  loss {train_loss[0]:.4g}  valid E MAE {vm['energy_mae_meV']:.1f} meV "
@@ -533,15 +607,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
         raise
 
     # ------------------------------------------------------------------ finish
-    if (out / "best.eqf").is_file():
-        from equiforce.potentials.model_io import load_model
-
-        _, best_params, _ = load_model(out / "best.eqf")
-    else:  # no epoch finished (e.g. a tiny time budget): use the current EMA weights
-        best_params = jax.tree.map(np.asarray, state.ema_params)
+    last_params = jax.tree.map(np.asarray, state.ema_params if dp is None else dp.to_local(state.ema_params))
     loop = LoopOutcome(
         potential=potential,
-        params=best_params,
+        params=last_params,
         stats=stats,
         trained_epochs=host["epoch"],
         best_epoch=host["best_epoch"],
@@ -550,19 +619,28 @@ def train(cfg: TrainConfig, *, resume: bool = False, log: Callable[[str], None] 
         history=host["history"],
         lineage=lineage,
     )
-    # One jitted prediction function serves all three sets (it leaves E0s out, so the re-fit keeps it valid).
-    return finish_training(
-        cfg,
-        out,
-        data,
-        loop,
-        train_graphs=train_graphs,
-        valid_graphs=valid_graphs,
-        budget=budget,
-        predict_fn=predict_fn or _predict_fn(potential, periodic),
-        elapsed=elapsed,
-        log=log,
-    )
+
+    def finish() -> TrainResult:
+        best_params = last_params  # no epoch finished (e.g. a tiny time budget): the current EMA weights
+        if (out / "best.eqf").is_file():
+            from equiforce.potentials.model_io import load_model
+
+            _, best_params, _ = load_model(out / "best.eqf")
+        # One jitted prediction function serves all three sets (it leaves E0s out, so the re-fit keeps it valid).
+        return finish_training(
+            cfg,
+            out,
+            data,
+            dataclasses.replace(loop, params=best_params),
+            train_graphs=train_graphs,
+            valid_graphs=valid_graphs,
+            budget=budget,
+            predict_fn=predict_fn or _predict_fn(potential, periodic),
+            elapsed=elapsed,
+            log=log,
+        )
+
+    return finish, loop, out
 
 
 _fmt = format_metrics  # the summary line's formatter (kept under its old name)
