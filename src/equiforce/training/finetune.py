@@ -78,6 +78,7 @@ def resolve_model_section(model: dict[str, Any], base_dir: str) -> dict[str, Any
     pot = header["potential"]
     src = dict(pot["model"])
     name = src.pop("name")
+    model = {k: v for k, v in model.items() if v is not None}  # `key=null` on the command line: not set
     conflicts = []
     if "name" in model and model["name"] != name:
         conflicts.append(f"model.name is {model['name']!r} but the source is a {name!r} model")
