@@ -325,10 +325,13 @@ def initialize(cfg: ParallelConfig, log: Callable[[str], None] = print) -> Proce
             shutdown_timeout_seconds=launch.shutdown_timeout,
         )
     except (RuntimeError, ValueError, TypeError) as err:
-        raise ConfigError(
-            f"jax.distributed could not start ({who}): {err}. It must start before any JAX computation: call "
-            "equiforce.training.distributed.initialize (or train) before jax.devices() or any array operation"
-        ) from err
+        hint = ""
+        if "before any JAX" in str(err):
+            hint = (
+                ": call equiforce.training.distributed.initialize (or train) before jax.devices() or any array "
+                "operation"
+            )
+        raise ConfigError(f"jax.distributed could not start ({who}): {str(err).rstrip('.')}{hint}") from err
     return Processes(jax.process_index(), jax.process_count())
 
 
