@@ -188,15 +188,23 @@ def run_one(name: str, atoms: Any, dtype: str, hp: dict[str, Any], args: argpars
     n_atoms = len(atoms)
     pairs_start = pair_count(atoms, args.r_max)
     avg_nn = args.avg_num_neighbours or max(pairs_start / n_atoms, 1.0)
-    potential = Potential(
-        model=config_from_dict({"name": args.model, **hp}),
-        species=species,
-        r_max=args.r_max,
-        atomic_energies=(0.0,) * len(species),
-        avg_num_neighbours=float(avg_nn),
-        dtype="float64" if dtype == "float64" else "float32",
-    )
-    params = potential.init(jax.random.PRNGKey(0))
+    if args.model_file:  # a model file (e.g. an imported mace-torch model): its own architecture and weights
+        from equiforce.potentials import load_model
+
+        potential, params, _ = load_model(args.model_file)
+        hp = {k: v for k, v in potential.model.to_dict().items() if k != "name"}
+        if potential.dtype != ("float64" if dtype == "float64" else "float32"):
+            raise SystemExit(f"{args.model_file} computes in {potential.dtype}, not {dtype}")
+    else:
+        potential = Potential(
+            model=config_from_dict({"name": args.model, **hp}),
+            species=species,
+            r_max=args.r_max,
+            atomic_energies=(0.0,) * len(species),
+            avg_num_neighbours=float(avg_nn),
+            dtype="float64" if dtype == "float64" else "float32",
+        )
+        params = potential.init(jax.random.PRNGKey(0))
     n_params = int(sum(x.size for x in jax.tree.leaves(params)))
     chunk = args.chunk or DEFAULT_CHUNK[name]
     config = MDConfig(
@@ -400,6 +408,9 @@ def main() -> None:
     ap.add_argument("--cost-repeats", type=int, default=3)
     ap.add_argument("--peak", action="store_true", help="measure the float32 matmul peak (4096²) first")
     ap.add_argument("--model", default="nequip", help="registered model name (default: nequip)")
+    ap.add_argument(
+        "--model-file", default=None, help="run this model file instead of a random --model (e.g. an imported one)"
+    )
     ap.add_argument("--hp", default="{}", help="hyperparameters as JSON, overriding the protocol size of --model")
     ap.add_argument("--timestep-fs", type=float, default=0.01)
     ap.add_argument("--temperature-K", type=float, default=300.0)

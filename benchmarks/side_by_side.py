@@ -25,6 +25,11 @@ NequIP ↔ nequip (ASE), mlip has no NequIP runner here. Allegro runs with ``--p
 
     python benchmarks/side_by_side.py --model mace --systems aspirin water --dtypes float32 float64 --out runs/sbs
     python benchmarks/side_by_side.py --model nequip --systems aspirin --dtypes float32 --out runs/sbs_nequip
+    python benchmarks/side_by_side.py --model mace --imported-mace --out runs/sbs_imported   # issue 16 §5
+
+``--imported-mace``: mace-torch builds its protocol-size model of each system, ``equiforce import mace`` converts
+it (this environment needs ``pip install -e '.[mace-import]'``), and equiforce and mace-torch both run that one
+model file, so they compute the same function; mlip runs its own protocol-size MACE as without the flag.
 
 The machine is noisy: compare only ratios from one run, and quote them with their range over the rounds.
 """
@@ -105,6 +110,8 @@ def equiforce_md(model: str, system: str, dtype: str, args: argparse.Namespace, 
     # are longer than the peers' (whose cost per step does not depend on the chunk)
     chunk = args.chunk.get(system, CHUNK[system]) if system != "water" else args.equiforce_chunk_water
     cmd += ["--chunk", str(chunk), "--chunks", str(args.chunks), "--json", str(out)]
+    if getattr(args, "imported", {}).get((system, dtype)):
+        cmd += ["--model-file", str(args.imported[system, dtype][1])]
     if args.cost_analysis and system == "water":
         cmd += ["--cost-analysis"]
     run(cmd, args.timeout, work / "log.txt")
@@ -160,6 +167,8 @@ def peer_run(
     cmd = [str(python), str(HERE / "peers" / runner), *extra, "--structure", str(paths[system])]
     cmd += ["--system-name", system, "--dtype", dtype, "--timestep-fs", "0.01", "--temperature-K", "300"]
     cmd += ["--chunk", str(args.chunk.get(system, CHUNK[system])), "--chunks", str(args.chunks), "--r-max", "5.0"]
+    if runner == "mace_torch_bench.py" and getattr(args, "imported", {}).get((system, dtype)):
+        cmd += ["--model-file", str(args.imported[system, dtype][0])]
     if train and system == "aspirin" and args.train_steps:
         cmd += ["--train-data", str(paths["train"]), "--train-batch", "16", "--train-steps", str(args.train_steps)]
     cmd += ["--json", str(out)]
@@ -169,6 +178,39 @@ def peer_run(
     r = json.loads(out.read_text())
     r["pairs"] = [r.get("pairs_start"), r.get("pairs_end")]
     return r
+
+
+def prepare_imported_mace(
+    system: str, dtypes: Sequence[str], paths: dict[str, Path], args: argparse.Namespace, work: Path
+) -> dict[tuple[str, str], tuple[Path, Path]]:
+    """``{(system, dtype): (mace-torch file, equiforce file)}``: mace-torch builds its protocol-size model of
+    ``system`` (in its own venv, float64) and ``equiforce import mace`` converts it for each dtype, so both codes
+    run the same function (issue 16 §5). Needs ``equiforce[mace-import]`` in this interpreter's environment."""
+    peer = next(p for p in PEERS["mace"] if p[2] == "mace_torch_bench.py")
+    python = peer_python(peer, args)
+    if python is None:
+        raise SystemExit("--imported-mace needs the mace-torch peer venv (bash benchmarks/peers/setup.sh mace-torch)")
+    model_file = work / f"mace_torch_{system}.model"
+    cmd = [str(python), str(HERE / "peers" / "mace_torch_bench.py"), "--structure", str(paths[system])]
+    cmd += ["--system-name", system, "--dtype", "float64", "--r-max", "5.0", "--save-model", str(model_file)]
+    cmd += ["--json", str(work / f"save_{system}.json")]
+    run(cmd, args.timeout, work / "log.txt")
+    if not model_file.is_file():
+        raise SystemExit(f"mace-torch did not write {model_file} (see {work / 'log.txt'})")
+    out: dict[tuple[str, str], tuple[Path, Path]] = {}
+    for dtype in dtypes:
+        if dtype == "mixed":
+            continue
+        eqf = work / f"imported_{system}_{dtype}.eqf"
+        rc, text = run(
+            [sys.executable, "-m", "equiforce", "import", "mace", str(model_file), str(eqf), "--dtype", dtype],
+            args.timeout,
+            work / "log.txt",
+        )
+        if rc != 0:
+            raise SystemExit(f"equiforce import mace failed (needs `pip install -e '.[mace-import]'`): {text[-500:]}")
+        out[system, dtype] = (model_file, eqf)
+    return out
 
 
 def run_rounds(
@@ -303,6 +345,12 @@ def main() -> None:
     )
     ap.add_argument("--train-steps", type=int, default=3)
     ap.add_argument("--no-train", action="store_true")
+    ap.add_argument(
+        "--imported-mace",
+        action="store_true",
+        help="equiforce and mace-torch run the same mace-torch model (equiforce imports it); mlip runs its own "
+        "protocol-size MACE; no training step",
+    )
     ap.add_argument("--cost-analysis", action="store_true", help="XLA FLOP rate of equiforce on the water box")
     ap.add_argument("--peers-dir", default=os.environ.get("EQF_PEERS_DIR", str(HERE / ".peers")))
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per process")
@@ -311,8 +359,11 @@ def main() -> None:
     if args.rounds < 1:
         ap.error(f"--rounds must be >= 1, got {args.rounds}")
     args.chunk = {"aspirin": args.chunk_aspirin, "water": args.chunk_water}
-    if args.no_train:
+    if args.imported_mace and args.model != "mace":
+        ap.error("--imported-mace compares MACE models: use it with --model mace")
+    if args.no_train or args.imported_mace:  # the training step is compared on the protocol models only
         args.train_steps = 0
+    args.imported = {}
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -327,6 +378,8 @@ def main() -> None:
             print(f"  (peer {peer[0]} not installed in {args.peers_dir}; bash benchmarks/peers/setup.sh)")
     rows: list[dict[str, Any]] = []
     for system in args.systems:
+        if args.imported_mace:
+            args.imported.update(prepare_imported_mace(system, args.dtypes, paths, args, work))
         for dtype in args.dtypes:
             print(f"# {system} {dtype}", flush=True)
             ours_label = f"equiforce {args.model}"
@@ -361,8 +414,14 @@ def main() -> None:
     table = markdown(rows)
     header = (
         f"Machine: {machine['cpu']} ({machine['nproc']} cores), jax {machine['jax']}, git {machine['git_commit']}, "
-        f"{machine['date']}. equiforce model: {args.model} {json.dumps(PROTOCOL_HP.get(args.model, {}))}. "
-        "Ratios: equiforce steps/s ÷ peer steps/s (> 1: equiforce faster); train: equiforce s/step ÷ peer s/step "
+        f"{machine['date']}. equiforce model: "
+        + (
+            "mace-torch's protocol-size ScaleShiftMACE imported with `equiforce import mace` (mace-torch runs the same "
+            "file; mlip its own protocol-size MACE). "
+            if args.imported_mace
+            else f"{args.model} {json.dumps(PROTOCOL_HP.get(args.model, {}))}. "
+        )
+        + "Ratios: equiforce steps/s ÷ peer steps/s (> 1: equiforce faster); train: equiforce s/step ÷ peer s/step "
         f"(< 1: equiforce faster). The codes ran interleaved over {args.rounds} round(s) (each code once per round); "
         "each ratio is taken per round and given as median (min–max) over the rounds, each code's own figures "
         "as medians over its rounds (peak RSS: the maximum)."

@@ -15,6 +15,10 @@ mace's own ASE users get, including its per-call graph construction and stress e
 Training: one ``torch.optim.Adam`` step (lr 1e-3) on a batch of ``--train-batch`` frames, loss = MSE(E) +
 10·MSE(F), forces by autograd (``model(batch, training=True, compute_force=True)``); the graph batch is
 built once outside the timing.
+
+``--save-model FILE`` only builds the protocol-size model of ``--structure`` and saves it (``torch.save``), for
+``equiforce import mace``; ``--model-file FILE`` runs that file instead of a freshly built model, so both codes
+compute the same function (``side_by_side.py --imported-mace``).
 """
 
 from __future__ import annotations
@@ -114,7 +118,10 @@ def run_training(args: Any, avg_num_neighbors: float, result: dict[str, Any]) ->
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser(__doc__.splitlines()[0], ["ase"]).parse_args(argv)
+    parser = build_parser(__doc__.splitlines()[0], ["ase"])
+    parser.add_argument("--save-model", default=None, help="only build the protocol-size model and save it here")
+    parser.add_argument("--model-file", default=None, help="run this mace-torch model file instead")
+    args = parser.parse_args(argv)
     result = base_result(args, "mace-torch", version("mace-torch"), "ase")
     result["versions"] = {"torch": torch.__version__, "e3nn": version("e3nn"), "ase": version("ase")}
     result["notes"].append(f"torch threads {torch.get_num_threads()}, eager (no torch.compile)")
@@ -126,6 +133,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["pairs_start"] = count_pairs(atoms, args.r_max)
         avg_nn = result["pairs_start"] / len(atoms)
         model = build_model(args.r_max, avg_nn, args.dtype)
+        if args.save_model:  # the protocol-size model of this structure, for `equiforce import mace`
+            torch.save(model, args.save_model)
+            print(f"saved {args.save_model}", flush=True)
+            return result
+        if args.model_file:  # the same model file another code imported
+            model = torch.load(args.model_file, map_location="cpu", weights_only=False).to(TORCH_DTYPES[args.dtype])
+            result["notes"].append(f"model file {args.model_file}")
         result["n_params"] = int(sum(p.numel() for p in model.parameters()))
     if model is not None:
         with phase(result, "md"):
