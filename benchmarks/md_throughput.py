@@ -170,6 +170,14 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def device_peak_mb() -> float | None:
+    """Peak memory in use on the first accelerator (MB), None where the backend does not report it (CPU)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+    return None if not stats or "peak_bytes_in_use" not in stats else stats["peak_bytes_in_use"] / 1e6
+
+
 def peak_rss_mb() -> float:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024.0 if sys.platform != "darwin" else kb / 2**20  # Linux: KiB, macOS: bytes
@@ -296,6 +304,7 @@ def run_one(name: str, atoms: Any, dtype: str, hp: dict[str, Any], args: argpars
             file=sys.stderr,
         )
     result["peak_rss_mb"] = peak_rss_mb()
+    result["device_peak_mb"] = device_peak_mb()
     return result
 
 
