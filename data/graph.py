@@ -31,6 +31,7 @@ __all__ = [
     "batch_iterator",
     "collate",
     "estimate_budget",
+    "plan_batches",
     "round_up",
 ]
 
@@ -255,21 +256,49 @@ def batch_groups(
     Raises:
       DataError: a structure alone exceeds the budget.
     """
-    order = np.random.default_rng(seed).permutation(len(structures)) if shuffle else np.arange(len(structures))
+    n_edges = np.array([g.n_edges for g in graphs], dtype=np.int64)
+    yield from plan_batches(structures.n_atoms, n_edges, batch_size, budget, shuffle=shuffle, seed=seed)
+
+
+def plan_batches(
+    n_atoms: np.ndarray,
+    n_edges: np.ndarray,
+    batch_size: int,
+    budget: PaddingBudget,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    start: int = 0,
+) -> Iterator[list[int]]:
+    """:func:`batch_groups` from the structures' sizes alone: the indices of each batch, in order.
+
+    Args:
+      n_atoms, n_edges: ``[n]`` ints, atoms and edges of every structure.
+      batch_size, budget, shuffle, seed: as for :func:`batch_groups` (the same arguments give the same batches).
+      start: skip this many batches (they are planned, not yielded).
+
+    Raises:
+      DataError: a structure alone exceeds the budget.
+    """
+    n = int(np.asarray(n_atoms).size)
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
     current: list[int] = []
     nodes = edges = 0
+    done = 0
     for k in order:
         k = int(k)
-        n_a, n_e = int(structures.n_atoms[k]), graphs[k].n_edges
+        n_a, n_e = int(n_atoms[k]), int(n_edges[k])
         if not budget.fits(n_a, n_e, 1):
             raise DataError(f"structure {k} ({n_a} atoms, {n_e} edges) alone exceeds the budget {budget}")
         if current and (len(current) == batch_size or not budget.fits(nodes + n_a, edges + n_e, len(current) + 1)):
-            yield current
+            if done >= start:
+                yield current
+            done += 1
             current, nodes, edges = [], 0, 0
         current.append(k)
         nodes += n_a
         edges += n_e
-    if current:
+    if current and done >= start:
         yield current
 
 

@@ -33,6 +33,21 @@ An optional dataset is either present for every structure or absent; :func:`appe
 to append a set whose label presence differs from the file's. Datasets may be longer than the
 committed counts (after an interrupted in-place append); readers use the committed counts only.
 
+Optional neighbour graphs (written by ``equiforce preprocess`` / :class:`HDF5Writer`; ``E =
+n_total_edges``; structure ``k`` owns edge rows ``cumsum(n_edges)[k-1] : cumsum(n_edges)[k]``, atom indices
+counted within the structure, the convention of :class:`~equiforce.data.neighbours.NeighbourGraph`):
+
+==================  ===========  =========  ==========================================================
+``n_edges``         ``[n]``      int64      edges of each structure within the cutoff (root attribute
+                                            ``r_max``, Å; root attribute ``n_total_edges`` = ``E``)
+``edge_senders``    ``[E]``      int32      sender (neighbour j) of each edge
+``edge_receivers``  ``[E]``      int32      receiver (centre i) of each edge
+``edge_shifts``     ``[E, 3]``   int32      integer lattice offsets of the sender's image
+==================  ===========  =========  ==========================================================
+
+``n_edges`` may be present without the three edge datasets (sizes only): the trainer's padding budget is
+then known without reading any frame, and the graphs are built on the fly.
+
 Writes are atomic: :func:`write_hdf5` (and :func:`append_hdf5` with ``atomic=True``) write a
 temporary file in the same directory and ``os.replace`` it over the target; a new file gets the usual
 permissions (``0o666`` less the umask), a replaced or appended one keeps its mode. Values round-trip
@@ -43,13 +58,18 @@ headers with checksums; ``libver=("v108", "v110")``), the string attributes are 
 the checksummed object header, not in the unchecked global heap, where a single flipped bit can make
 the HDF5 library loop forever) and every dataset carries the Fletcher-32 checksum filter, so a flipped
 bit in data or metadata is a :class:`DataError`, never a silently different value. Files written by
-earlier versions (without these checksums) are still read.
+earlier versions (without these checksums) are still read. A file cut short (a writer killed mid-write, an
+incomplete copy) is a :class:`DataError` that says how many bytes are missing and, where the file's metadata
+survived, the first frame whose data are lost. No dataset records its modification time, so the same content
+written the same way gives the same bytes.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator, Sequence
@@ -61,9 +81,18 @@ import h5py
 import numpy as np
 
 from equiforce.data.errors import DataError
+from equiforce.data.neighbours import NeighbourGraph
 from equiforce.data.structures import StructureSet
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "HDF5Dataset", "append_hdf5", "read_hdf5", "write_hdf5"]
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "HDF5Dataset",
+    "HDF5Writer",
+    "append_hdf5",
+    "read_hdf5",
+    "write_hdf5",
+]
 
 FORMAT_NAME = "equiforce-structures"
 FORMAT_VERSION = 1
@@ -93,17 +122,150 @@ _SPEC: dict[str, tuple[bool, tuple[int, ...], Any]] = {
 _DTYPE_KINDS = {"i": "iu", "f": "fiu", "b": "biu"}
 _REQUIRED = ("atomic_numbers", "positions", "n_atoms", "cell", "pbc")
 _LABELS = ("energy", "forces", "stress")
+# the optional neighbour graphs: name -> (trailing shape, dtype); n_edges is per structure, the rest per edge
+_EDGES: dict[str, tuple[tuple[int, ...], Any]] = {
+    "edge_senders": ((), np.int32),
+    "edge_receivers": ((), np.int32),
+    "edge_shifts": ((3,), np.int32),
+}
+
+
+_H5_ERRORS = (OSError, KeyError, IndexError, AttributeError, ValueError, TypeError, RuntimeError, MemoryError)
 
 
 @contextmanager
 def _h5_errors(path: PathLike, what: str) -> Iterator[None]:
-    """Turn h5py/OS errors into a DataError naming the file."""
+    """Turn h5py/OS errors into a DataError naming the file (and, for a truncated file, the first lost frame)."""
     try:
         yield
     except DataError:
         raise
-    except (OSError, KeyError, IndexError, AttributeError, ValueError, TypeError, RuntimeError, MemoryError) as err:
+    except _H5_ERRORS as err:
+        truncated = _truncation_report(path, err)
+        if truncated is not None:
+            raise DataError(truncated) from err
         raise DataError(f"{path}: cannot {what} HDF5 file ({type(err).__name__}: {err})") from err
+
+
+class _ZeroPadded(io.RawIOBase):
+    """A read-only file that reads as ``size`` bytes: the file's own, then zeros. HDF5 refuses to open a
+    file shorter than the end-of-file address its superblock records; through this it opens, so the chunks
+    that lie beyond the real end (the lost frames) can be found."""
+
+    def __init__(self, path: PathLike, size: int):
+        self._fd = os.open(path, os.O_RDONLY)
+        self._real = os.fstat(self._fd).st_size
+        self._size = size
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = offset if whence == 0 else self._pos + offset if whence == 1 else self._size + offset
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self._size - self._pos))
+        data = os.pread(self._fd, n, self._pos) if self._pos < self._real else b""
+        view[: len(data)] = data
+        view[len(data) : n] = bytes(n - len(data))
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
+def _kind(name: str) -> str:
+    """What a dataset's rows are: ``"atom"``, ``"edge"`` or ``"structure"``."""
+    if name in _EDGES:
+        return "edge"
+    return "atom" if name in _SPEC and _SPEC[name][0] else "structure"
+
+
+def _first_lost_frame(f: h5py.File, eof: int) -> int | None:
+    """The first structure with data at or beyond byte ``eof`` (None: none lost), from the chunk addresses."""
+    n = int(f.attrs["n_structures"])
+    ds = f["n_atoms"]
+    step = ds.chunks[0] if ds.chunks else max(n, 1)
+    parts = []
+    for a in range(0, n, step):  # the sizes as far as they can be read
+        try:
+            parts.append(np.asarray(ds[a : min(a + step, n)], dtype=np.int64))
+        except _H5_ERRORS:
+            break
+    n_atoms = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    known = n_atoms.size
+    atom_offsets = np.concatenate([[0], np.cumsum(n_atoms)])
+    edge_offsets = None
+    if "n_edges" in f:
+        try:
+            edge_offsets = np.concatenate([[0], np.cumsum(np.asarray(f["n_edges"][:known], np.int64))])
+        except _H5_ERRORS:
+            edge_offsets = None
+
+    def structure_of(kind: str, row: int) -> int:
+        if kind == "structure":
+            return row
+        offsets = atom_offsets if kind == "atom" else edge_offsets
+        if offsets is None or row >= offsets[-1]:
+            return known
+        return int(np.searchsorted(offsets, row, side="right") - 1)
+
+    first = n if known == n else known
+    for name in f:
+        dset = f[name]
+        if not isinstance(dset, h5py.Dataset) or dset.chunks is None:
+            continue
+        kind = _kind(name)
+        try:
+            count = dset.id.get_num_chunks()
+        except _H5_ERRORS:
+            return min(first, 0)
+        for i in range(count):
+            try:
+                info = dset.id.get_chunk_info(i)
+                row, lost = int(info.chunk_offset[0]), info.byte_offset + info.size > eof
+            except _H5_ERRORS:  # the chunk index itself lies beyond the end
+                row, lost = i * dset.chunks[0], True
+            if lost:
+                first = min(first, structure_of(kind, row))
+                break
+    return first if first < n else None
+
+
+def _truncation_report(path: PathLike, err: BaseException) -> str | None:
+    """The message for a file shorter than its superblock says (None: ``err`` is about something else)."""
+    m = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", str(err))
+    if m is None:
+        return None
+    eof, stored = int(m.group(1)), int(m.group(2))
+    msg = (
+        f"{path}: the file is truncated ({eof} of {stored} bytes: its writer was killed mid-write, or the copy "
+        "is incomplete)"
+    )
+    try:
+        with _ZeroPadded(path, stored) as raw, h5py.File(raw, "r") as f:
+            n = int(f.attrs["n_structures"])
+            first = _first_lost_frame(f, eof)
+    except (*_H5_ERRORS, KeyError):
+        return msg + "; its metadata are lost too, so the lost frames cannot be named"
+    if first is None:
+        return msg + f"; the data of all {n} frames are present, but HDF5 cannot open it"
+    return (
+        msg + f": frames {first} to {n - 1} of {n} are lost (frame {first} is the first whose data lie beyond the "
+        f"end); write the file again (equiforce preprocess resumes an interrupted conversion)"
+    )
 
 
 def _labels_of(s: StructureSet) -> tuple[str, ...]:
@@ -124,10 +286,14 @@ def _fixed_string(text: str) -> np.bytes_:
     return np.bytes_(text.encode("utf-8"))
 
 
-def _create_datasets(f: h5py.File, s: StructureSet, compression: str | None) -> None:
+def _write_header(f: h5py.File) -> None:
     f.attrs["format"] = _fixed_string(FORMAT_NAME)
     f.attrs["format_version"] = FORMAT_VERSION
     f.attrs["units"] = _fixed_string(json.dumps(UNITS, ensure_ascii=False))
+
+
+def _create_datasets(f: h5py.File, s: StructureSet, compression: str | None) -> None:
+    _write_header(f)
     for name in (*_REQUIRED, *_labels_of(s)):
         per_atom, tail, dtype = _SPEC[name]
         data = np.asarray(getattr(s, name), dtype=dtype)
@@ -138,6 +304,7 @@ def _create_datasets(f: h5py.File, s: StructureSet, compression: str | None) -> 
             chunks=(_chunk_rows(per_atom, data.shape[0]), *tail),
             compression=compression,
             fletcher32=True,
+            track_times=False,
         )
     f.attrs["n_structures"] = len(s)
     f.attrs["n_total_atoms"] = s.n_total_atoms
@@ -308,6 +475,163 @@ def append_hdf5(path: PathLike, structures: StructureSet, atomic: bool = True) -
     return path
 
 
+_CHUNK_ROWS = {"structure": 1024, "atom": 4096, "edge": 16384}  # small chunks: a random frame reads little
+
+
+class HDF5Writer:
+    """Write a native HDF5 file part by part, in bounded memory, atomically: the parts go to a temporary
+    file beside ``path`` that replaces ``path`` only when :meth:`close` commits it.
+
+    Chunks are small (1024 structures, 4096 atoms, 16384 edges), so reading one random frame, as a shuffled
+    streamed epoch does (:mod:`equiforce.data.streaming`), decodes little more than that frame.
+
+    Args:
+      path: the target file (conventionally ``*.h5``).
+      r_max: cutoff (Å) of the neighbour graphs given with every part (``None``: no graphs are stored).
+      edges: with ``r_max``, store the edges themselves; ``False``: only each structure's edge count
+        ``n_edges`` (enough for the padding budget; the graphs are then built when read).
+      compression: an h5py compression filter (``"lzf"``, ``"gzip"``) or ``None``; lossless.
+      overwrite: replace an existing file when committing.
+
+    Use as a context manager: leaving the block normally commits, an exception discards the temporary file.
+
+    Raises:
+      DataError: the file exists (without ``overwrite``), its folder does not, the parts differ in which labels
+        they carry, a part's graphs are missing or do not match it, or a write failed.
+    """
+
+    def __init__(
+        self,
+        path: PathLike,
+        *,
+        r_max: float | None = None,
+        edges: bool = True,
+        compression: str | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise DataError(f"{self.path}: file exists (pass overwrite=True to replace it)")
+        if not self.path.parent.is_dir():
+            raise DataError(f"{self.path}: directory {self.path.parent} does not exist")
+        if r_max is not None and not (np.isfinite(r_max) and r_max > 0):
+            raise DataError(f"r_max must be a positive number of Å, got {r_max}")
+        self.r_max = r_max
+        self.edges = bool(edges) and r_max is not None
+        self.compression = compression
+        self._tmp = _tmp_path(self.path)
+        self._labels: tuple[str, ...] | None = None
+        self._counts = {"structure": 0, "atom": 0, "edge": 0}
+        with _h5_errors(self.path, "write"):
+            # metadata gathered in 1 MiB blocks from the start of the file, not appended at its end on closing:
+            # a file cut short then still names its lost frames
+            self._file = h5py.File(self._tmp, "w", libver=_LIBVER, meta_block_size=1 << 20)
+            _write_header(self._file)
+            self._commit_counts()
+
+    def __enter__(self) -> HDF5Writer:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    @property
+    def n_structures(self) -> int:
+        """Structures appended so far."""
+        return self._counts["structure"]
+
+    def _commit_counts(self) -> None:
+        f = self._file
+        f.attrs["n_structures"] = self._counts["structure"]
+        f.attrs["n_total_atoms"] = self._counts["atom"]
+        if self.r_max is not None:
+            f.attrs["r_max"] = float(self.r_max)
+            f.attrs["n_total_edges"] = self._counts["edge"]
+
+    def _create(self, labels: tuple[str, ...]) -> None:
+        specs = [(name, "atom" if per_atom else "structure", tail, dt) for name, (per_atom, tail, dt) in _SPEC.items()]
+        specs = [s for s in specs if s[0] in _REQUIRED or s[0] in labels]
+        if self.r_max is not None:
+            specs.append(("n_edges", "structure", (), np.int64))
+        if self.edges:
+            specs += [(name, "edge", tail, dt) for name, (tail, dt) in _EDGES.items()]
+        for name, kind, tail, dtype in specs:
+            self._file.create_dataset(
+                name,
+                shape=(0, *tail),
+                dtype=dtype,
+                maxshape=(None, *tail),
+                chunks=(_CHUNK_ROWS[kind], *tail),
+                compression=self.compression,
+                fletcher32=True,
+                track_times=False,
+            )
+        self._labels = labels
+
+    def append(self, structures: StructureSet, graphs: Sequence[NeighbourGraph] | None = None) -> None:
+        """Append a part (and, when the writer has ``r_max``, its neighbour graphs, ``graphs[k]`` of
+        ``structures[k]``, built with that cutoff).
+
+        Raises:
+          DataError: label presence differs from the first part's, graphs missing or not matching, a write failure.
+        """
+        s = structures
+        labels = _labels_of(s)
+        if self._labels is None:
+            with _h5_errors(self.path, "write"):
+                self._create(labels)
+        elif labels != self._labels:
+            raise DataError(
+                f"{self.path}: label mismatch: the file has {list(self._labels)}, a part has {list(labels)}"
+            )
+        if self.r_max is not None:
+            if graphs is None or len(graphs) != len(s):
+                raise DataError(f"{self.path}: the writer stores graphs (r_max={self.r_max}); give one per structure")
+            n_edges = np.array([g.n_edges for g in graphs], dtype=np.int64)
+        rows = {"structure": len(s), "atom": s.n_total_atoms, "edge": int(n_edges.sum()) if self.r_max else 0}
+        values: dict[str, np.ndarray] = {name: getattr(s, name) for name in (*_REQUIRED, *labels)}
+        if self.r_max is not None:
+            values["n_edges"] = n_edges
+        if self.edges:
+            cat = (lambda xs, shape: np.concatenate(xs)) if rows["edge"] else (lambda xs, shape: np.zeros(shape))
+            values["edge_senders"] = cat([g.senders for g in graphs], (0,))
+            values["edge_receivers"] = cat([g.receivers for g in graphs], (0,))
+            values["edge_shifts"] = cat([g.shifts for g in graphs], (0, 3))
+        with _h5_errors(self.path, "write"):
+            for name, value in values.items():
+                kind = _kind(name)
+                ds = self._file[name]
+                start = self._counts[kind]
+                ds.resize(start + rows[kind], axis=0)
+                ds[start:] = np.asarray(value, dtype=ds.dtype)
+            for kind, count in rows.items():
+                self._counts[kind] += count
+            self._commit_counts()
+
+    def close(self) -> Path:
+        """Commit: close the temporary file and move it over ``path``. Returns the path."""
+        if self._file.id.valid:
+            with _h5_errors(self.path, "write"):
+                if self._labels is None:
+                    self._create(())
+                self._file.close()
+        try:
+            os.replace(self._tmp, self.path)
+        except OSError as err:
+            self._tmp.unlink(missing_ok=True)
+            raise DataError(f"{self.path}: cannot move the finished file into place ({err})") from err
+        return self.path
+
+    def abort(self) -> None:
+        """Discard the temporary file; ``path`` stays as it was."""
+        if self._file.id.valid:
+            self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+
 class HDF5Dataset:
     """Lazy, chunked reader of a native HDF5 structure file: only requested structures are loaded.
 
@@ -335,10 +659,59 @@ class HDF5Dataset:
         offsets = np.concatenate([[0], np.cumsum(n_atoms)]).astype(np.int64)
         if offsets[-1] != n_total or (n and n_atoms.min() <= 0):
             self._file.close()
-            raise DataError(f"{self.path}: n_atoms does not add up to n_total_atoms={n_total} or has zeros")
+            bad = f" (structure {int(np.argmin(n_atoms))} has {int(n_atoms.min())})" if n and n_atoms.min() <= 0 else ""
+            raise DataError(f"{self.path}: n_atoms does not add up to n_total_atoms={n_total} or has zeros{bad}")
         self.n_atoms = n_atoms
         self.offsets = offsets
         self.labels: tuple[str, ...] = labels
+        #: cutoff (Å) of the stored edge counts and graphs, or None
+        self.r_max: float | None = None
+        #: ``[n]`` int64 edges of each structure within ``r_max`` (None without)
+        self.n_edges: np.ndarray | None = None
+        self.edge_offsets: np.ndarray | None = None
+        #: whether the edges themselves are stored (:meth:`read_graphs`)
+        self.has_graphs = False
+        try:
+            with _h5_errors(self.path, "read"):
+                self._check_graphs(n)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _check_graphs(self, n: int) -> None:
+        f = self._file
+        if "n_edges" not in f:
+            return
+        r_max, n_total_edges = f.attrs.get("r_max"), f.attrs.get("n_total_edges")
+        if not isinstance(r_max, float | np.floating) or not np.isfinite(r_max) or r_max <= 0:
+            raise DataError(f"{self.path}: the file has n_edges but no valid r_max attribute ({r_max!r})")
+        if not isinstance(n_total_edges, int | np.integer) or n_total_edges < 0:
+            raise DataError(
+                f"{self.path}: attribute n_total_edges must be a non-negative integer, got {n_total_edges!r}"
+            )
+        ds = f["n_edges"]
+        if ds.ndim != 1 or ds.dtype.kind not in "iu" or ds.shape[0] < n:
+            raise DataError(
+                f"{self.path}: dataset 'n_edges' has shape {ds.shape} / dtype {ds.dtype}, expected ({n},) ints"
+            )
+        n_edges = np.asarray(ds[:n], dtype=np.int64)
+        edge_offsets = np.concatenate([[0], np.cumsum(n_edges)]).astype(np.int64)
+        if edge_offsets[-1] != n_total_edges or (n and n_edges.min() < 0):
+            raise DataError(f"{self.path}: n_edges does not add up to n_total_edges={int(n_total_edges)}")
+        present = [name for name in _EDGES if name in f]
+        if present:
+            if len(present) != len(_EDGES):
+                raise DataError(f"{self.path}: incomplete neighbour graphs: only {present} of {list(_EDGES)}")
+            for name, (tail, _) in _EDGES.items():
+                d = f[name]
+                if d.shape[1:] != tail or d.dtype.kind not in "iu" or d.shape[0] < n_total_edges:
+                    raise DataError(
+                        f"{self.path}: dataset {name!r} has shape {d.shape}, expected ({n_total_edges}, *{tail})"
+                    )
+        self.r_max = float(r_max)
+        self.n_edges = n_edges
+        self.edge_offsets = edge_offsets
+        self.has_graphs = bool(present)
 
     # ------------------------------------------------------------------ basics
     def __len__(self) -> int:
@@ -365,7 +738,7 @@ class HDF5Dataset:
         """Structures ``a..b-1`` of each ``(a, b)`` run, concatenated in order."""
         f = self._file
         out: dict[str, np.ndarray | None] = {}
-        with _h5_errors(self.path, "read"):
+        with _h5_errors(self.path, f"read {_describe_runs(runs)} of"):
             for name in (*_REQUIRED, *_LABELS):
                 if name not in self.labels and name not in _REQUIRED:
                     out[name] = None
@@ -387,6 +760,64 @@ class HDF5Dataset:
         except DataError as err:
             raise DataError(f"{self.path}: bad data in file: {err}") from err
 
+    def _read_graph_runs(self, runs: Sequence[tuple[int, int]]) -> list[NeighbourGraph]:
+        """The stored neighbour graphs of the structures of each ``(a, b)`` run, in order."""
+        if not self.has_graphs:
+            raise DataError(f"{self.path}: the file holds no neighbour graphs (write it with equiforce preprocess)")
+        f, eo = self._file, self.edge_offsets
+        graphs = []
+        with _h5_errors(self.path, f"read the graphs of {_describe_runs(runs)} of"):
+            for a, b in runs:
+                lo, hi = int(eo[a]), int(eo[b])
+                arrays = [np.asarray(f[name][lo:hi], dtype=np.int32) for name in _EDGES]
+                for k in range(a, b):
+                    sl = slice(int(eo[k]) - lo, int(eo[k + 1]) - lo)
+                    graph = NeighbourGraph(*(x[sl] for x in arrays))
+                    n = int(self.n_atoms[k])
+                    if graph.n_edges and (
+                        min(graph.senders.min(), graph.receivers.min()) < 0
+                        or max(graph.senders.max(), graph.receivers.max()) >= n
+                    ):
+                        raise DataError(f"{self.path}: the graph of structure {k} names an atom outside its {n} atoms")
+                    graphs.append(graph)
+        return graphs
+
+    def _runs(
+        self, indices: Sequence[int] | np.ndarray | slice | None
+    ) -> tuple[list[tuple[int, int]], np.ndarray | None]:
+        """Sorted runs of distinct structures and how to reorder them into ``indices`` (None: in order)."""
+        n = len(self)
+        if indices is None:
+            return [(0, n)], None
+        if isinstance(indices, slice):
+            indices = np.arange(n)[indices]
+        idx = np.asarray(indices).reshape(-1)
+        if idx.size and not np.issubdtype(idx.dtype, np.integer):
+            raise DataError(f"indices must be integers, got dtype {idx.dtype}")
+        idx = idx.astype(np.int64)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"index out of range for {self.path} with {n} structures")
+        idx = np.where(idx < 0, idx + n, idx)
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        breaks = np.nonzero(np.diff(uniq) != 1)[0] + 1
+        runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(uniq, breaks) if r.size]
+        same = uniq.size == idx.size and np.array_equal(uniq, idx)
+        return runs, None if same else inverse.reshape(-1)
+
+    def read_graphs(self, indices: Sequence[int] | np.ndarray | slice | None = None) -> list[NeighbourGraph]:
+        """The stored neighbour graphs (cutoff :attr:`r_max`) of the structures at ``indices``, in that order.
+
+        Returns:
+          One :class:`~equiforce.data.neighbours.NeighbourGraph` per index (int32 senders, receivers, shifts).
+
+        Raises:
+          IndexError: an index is out of range.
+          DataError: the file holds no graphs, cannot be read, or a graph names an atom outside its structure.
+        """
+        runs, order = self._runs(indices)
+        graphs = self._read_graph_runs(runs)
+        return graphs if order is None else [graphs[i] for i in order]
+
     def read(self, indices: Sequence[int] | np.ndarray | slice | None = None) -> StructureSet:
         """Load the structures at ``indices`` (in that order; duplicates allowed), or all with None.
 
@@ -400,25 +831,9 @@ class HDF5Dataset:
           IndexError: an index is out of range.
           DataError: the file cannot be read or holds invalid data.
         """
-        n = len(self)
-        if indices is None:
-            return self._read_runs([(0, n)])
-        if isinstance(indices, slice):
-            indices = np.arange(n)[indices]
-        idx = np.asarray(indices).reshape(-1)
-        if idx.size and not np.issubdtype(idx.dtype, np.integer):
-            raise DataError(f"indices must be integers, got dtype {idx.dtype}")
-        idx = idx.astype(np.int64)
-        if idx.size and (idx.min() < -n or idx.max() >= n):
-            raise IndexError(f"index out of range for {self.path} with {n} structures")
-        idx = np.where(idx < 0, idx + n, idx)
-        uniq, inverse = np.unique(idx, return_inverse=True)
-        breaks = np.nonzero(np.diff(uniq) != 1)[0] + 1
-        runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(uniq, breaks) if r.size]
+        runs, order = self._runs(indices)
         s = self._read_runs(runs)
-        if uniq.size == idx.size and np.array_equal(uniq, idx):
-            return s
-        return s.subset(inverse.reshape(-1))
+        return s if order is None else s.subset(order)
 
     def iter_chunks(self, chunk_size: int, start: int = 0, stop: int | None = None) -> Iterator[StructureSet]:
         """Yield consecutive chunks of ``chunk_size`` structures (the last may be shorter).
@@ -431,6 +846,12 @@ class HDF5Dataset:
         stop = len(self) if stop is None else min(stop, len(self))
         for a in range(start, stop, chunk_size):
             yield self._read_runs([(a, min(a + chunk_size, stop))])
+
+
+def _describe_runs(runs: Sequence[tuple[int, int]]) -> str:
+    """``"structures 4-9, 12"`` for error messages (the first few runs)."""
+    parts = [f"{a}" if b == a + 1 else f"{a}-{b - 1}" for a, b in runs[:4]]
+    return "structures " + ", ".join(parts) + (", ..." if len(runs) > 4 else "")
 
 
 def read_hdf5(path: PathLike, indices: Sequence[int] | np.ndarray | slice | None = None) -> StructureSet:

@@ -55,6 +55,15 @@ class DataConfig:
         (``None``: all).
       test_size: evaluate only the first this many test structures (``None``: all).
       split_seed: seed of the validation split.
+      streaming: read the training set batch by batch from ``train``, a native HDF5 file (``equiforce
+        preprocess`` writes one, with neighbour graphs), in a background thread, instead of loading it: memory
+        stays flat however large the file. The batches, and so the loss curve, are those of the in-memory
+        path (the default, ``false``); the validation and test sets are still loaded into memory (give a
+        moderate ``valid`` file or ``valid_fraction`` for a very large ``train``).
+      prefetch_batches: with ``streaming``, how many batches the reading thread keeps ready.
+      statistics_size: with ``streaming``, the E0 fit, the force RMS and the post-training steps that need
+        training data (E0 re-fit, LLPR uncertainty) use a seeded random sample of this many training
+        structures (all of them when there are fewer), held in memory.
     """
 
     train: str = "sample:train"
@@ -66,6 +75,9 @@ class DataConfig:
     train_size: int | None = None
     test_size: int | None = None
     split_seed: int = 1
+    streaming: bool = False
+    prefetch_batches: int = 8
+    statistics_size: int = 10000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,6 +338,8 @@ class TrainConfig:
             raise ConfigError("optim.batch_size >= 1, optim.max_epochs >= 0 and optim.learning_rate > 0 required")
         if not 0.0 < self.data.valid_fraction < 1.0 and self.data.valid is None:
             raise ConfigError("data.valid_fraction must lie in (0, 1) when data.valid is not given")
+        if self.data.prefetch_batches < 1 or self.data.statistics_size < 1:
+            raise ConfigError("data.prefetch_batches and data.statistics_size must be >= 1")
         if self.model.r_max <= 0:
             raise ConfigError("model.r_max must be positive")
         if self.model.ensemble_size < 1:

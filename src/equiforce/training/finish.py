@@ -35,7 +35,7 @@ from equiforce.training.evaluate import Predictions, compute_metrics, predict
 
 if TYPE_CHECKING:
     from equiforce.data.graph import PaddingBudget
-    from equiforce.training.trainer import Datasets
+    from equiforce.training.data_source import Datasets
 
 __all__ = [
     "LoopOutcome",
@@ -406,7 +406,7 @@ def finish_training(
         "atomic_energies": e0_record,
         "dataset_statistics": loop.stats,
         "lineage": loop.lineage or [],
-        "n_train": len(data.train),
+        "n_train": data.train_size,
         "n_valid": len(data.valid),
         "n_test": None if data.test is None else len(data.test),
         "config": cfg.to_dict(),

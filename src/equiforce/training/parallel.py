@@ -172,17 +172,27 @@ class DataParallel:
         group: Sequence[int],
         dtype: Any,
         counts: np.ndarray | None = None,
+        *,
+        rows: Sequence[int] | None = None,
     ) -> tuple[Batch, jnp.ndarray | None]:
         """The global batch ``group`` as ``[D, ...]`` padded parts sharded over the devices, and the
         bootstrap weights ``[D, K, n_graphs]`` of each part (None without bootstrap).
 
-        Only this process's parts are collated and transferred; every process passes the same ``group``."""
-        parts = split_group(group, self.n_devices)
+        ``rows``: where ``group``'s structures are in ``structures`` and ``graphs`` (default: ``group``
+        itself; a streamed batch holds just its own structures). Only this process's parts are collated and
+        transferred; every process passes the same ``group``."""
+        rows = list(group) if rows is None else list(rows)
+        parts = split_group(range(len(rows)), self.n_devices)
         mine = [parts[i] for i, _ in self.local]
-        batch = self._assemble([collate(structures, graphs, part, self.budget, dtype) for part in mine])
+        batch = self._assemble(
+            [collate(structures, graphs, [rows[j] for j in part], self.budget, dtype) for part in mine]
+        )
         weights = None
         if counts is not None:
-            weights = self._assemble([batch_weights(counts, part, self.budget.n_graphs, dtype) for part in mine])
+            group = list(group)
+            weights = self._assemble(
+                [batch_weights(counts, [group[j] for j in part], self.budget.n_graphs, dtype) for part in mine]
+            )
         return batch, weights
 
     def make_train_step(

@@ -21,10 +21,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from equiforce.data.graph import Batch, batch_groups, collate, estimate_budget
-from equiforce.data.neighbours import NeighbourGraph, average_num_neighbours, build_neighbour_graphs
-from equiforce.data.readers import load_sample, read_structures
-from equiforce.data.splits import random_split
+from equiforce.data.graph import Batch, collate, estimate_budget
+from equiforce.data.neighbours import NeighbourGraph, average_num_neighbours
 from equiforce.data.statistics import compute_statistics
 from equiforce.data.structures import StructureSet
 from equiforce.potentials.model_io import atomic_write_bytes, save_model
@@ -34,13 +32,14 @@ from equiforce.training import distributed
 from equiforce.training.bootstrap import batch_weights, bootstrap_counts
 from equiforce.training.checkpoint import load_checkpoint, save_checkpoint
 from equiforce.training.config import ConfigError, TrainConfig
+from equiforce.training.data_source import Datasets, TrainingData, load_datasets, load_training_data
 from equiforce.training.evaluate import _predict_fn, compute_metrics, e0_sum, predict
-from equiforce.training.finetune import check_freeze_patterns, replay_structures, start_from_source
+from equiforce.training.finetune import check_freeze_patterns, start_from_source
 from equiforce.training.finish import (
     LoopOutcome,
     MDCheckFailedError,
     TrainResult,
-    _with_energy,
+    _with_energy,  # noqa: F401 (kept importable here)
     finish_training,
     format_metrics,
     refit_atomic_energies,
@@ -79,68 +78,25 @@ class TrainState(NamedTuple):
     step: jnp.ndarray
 
 
-@dataclasses.dataclass(frozen=True)
-class Datasets:
-    train: StructureSet
-    valid: StructureSet
-    test: StructureSet | None
+def build_potential(
+    cfg: TrainConfig,
+    train: StructureSet,
+    graphs: list[NeighbourGraph],
+    *,
+    species: tuple[int, ...] | None = None,
+    avg_num_neighbours: float | None = None,
+) -> tuple[Potential, dict]:
+    """The Potential for a training set: E0s (fitted or given), scale = force RMS, avg neighbours.
 
-
-# ---------------------------------------------------------------------------------------------- data
-def _read(cfg: TrainConfig, spec: str, size: int | None, fmt: str | None, energy_unit: str) -> StructureSet:
-    """A data set by its config spec (``sample:...`` or a path relative to the config) in ``fmt`` (None:
-    from the file name) and ``energy_unit``; the first ``size`` structures when given."""
-    if spec.startswith("sample:"):
-        s = load_sample(spec.split(":", 1)[1])
-    else:
-        kwargs = {} if energy_unit == "eV" else {"energy_unit": energy_unit}
-        s = read_structures(cfg.resolve_path(spec), format=fmt, **kwargs)
-    if size is not None:
-        if size > len(s):
-            raise ConfigError(f"asked for {size} structures from {spec}, which has only {len(s)}")
-        s = s.subset(np.arange(size))
-    return s
-
-
-def load_datasets(cfg: TrainConfig) -> Datasets:
-    """Read train/validation/test sets as the config says.
-
-    Without ``data.valid`` the validation set is a seeded random ``data.valid_fraction`` of the whole train
-    file (e.g. 950 + 50 of the 1000 frames of an rMD17 split file: ``valid_fraction: 0.05``);
-    ``data.train_size`` then keeps the first that many of the remaining training structures. Fine-tuning with replay
-    appends ``finetune.replay_fraction`` x that many structures of ``finetune.replay_data`` to the training set.
-    """
-    d = cfg.data
-    full = _read(cfg, d.train, None, d.format, d.energy_unit)
-    if d.valid is None:
-        n_valid = max(1, round(d.valid_fraction * len(full)))
-        train_idx, valid_idx = random_split(len(full), sizes=(len(full) - n_valid, n_valid), seed=d.split_seed)
-        train, valid = full.subset(train_idx), full.subset(valid_idx)
-    else:
-        train, valid = full, _read(cfg, d.valid, None, d.format, d.energy_unit)
-    if d.train_size is not None:
-        if d.train_size > len(train):
-            raise ConfigError(f"data.train_size={d.train_size} but only {len(train)} training structures")
-        train = train.subset(np.arange(d.train_size))
-    test = _read(cfg, d.test, d.test_size, d.format, d.energy_unit) if d.test else None
-    replay = replay_structures(cfg, len(train), lambda spec: _read(cfg, spec, None, cfg.finetune.replay_format, "eV"))
-    if replay is not None:  # fine-tuning with replay: part of the source's training data joins the new
-        train = StructureSet.concatenate([train, replay])
-    for name, s in (("train", train), ("valid", valid)):
-        if s.energy is None or s.forces is None:
-            raise ConfigError(f"the {name} set needs energy and forces labels")
-    return Datasets(train=train, valid=valid, test=test)
-
-
-def build_potential(cfg: TrainConfig, train: StructureSet, graphs: list[NeighbourGraph]) -> tuple[Potential, dict]:
-    """The Potential for a training set: E0s (fitted or given), scale = force RMS, avg neighbours."""
+    ``species`` (default: those of ``train``) and ``avg_num_neighbours`` (default: from ``train`` and
+    ``graphs``) are given when ``train`` is a sample of a streamed training set."""
     m = cfg.model
     model_cfg = config_from_dict({"name": m.name, **m.hyperparameters})
     e0s = m.atomic_energies
     if isinstance(e0s, dict):
         e0s = {int(k): float(v) for k, v in e0s.items()}
-    stats = compute_statistics(train, e0s)
-    avg_nn = average_num_neighbours(train, graphs)
+    stats = compute_statistics(train, e0s, species)
+    avg_nn = average_num_neighbours(train, graphs) if avg_num_neighbours is None else avg_num_neighbours
     stats = dataclasses.replace(stats, avg_num_neighbours=avg_nn)
     potential = Potential(
         model=model_cfg,
@@ -352,17 +308,40 @@ def _train_loop(
         resume = False
     t_start = time.perf_counter()
 
-    data = load_datasets(cfg)
-    r_max = cfg.model.r_max
-    train_graphs = build_neighbour_graphs(data.train, r_max)
-    valid_graphs = build_neighbour_graphs(data.valid, r_max)
+    td = load_training_data(cfg, log)
+    try:
+        return _train_with(cfg, td, resume, log, procs, out, ckpt_path, t_start)
+    finally:
+        td.close()
+
+
+def _train_with(
+    cfg: TrainConfig,
+    td: TrainingData,
+    resume: bool,
+    log: Callable[[str], None],
+    procs: distributed.Processes,
+    out: Any,
+    ckpt_path: Any,
+    t_start: float,
+) -> tuple[Callable[[], TrainResult], LoopOutcome, Any]:
+    """:func:`_train_loop` once the data are loaded."""
+    main = procs.is_main
+    data, train_graphs, valid_graphs = td.data, td.train_graphs, td.valid_graphs
     bs = cfg.optim.batch_size
     budget = estimate_budget(
-        np.concatenate([data.train.n_atoms, data.valid.n_atoms]),
-        [g.n_edges for g in train_graphs + valid_graphs],
+        np.concatenate([td.n_atoms, data.valid.n_atoms]),
+        np.concatenate([td.n_edges, [g.n_edges for g in valid_graphs]]).astype(np.int64),
         bs,
     )
-    potential, stats = build_potential(cfg, data.train, train_graphs)
+    streamed = td.stream is not None
+    potential, stats = build_potential(
+        cfg,
+        data.train,
+        train_graphs,
+        species=td.species,
+        avg_num_neighbours=td.avg_num_neighbours if streamed else None,
+    )
     start_params, lineage = None, None
     if cfg.model.init_from is not None:  # fine-tuning: the source's architecture and weights
         potential, start_params, lineage = start_from_source(cfg, data.train, log)
@@ -374,7 +353,7 @@ def _train_loop(
     sets = [data.train, data.valid] + ([data.test] if data.test is not None else [])
     periodic = any(bool(np.any(np.all(s.pbc, axis=-1))) for s in sets)  # evaluate stress where it exists
 
-    steps_per_epoch = math.ceil(len(data.train) / bs)
+    steps_per_epoch = math.ceil(td.n_train / bs)
     optimizer = make_optimizer(cfg.optim, steps_per_epoch, cfg.finetune)
     if potential.ensemble_size > 1:
         optimizer = member_wise(optimizer)
@@ -416,7 +395,7 @@ def _train_loop(
     committee = f" x {potential.ensemble_size} committee members" if potential.ensemble_size > 1 else ""
     log(
         f"equiforce train: {cfg.model.name} ({n_params:,} parameters{committee}, {cfg.model.dtype}), "
-        f"{len(data.train)} train / {len(data.valid)} valid structures, species {list(potential.species)}, "
+        f"{td.n_train} train / {len(data.valid)} valid structures, species {list(potential.species)}, "
         f"avg neighbours {stats['avg_num_neighbours']:.2f}, force RMS {stats['force_rms']:.3f} eV/Å, "
         f"budget {budget.n_nodes} nodes / {budget.n_edges} edges / {budget.n_graphs} graphs"
     )
@@ -427,7 +406,7 @@ def _train_loop(
         {
             "config": {k: v for k, v in cfg.to_dict().items() if k not in ("parallel", "base_dir")},
             "output folder": str(out),
-            "training data": [data.train.n_atoms, data.train.positions, data.train.energy],
+            "training data": [td.n_atoms, td.n_edges, data.train.positions, data.train.energy],
             "validation data": [data.valid.n_atoms, data.valid.positions, data.valid.energy],
             "resume point": [resume, host["epoch"], host["batch_in_epoch"]],
             "devices": [d.id for d in devices],
@@ -435,7 +414,7 @@ def _train_loop(
     )
     dp = None
     if len(devices) > 1:  # the global batch split over the devices, parameters replicated
-        dp = DataParallel(devices, data.train.n_atoms, [g.n_edges for g in train_graphs], bs)
+        dp = DataParallel(devices, td.n_atoms, td.n_edges, bs)
         log(dp.describe(bs))
         step_fn = dp.make_train_step(
             make_loss_terms_fn(potential, cfg, use_stress),
@@ -450,12 +429,19 @@ def _train_loop(
         step_fn = make_train_step(potential, cfg, optimizer, use_stress)
     counts = None
     if cfg.model.bootstrap:  # bagging: member k's structure counts, the same on resume (drawn from the seed)
-        counts = bootstrap_counts(len(data.train), potential.ensemble_size, cfg.seed)
+        counts = bootstrap_counts(td.n_train, potential.ensemble_size, cfg.seed)
         log(
-            f"bootstrap: each member trains on a resample of the {len(data.train)} training structures "
+            f"bootstrap: each member trains on a resample of the {td.n_train} training structures "
             f"({np.mean(counts > 0):.0%} distinct on average)"
         )
-    train_res = _with_energy(data.train, data.train.energy - e0_sum(potential, data.train))
+
+    def make_batch(group: list[int], s: StructureSet, graphs: list[NeighbourGraph], rows: list[int]):
+        """One padded batch of training-set indices ``group`` (held at ``rows`` of ``s``), on the device(s)."""
+        if dp is not None:
+            return dp.batch(s, graphs, group, dtype, counts, rows=rows)
+        batch = jax.tree.map(jnp.asarray, collate(s, graphs, rows, budget, dtype))
+        return batch, None if counts is None else batch_weights(counts, group, budget.n_graphs, dtype)
+
     dtype = np.dtype(cfg.model.dtype)
     predict_fn = None
     budget_s = None if cfg.optim.time_budget_minutes is None else 60.0 * cfg.optim.time_budget_minutes
@@ -478,8 +464,15 @@ def _train_loop(
     try:
         while host["epoch"] < cfg.optim.max_epochs:
             epoch = host["epoch"]
-            groups = batch_groups(train_res, train_graphs, bs, budget, shuffle=True, seed=_epoch_seed(cfg.seed, epoch))
             skip = host["batch_in_epoch"]
+            batches = td.epoch(
+                bs,
+                budget,
+                make_batch,
+                seed=_epoch_seed(cfg.seed, epoch),
+                start=skip,
+                energy_shift=lambda s: e0_sum(potential, s),
+            )
             bar = tqdm(
                 total=steps_per_epoch,
                 initial=skip,
@@ -494,31 +487,28 @@ def _train_loop(
             ]
             out_of_time = False
             t_epoch = time.perf_counter()
-            for i, group in enumerate(groups):
-                if i < skip:
-                    continue
-                t0 = time.perf_counter()
-                if dp is not None:
-                    batch, weights = dp.batch(train_res, train_graphs, group, dtype, counts)
-                else:
-                    batch = jax.tree.map(jnp.asarray, collate(train_res, train_graphs, group, budget, dtype))
-                    weights = None if counts is None else batch_weights(counts, group, budget.n_graphs, dtype)
-                state, losses = step_fn(state, batch, weights)
-                if dp is not None:  # replicated over the mesh: this process's copy
-                    losses = dp.to_local(losses)
-                if compile_s is None:
-                    jax.block_until_ready(losses)
-                    compile_s = time.perf_counter() - t0
-                    log(f"first training step (compilation included): {compile_s:.1f} s")
-                sums = [s + v for s, v in zip(sums, losses, strict=False)]
-                host["batch_in_epoch"] = i + 1
-                bar.update(1)
-                if (i + 1) % 10 == 0:
-                    bar.set_postfix(loss=f"{float(losses[0]):.4g}")
-                # every process stops at the same step: when any one is out of time
-                if budget_s is not None and distributed.any_process(procs, elapsed() > budget_s):
-                    out_of_time = True
-                    break
+            try:
+                for i, (batch, weights) in enumerate(batches, start=skip):
+                    t0 = time.perf_counter()
+                    state, losses = step_fn(state, batch, weights)
+                    if dp is not None:  # replicated over the mesh: this process's copy
+                        losses = dp.to_local(losses)
+                    if compile_s is None:
+                        jax.block_until_ready(losses)
+                        compile_s = time.perf_counter() - t0
+                        log(f"first training step (compilation included): {compile_s:.1f} s")
+                    sums = [s + v for s, v in zip(sums, losses, strict=False)]
+                    host["batch_in_epoch"] = i + 1
+                    bar.update(1)
+                    if (i + 1) % 10 == 0:
+                        bar.set_postfix(loss=f"{float(losses[0]):.4g}")
+                    # every process stops at the same step: when any one is out of time
+                    if budget_s is not None and distributed.any_process(procs, elapsed() > budget_s):
+                        out_of_time = True
+                        break
+            finally:
+                if hasattr(batches, "close"):  # the reading thread of a streamed epoch
+                    batches.close()
             bar.close()
             host["epoch_loss_sum"] = [float(s) for s in sums]
             sums = None
