@@ -571,9 +571,15 @@ class HDF5Writer:
             )
         self._labels = labels
 
-    def append(self, structures: StructureSet, graphs: Sequence[NeighbourGraph] | None = None) -> None:
+    def append(
+        self,
+        structures: StructureSet,
+        graphs: Sequence[NeighbourGraph] | None = None,
+        n_edges: np.ndarray | None = None,
+    ) -> None:
         """Append a part (and, when the writer has ``r_max``, its neighbour graphs, ``graphs[k]`` of
-        ``structures[k]``, built with that cutoff).
+        ``structures[k]``, built with that cutoff; a writer with ``edges=False`` may take their edge counts
+        ``n_edges`` instead).
 
         Raises:
           DataError: label presence differs from the first part's, graphs missing or not matching, a write failure.
@@ -588,9 +594,11 @@ class HDF5Writer:
                 f"{self.path}: label mismatch: the file has {list(self._labels)}, a part has {list(labels)}"
             )
         if self.r_max is not None:
-            if graphs is None or len(graphs) != len(s):
+            if graphs is not None and len(graphs) == len(s):
+                n_edges = np.array([g.n_edges for g in graphs], dtype=np.int64)
+            elif self.edges or n_edges is None or np.shape(n_edges) != (len(s),):
                 raise DataError(f"{self.path}: the writer stores graphs (r_max={self.r_max}); give one per structure")
-            n_edges = np.array([g.n_edges for g in graphs], dtype=np.int64)
+            n_edges = np.asarray(n_edges, dtype=np.int64)
         rows = {"structure": len(s), "atom": s.n_total_atoms, "edge": int(n_edges.sum()) if self.r_max else 0}
         values: dict[str, np.ndarray] = {name: getattr(s, name) for name in (*_REQUIRED, *labels)}
         if self.r_max is not None:

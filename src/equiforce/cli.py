@@ -10,6 +10,8 @@
                  [--no-progress] [--uncertainty-threshold S [--uncertainty-action record|stop]]
     equiforce md --repair traj.h5
     equiforce info MODEL.eqf
+    equiforce preprocess INPUT [INPUT ...] OUT.h5 --r-max R [--format F] [--energy-unit U] [--chunk-size 1000]
+                 [--workers N] [--no-edges] [--compression lzf|gzip|none] [--overwrite]
     equiforce benchmark rmd17 [--molecules aspirin ethanol] [--models mace nequip ...] [--split 1]
                  [--budget-minutes 30] [--size cpu|paper] [--data-dir DIR] [--out DIR]
     equiforce benchmark materials DATA [DATA ...] [--names N ...] [--models mace nequip] [--budget-minutes 15]
@@ -57,6 +59,28 @@ def _read_data(spec: str, fmt: str | None = None, energy_unit: str = "eV"):
         return load_sample(spec.split(":", 1)[1])
     kwargs = {} if energy_unit == "eV" else {"energy_unit": energy_unit}
     return read_structures(spec, format=fmt, **kwargs)
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from equiforce.data.preprocess import preprocess
+
+    if len(args.files) < 2:
+        raise ValueError("preprocess needs INPUT [INPUT ...] OUT.h5")
+    *inputs, out = args.files
+    preprocess(
+        inputs,
+        out,
+        args.r_max,
+        format=args.format,
+        energy_unit=args.energy_unit,
+        chunk_size=args.chunk_size,
+        workers=args.workers,
+        edges=not args.no_edges,
+        compression=None if args.compression == "none" else args.compression,
+        overwrite=args.overwrite,
+        log=print,
+    )
+    return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -427,6 +451,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.max_epochs=10")
     p.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/last.ckpt")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "preprocess",
+        help="convert structure files into the native HDF5 format with neighbour graphs (for data.streaming)",
+        description="Convert extxyz / npz / ASE db / ... files into one native HDF5 file with neighbour graphs "
+        "within --r-max, in parallel over cores. An interrupted run continues where it stopped when the same "
+        "command is run again; the output appears (atomically) only when complete.",
+    )
+    p.add_argument("files", nargs="+", metavar="INPUT [INPUT ...] OUT.h5", help="input files, then the output file")
+    p.add_argument("--r-max", type=float, required=True, help="cutoff of the neighbour graphs, Å (model.r_max)")
+    p.add_argument("--format", default=None, help="force a reader (rmd17, md17, nequip, hdf5, or an ase format)")
+    p.add_argument("--energy-unit", default="eV", help="energy unit of the inputs where the format does not fix it")
+    p.add_argument("--chunk-size", type=int, default=1000, help="structures per part (unit of work and of resuming)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
+    p.add_argument("--no-edges", action="store_true", help="store only edge counts, not the edges (smaller file)")
+    p.add_argument("--compression", default="lzf", choices=["lzf", "gzip", "none"], help="lossless HDF5 filter")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=_cmd_preprocess)
 
     p = sub.add_parser("evaluate", help="energy/force errors of a model on a labelled data file")
     p.add_argument("model", help="model file (.eqf)")
