@@ -19,7 +19,7 @@ import pytest
 from equiforce.data.graph import batch_iterator, collate, estimate_budget
 from equiforce.data.neighbours import build_neighbour_graphs
 from equiforce.potentials.model_io import load_model, read_header
-from equiforce.training import finish, trainer
+from equiforce.training import data_source, finish, trainer
 from equiforce.training.bootstrap import batch_weights, bootstrap_counts
 from equiforce.training.checkpoint import load_checkpoint
 from equiforce.training.config import ConfigError, load_config
@@ -479,7 +479,7 @@ def test_a_weighted_batch_is_the_batch_with_structures_repeated(tmp_path):
 def test_bootstrap_training_gives_each_member_its_resample(tmp_path, monkeypatch):
     """Over an epoch each member's weights add up to its resample's counts, structure by structure."""
     spy, groups = _StepSpy(), []
-    real_groups = trainer.batch_groups
+    real_groups = data_source.batch_groups
 
     def recording_groups(*args, **kwargs):
         for g in real_groups(*args, **kwargs):
@@ -487,7 +487,7 @@ def test_bootstrap_training_gives_each_member_its_resample(tmp_path, monkeypatch
             yield g
 
     monkeypatch.setattr(trainer, "make_train_step", spy)
-    monkeypatch.setattr(trainer, "batch_groups", recording_groups)
+    monkeypatch.setattr(data_source, "batch_groups", recording_groups)
     cfg = _cfg(tmp_path, "model.ensemble_size=2", "model.bootstrap=true", "optim.max_epochs=1")
     result = train(cfg, log=_quiet)
     assert result.potential.ensemble_size == 2
