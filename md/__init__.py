@@ -2,6 +2,8 @@
 
 * :func:`run_md` — one call: model file + structure → jit-compiled NVE/NVT run, H5MD trajectory,
   thermo CSV, exact restart.
+* :func:`run_replicas` — many structures in one jit-compiled program sharded over the devices (``run_md``
+  given a list calls it): per-replica thermostats, seeds, trajectories and blow-up handling.
 * :class:`MDEngine`, :func:`make_system` — the lower-level pieces (jax-md space, neighbour list, chunks).
 * :class:`EquiforceCalculator` — an ASE calculator for any ASE workflow.
 * :class:`UncertaintyMonitor` — what a run does when σ_F crosses ``uncertainty_threshold`` (record / stop).
@@ -9,6 +11,7 @@
 
 from equiforce.md.calculator import EquiforceCalculator, bucket_size
 from equiforce.md.engine import ENSEMBLES, MDBlowUpError, MDConfig, MDEngine, ThermoFrame, UncertaintyCrossing
+from equiforce.md.replicas import ReplicaEngine, ReplicaResult, ReplicasResult, run_replicas
 from equiforce.md.reporters import (
     ASE_VELOCITY_TO_A_PER_PS,
     H5MDWriter,
@@ -31,6 +34,9 @@ __all__ = [
     "MDEngine",
     "MDResult",
     "MDSystem",
+    "ReplicaEngine",
+    "ReplicaResult",
+    "ReplicasResult",
     "ThermoFrame",
     "ThermoLog",
     "UncertaintyCrossing",
@@ -44,4 +50,5 @@ __all__ = [
     "read_restart_state",
     "repair_h5md",
     "run_md",
+    "run_replicas",
 ]

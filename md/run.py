@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from equiforce.data.errors import DataError
 from equiforce.md.engine import MDBlowUpError, MDConfig, MDEngine, ThermoFrame
 from equiforce.md.outputs import RunOutputs, restore_state
+from equiforce.md.replicas import ReplicasResult, run_replicas
 from equiforce.md.reporters import read_h5md, read_restart_state
 from equiforce.md.system import make_system
 from equiforce.md.uncertainty_monitor import UncertaintyMonitor, uncertain_frames_path
@@ -153,8 +154,13 @@ def run_md(
     uncertainty_min_spacing: int = 100,
     uncertain_frames: str | Path | None = None,
     log: Callable[[str], None] | None = None,
-) -> MDResult:
+) -> MDResult | ReplicasResult:
     """Run MD of ``atoms`` with a trained potential.
+
+    Given a list of structures, runs them as replicas in one jit-compiled program sharded over the devices and
+    returns a :class:`~equiforce.md.replicas.ReplicasResult` (see :func:`~equiforce.md.replicas.run_replicas`:
+    ``temperature_K``, ``friction_per_ps`` and ``seed`` may then be given per replica, ``trajectory`` and
+    ``thermo`` name one file per replica; restart, Nosé–Hoover, NPT and uncertainty options are not supported).
 
     A new run writes the starting structure as frame 0 (step 0), then one frame per chunk of
     ``report_interval`` steps, to the trajectory and thermo files.
@@ -220,6 +226,37 @@ def run_md(
         for a potential without an uncertainty, an unknown ``uncertainty_action``.
     """
     log = log or tqdm.write
+    if isinstance(atoms, (list, tuple)):  # many replicas in one program
+        given = {
+            "restart": restart,
+            "more_steps": more_steps is not None,
+            "thermostat_tau_fs": thermostat_tau_fs is not None,
+            "pressure_GPa": pressure_GPa != 0.0,
+            "barostat_tau_fs": barostat_tau_fs is not None,
+            "uncertainty_threshold": uncertainty_threshold is not None,
+            "uncertain_frames": uncertain_frames is not None,
+        }
+        if any(given.values()):
+            raise ValueError(f"{[k for k, v in given.items() if v]} not supported with a list of structures (replicas)")
+        return run_replicas(
+            model,
+            atoms,
+            ensemble=ensemble,
+            temperature_K=temperature_K,
+            timestep_fs=timestep_fs,
+            steps=steps,
+            report_interval=report_interval,
+            friction_per_ps=friction_per_ps,
+            skin=skin,
+            seed=seed,
+            trajectory=trajectory,
+            thermo=thermo,
+            write_forces=write_forces,
+            progress=progress,
+            max_temperature_K=max_temperature_K,
+            precision=precision,
+            log=log,
+        )
     if more_steps is not None and not restart:
         raise ValueError("more_steps needs restart=True (a new run takes its length from steps)")
     potential, params = load_potential(model)
