@@ -201,7 +201,8 @@ def main() -> None:
     results["rss_ratio_large_over_small"] = g["peak_rss_MB"] / s["peak_rss_MB"]
     for name in ("small", "large"):
         r = results[name]
-        r["pipeline_over_step"] = r["pipeline_batches_per_s"] * r["step_median_s"]
+        if r["step_median_s"]:  # batches the pipeline delivers in the time of one training step
+            r["pipeline_over_step"] = r["pipeline_batches_per_s"] * r["step_median_s"]
     (root / "results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
 

@@ -1,7 +1,7 @@
 """Training data larger than memory: batches read from a native HDF5 file on demand, in a background thread.
 
-:class:`HDF5Stream` holds only the sizes of the structures it streams (``n_atoms`` and ``n_edges``, 16 bytes
-per structure, plus the file's offsets, 16 more); every batch is read from the file when it is needed. The
+:class:`HDF5Stream` holds only the sizes and file offsets of the structures it streams (about 64 bytes per
+structure with the row map and the reader's offsets); every batch is read from the file when it is needed. The
 batches of an epoch are exactly those of the in-memory path, :func:`~equiforce.data.graph.batch_groups`
 (the same seeded permutation, the same greedy packing to the same padding budget, see
 :func:`~equiforce.data.graph.plan_batches`), so a streamed run's loss curve is the in-memory run's. Each

@@ -7,7 +7,7 @@ padding budget and the batch plan), the in-memory sets the statistics and the po
 (the same seeded permutation and packing), so a streamed run reproduces the in-memory run's loss curve and
 resumes exactly where it stopped.
 
-Streaming keeps memory flat as the training set grows: only 32 bytes per training structure (sizes and file
+Streaming keeps memory flat as the training set grows: only about 64 bytes per training structure (sizes, file
 offsets) stay in memory, and the batches are read a few ahead by a background thread. In memory stay: the
 validation and test sets, and the *statistics sample*, a seeded random ``data.statistics_size`` training
 structures (all of them when there are fewer) from which the E0s and force RMS are fitted and on which the
