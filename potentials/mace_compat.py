@@ -107,22 +107,23 @@ class MACECompatConfig(ModelConfig):
         shift as mace-torch does.
       zbl_a: ``(prefactor, exponent)`` of the ZBL screening length a = prefactor · 0.529 Å / (Z_i^exponent +
         Z_j^exponent) (mace-torch's 0.4543, 0.300).
-      atomic_numbers: the atomic number of each species index (the potential's ``species``), needed by the
-        ZBL repulsion and the Agnesi transform; empty otherwise.
-      covalent_radii: covalent radius (Å) of each species index for ZBL (its cutoff is the sum of the pair's
-        radii) and Agnesi (r0 = their mean); empty: ASE's ``covalent_radii`` of ``atomic_numbers``.
+      covalent_radii: ``(Z, radius Å)`` pairs: the covalent radii of ZBL (its cutoff is the sum of the pair's
+        radii) and Agnesi (r0 = their mean), as the imported model holds them; elements not listed (all, when
+        empty; a species added by fine-tuning) take ASE's ``covalent_radii``. The elements themselves are the
+        potential's species (the model is built with them, see ``uses_atomic_numbers``).
       activation_scale: the constant multiplying SiLU in the radial MLP and the nonlinear readout
         (e3nn-torch's ``normalize2mom``, see :data:`TORCH_SILU_SCALE`).
       edge_chunk_size: edges in blocks of this many (a compute setting, as
         :attr:`equiforce.potentials.mace.MACEConfig.edge_chunk_size`; None: chosen per device).
 
     Raises:
-      ValueError: on a value outside the ranges above, or ZBL / Agnesi without ``atomic_numbers``.
+      ValueError: on a value outside the ranges above.
     """
 
     name: ClassVar[str] = "mace_compat"
     last_layer: ClassVar[tuple[str, ...]] = (r"params/interaction_\d+/readout/kernel",)
     isolated_atom_reference: ClassVar[bool] = False
+    uses_atomic_numbers: ClassVar[bool] = True
 
     num_interactions: int = 2
     num_features: int = 128
@@ -139,14 +140,14 @@ class MACECompatConfig(ModelConfig):
     agnesi: tuple[float, float, float] = (0.9183, 4.5791, 1.0805)
     pair_repulsion: bool = False
     zbl_a: tuple[float, float] = (0.4543, 0.300)
-    atomic_numbers: tuple[int, ...] = ()
-    covalent_radii: tuple[float, ...] = ()
+    covalent_radii: tuple[tuple[int, float], ...] = ()
     activation_scale: float = TORCH_SILU_SCALE
     edge_chunk_size: int | None = field(default=None)
 
     def __post_init__(self) -> None:
-        for name in ("radial_mlp", "agnesi", "zbl_a", "atomic_numbers", "covalent_radii"):
+        for name in ("radial_mlp", "agnesi", "zbl_a"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "covalent_radii", tuple((int(z), float(r)) for z, r in self.covalent_radii))
         if not isinstance(self.correlation, int):
             object.__setattr__(self, "correlation", tuple(int(c) for c in self.correlation))
         if self.num_interactions < 1:
@@ -171,10 +172,8 @@ class MACECompatConfig(ModelConfig):
             raise ValueError(f"distance_transform must be 'none' or 'agnesi', got {self.distance_transform!r}")
         if len(self.agnesi) != 3 or len(self.zbl_a) != 2:
             raise ValueError("agnesi needs (q, p, a) and zbl_a (prefactor, exponent)")
-        if (self.pair_repulsion or self.distance_transform == "agnesi") and not self.atomic_numbers:
-            raise ValueError("pair_repulsion and the Agnesi transform need the atomic_numbers of the species")
-        if self.covalent_radii and len(self.covalent_radii) != len(self.atomic_numbers):
-            raise ValueError("covalent_radii needs one radius per entry of atomic_numbers")
+        if any(not 0 < z < 119 or not r > 0 for z, r in self.covalent_radii):
+            raise ValueError(f"covalent_radii needs (Z in 1..118, radius > 0) pairs, got {self.covalent_radii}")
         if not self.activation_scale > 0:
             raise ValueError(f"activation_scale must be positive, got {self.activation_scale}")
         if self.edge_chunk_size is not None and self.edge_chunk_size < 0:
@@ -187,20 +186,25 @@ class MACECompatConfig(ModelConfig):
             return (self.correlation,) * self.num_interactions
         return self.correlation
 
-    def radii(self) -> np.ndarray:
-        """``[num_species]`` covalent radii (Å) of the species (:attr:`covalent_radii` or ASE's)."""
-        if self.covalent_radii:
-            return np.asarray(self.covalent_radii, np.float64)
+    def radii(self, atomic_numbers: tuple[int, ...]) -> np.ndarray:
+        """``[len(atomic_numbers)]`` covalent radii (Å): :attr:`covalent_radii` where listed, else ASE's."""
         from ase.data import covalent_radii
 
-        return np.asarray(covalent_radii[list(self.atomic_numbers)], np.float64)
+        given = dict(self.covalent_radii)
+        return np.array([given.get(int(z), covalent_radii[int(z)]) for z in atomic_numbers], np.float64)
 
-    def build(self, *, num_species: int, r_max: float, avg_num_neighbours: float) -> nn.Module:
-        if self.atomic_numbers and len(self.atomic_numbers) != num_species:
-            raise ValueError(
-                f"the model's atomic_numbers {self.atomic_numbers} do not match the potential's {num_species} species"
-            )
-        return MACECompat(config=self, num_species=num_species, r_max=r_max, avg_num_neighbours=avg_num_neighbours)
+    def build(
+        self, *, num_species: int, r_max: float, avg_num_neighbours: float, atomic_numbers: tuple[int, ...] = ()
+    ) -> nn.Module:
+        if len(atomic_numbers) != num_species:
+            raise ValueError(f"mace_compat is built with the atomic numbers of its {num_species} species")
+        return MACECompat(
+            config=self,
+            num_species=num_species,
+            r_max=r_max,
+            avg_num_neighbours=avg_num_neighbours,
+            atomic_numbers=tuple(int(z) for z in atomic_numbers),
+        )
 
 
 class TorchMLP(nn.Module):
@@ -366,6 +370,7 @@ class MACECompat(nn.Module):
     num_species: int
     r_max: float
     avg_num_neighbours: float
+    atomic_numbers: tuple[int, ...]  # of each species index (the potential's species)
 
     @nn.compact
     def __call__(
@@ -384,7 +389,7 @@ class MACECompat(nn.Module):
         lengths = edge_lengths(vectors, edge_mask)
         mask = edge_mask.astype(dtype)
         envelope = polynomial_envelope(lengths / self.r_max, cfg.envelope_p) * mask
-        radii = jnp.asarray(cfg.radii(), dtype) if cfg.atomic_numbers else None
+        radii = jnp.asarray(cfg.radii(self.atomic_numbers), dtype)
         bessel_input = lengths
         if cfg.distance_transform == "agnesi":
             q, p, a = cfg.agnesi
@@ -403,7 +408,7 @@ class MACECompat(nn.Module):
 
         total = jnp.zeros((n_nodes,), dtype)
         if cfg.pair_repulsion:
-            z = jnp.asarray(cfg.atomic_numbers, dtype)
+            z = jnp.asarray(self.atomic_numbers, dtype)
             zs, zr = z[species[senders]], z[species[receivers]]
             r_cut = radii[species[senders]] + radii[species[receivers]]
             pair = 0.5 * zbl_pair_energy(lengths, zs, zr, r_cut, cfg.envelope_p, cfg.zbl_a) * mask

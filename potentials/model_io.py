@@ -206,7 +206,7 @@ def _type_error(value: Any, hint: Any) -> str | None:
     """Why ``value`` (decoded JSON) does not fit the type hint ``hint``, or None when it does.
 
     Numbers must be finite; a bool is not a number. Hints other than None, bool, int, float, str,
-    ``X | Y`` and ``tuple[X, ...]``/``list[X]`` are not checked here.
+    ``X | Y``, ``tuple[X, ...]``/``list[X]`` and fixed-length ``tuple[X, Y]`` are not checked here.
     """
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -227,8 +227,14 @@ def _type_error(value: Any, hint: Any) -> str | None:
     if origin in (tuple, list):
         if not isinstance(value, list | tuple):
             return f"{value!r} is not a list"
-        item = typing.get_args(hint)[0] if typing.get_args(hint) else Any
-        for k, v in enumerate(value):
+        args = typing.get_args(hint)
+        if origin is tuple and args and args[-1] is not Ellipsis:  # fixed length: tuple[int, float]
+            if len(value) != len(args):
+                return f"{value!r} does not have {len(args)} items"
+            items = list(args)
+        else:
+            items = [args[0] if args else Any] * len(value)
+        for k, (v, item) in enumerate(zip(value, items, strict=True)):
             reason = _type_error(v, item)
             if reason is not None:
                 return f"item {k}: {reason}"

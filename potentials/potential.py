@@ -129,8 +129,9 @@ class Potential:
     # ------------------------------------------------------------------ construction
     @cached_property
     def module(self) -> nn.Module:
+        extra = {"atomic_numbers": self.species} if self.model.uses_atomic_numbers else {}
         return self.model.build(
-            num_species=len(self.species), r_max=float(self.r_max), avg_num_neighbours=self.avg_num_neighbours
+            num_species=len(self.species), r_max=float(self.r_max), avg_num_neighbours=self.avg_num_neighbours, **extra
         )
 
     @property

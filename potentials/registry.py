@@ -42,6 +42,9 @@ class ModelConfig:
     #: isolated atom has exactly E0 + shift). False for models that reproduce another code's energies exactly
     #: (:class:`~equiforce.potentials.mace_compat.MACECompatConfig`: mace-torch has no such reference).
     isolated_atom_reference: ClassVar[bool] = True
+    #: ``build`` also takes ``atomic_numbers`` (the potential's species, one per species index), for models with
+    #: element-specific physics (ZBL repulsion, covalent radii)
+    uses_atomic_numbers: ClassVar[bool] = False
 
     def build(self, *, num_species: int, r_max: float, avg_num_neighbours: float) -> nn.Module:
         raise NotImplementedError

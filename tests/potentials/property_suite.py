@@ -113,7 +113,7 @@ MODEL_TEST_CASES: dict[str, ModelTestCase] = {
             density_normalization=True,
             distance_transform="agnesi",
             pair_repulsion=True,
-            atomic_numbers=(1, 6, 8),
+            covalent_radii=((6, 0.8),),  # one radius given (as an import does), the others ASE's
         )
     ),
     "nequip": ModelTestCase(NequIPConfig(num_interactions=2, num_features=4, l_max=2, radial_mlp_hidden=16)),

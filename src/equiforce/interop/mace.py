@@ -328,11 +328,12 @@ def convert_mace(
             raise MaceImportError("trained Bessel frequencies are not supported (mace-torch's default is fixed)")
 
     agnesi = (0.9183, 4.5791, 1.0805)
-    radii: tuple[float, ...] = ()
+    radii: tuple[tuple[int, float], ...] = ()
     if str(h["distance_transform"]) == "Agnesi":
         prefix = "radial_embedding.distance_transform"
         agnesi = tuple(float(take(f"{prefix}.{k}")) for k in ("q", "p", "a"))
-        radii = tuple(float(r) for r in take(f"{prefix}.covalent_radii")[species])
+        table = take(f"{prefix}.covalent_radii")
+        radii = tuple((z, float(table[z])) for z in species)
     zbl_a = (0.4543, 0.300)
     if h["pair_repulsion"]:
         zbl_a = (float(take("pair_repulsion_fn.a_prefactor")), float(take("pair_repulsion_fn.a_exp")))
@@ -341,8 +342,9 @@ def convert_mace(
 
         if not np.allclose(c, [ck for ck, _ in ZBL_COEFFICIENTS], rtol=1e-6):
             raise MaceImportError(f"ZBL coefficients {c} differ from mace-torch's fixed ones")
-        zbl_radii = tuple(float(r) for r in take("pair_repulsion_fn.covalent_radii")[species])
-        if radii and not np.allclose(radii, zbl_radii):
+        table = take("pair_repulsion_fn.covalent_radii")
+        zbl_radii = tuple((z, float(table[z])) for z in species)
+        if radii and not np.allclose([r for _, r in radii], [r for _, r in zbl_radii]):
             raise MaceImportError("the ZBL and Agnesi covalent radii differ")
         radii = zbl_radii
 
@@ -362,7 +364,6 @@ def convert_mace(
         agnesi=agnesi,
         pair_repulsion=bool(h["pair_repulsion"]),
         zbl_a=zbl_a,
-        atomic_numbers=tuple(species) if radii else (),
         covalent_radii=radii,
         activation_scale=float(h["activation_scale"]),
     )
