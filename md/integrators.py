@@ -95,18 +95,9 @@ def nve_step_fn(value_and_force: ValueAndForce, shift_fn: Callable, dt: float) -
 
 
 def langevin_step_fn(
-    value_and_force: ValueAndForce,
-    shift_fn: Callable,
-    dt: float,
-    kT: float,
-    gamma: float,
-    atom_mask: jnp.ndarray | None = None,
+    value_and_force: ValueAndForce, shift_fn: Callable, dt: float, kT: float, gamma: float
 ) -> Callable[..., tuple[Any, StepAux]]:
     """BAOAB Langevin step (jax-md's ``nvt_langevin``) on ``NVTLangevinState``; ``gamma`` in 1/(ASE time).
-
-    ``kT`` (eV) and ``gamma`` may be traced scalars (one per replica under ``vmap``). ``atom_mask``
-    (``[n_atoms]`` bool, optional): atoms marked False are padding; the bath gives them no momentum (their
-    momentum stays zero, so they never move and carry no kinetic energy or heat).
 
     ``StepAux.heat`` is the change of kinetic energy in the stochastic (O) step, the only part of BAOAB
     that exchanges energy with the bath: ``E_pot + E_kin − Σ heat`` is then conserved up to the
@@ -119,8 +110,6 @@ def langevin_step_fn(
         state = simulate.position_step(state, shift_fn, dt / 2, **kwargs)
         before = kinetic_energy(state.momentum, state.mass)
         state = simulate.stochastic_step(state, dt, kT, gamma)
-        if atom_mask is not None:
-            state = state.set(momentum=jnp.where(atom_mask[:, None], state.momentum, 0.0))
         heat = kinetic_energy(state.momentum, state.mass) - before
         state = simulate.position_step(state, shift_fn, dt / 2, **kwargs)
         energy, force, extra = value_and_force(state.position, **kwargs)

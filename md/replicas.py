@@ -369,27 +369,39 @@ class ReplicaEngine:
     def _put(self, tree: Any) -> Any:
         return jax.device_put(tree, self.sharding)
 
-    def _energy(self, position: jnp.ndarray, neighbor: Any, c: _Consts) -> jnp.ndarray:
-        """Energy of one padded replica without E0, eV (padding atoms and their pairs masked out)."""
-        receivers, senders = neighbor.idx[0], neighbor.idx[1]
-        valid = receivers < self.N
+    def _energies(self, positions: jnp.ndarray, idx: jnp.ndarray, c: _Consts) -> jnp.ndarray:
+        """``[k]`` energies without E0 (eV) of ``k`` padded replicas (``positions [k, N, 3]``, neighbour indices
+        ``[k, 2, C]``, constants with leading axis ``k``), evaluated as one disjoint graph of ``k·N`` atoms:
+        one network call with flat segment sums (a ``vmap`` of the network would batch every scatter, about
+        1.7x slower on CPU). Padding atoms and their pairs are masked out."""
+        k, n = positions.shape[0], self.N
+        receivers, senders = idx[:, 0], idx[:, 1]
+        valid = receivers < n
         receivers = jnp.where(valid, receivers, 0)
         senders = jnp.where(valid, senders, 0)
-        valid = valid & c.atom_mask[receivers] & c.atom_mask[senders]
-        vectors = jax.vmap(self.displacement_fn)(position[senders], position[receivers])
+        mask = c.atom_mask
+        valid = valid & jnp.take_along_axis(mask, receivers, 1) & jnp.take_along_axis(mask, senders, 1)
+        offset = (jnp.arange(k, dtype=jnp.int32) * n)[:, None]
+        receivers, senders, valid = (receivers + offset).ravel(), (senders + offset).ravel(), valid.ravel()
+        flat = positions.reshape(k * n, 3)
+        vectors = jax.vmap(self.displacement_fn)(flat[senders], flat[receivers])
         vectors = jnp.where(valid[:, None], vectors, 0.0)
         e = self.potential.node_energies_from_edges(
             self.params,
             vectors.astype(self.net_dtype),
-            c.species,
+            c.species.reshape(k * n),
             senders,
             receivers,
             valid,
-            c.atom_mask,
+            mask.reshape(k * n),
             include_e0=False,
             half_list=True,
         )
-        return jnp.sum(e.astype(position.dtype))
+        return jnp.sum(e.astype(positions.dtype).reshape(k, n), axis=1)
+
+    def _energy(self, position: jnp.ndarray, neighbor: Any, c: _Consts) -> jnp.ndarray:
+        """Energy of one padded replica without E0, eV."""
+        return self._energies(position[None], neighbor.idx[None], jax.tree.map(lambda x: x[None], c))[0]
 
     def _value_and_force(self, c: _Consts) -> Callable[..., tuple[jnp.ndarray, jnp.ndarray, tuple]]:
         value_and_grad = jax.value_and_grad(self._energy)
@@ -442,54 +454,99 @@ class ReplicaEngine:
         )
         return jax.vmap(lambda r: template.update(r))(positions)
 
-    def _step_fn(self, c: _Consts) -> Callable[..., tuple[Any, integrators.StepAux]]:
-        value_and_force = self._value_and_force(c)
-        if self.ensemble == "nvt_langevin":
-            return integrators.langevin_step_fn(
-                value_and_force, self.shift_fn, self.dt, c.kT, c.gamma, atom_mask=c.atom_mask
-            )
-        return integrators.nve_step_fn(value_and_force, self.shift_fn, self.dt)
+    def _batched_step(self, state: Any, neighbor: Any, c: _Consts) -> tuple[Any, jnp.ndarray, jnp.ndarray]:
+        """One step of all local replicas: ``(state, E_pot [k] at the new positions, bath heat [k])``.
 
-    def _chunk_one(self, state: Any, neighbor: Any, alive: jnp.ndarray, c: _Consts, n_steps: int):
-        step = self._step_fn(c)
-        zero = jnp.zeros((), self.dtype)
+        The steps of :func:`~equiforce.md.integrators.nve_step_fn` and
+        :func:`~equiforce.md.integrators.langevin_step_fn` (jax-md's pieces, ``vmap``-ed over the replicas,
+        each with its own kT, friction and random key; padding atoms get no noise), with one force call for
+        all replicas (:meth:`_energies`)."""
+        dt = self.dt
+        momentum_step = jax.vmap(simulate.momentum_step, in_axes=(0, None))
+        kinetic = jax.vmap(integrators.kinetic_energy)
+
+        def position_step(s: Any, step: float) -> Any:
+            return jax.vmap(lambda x: simulate.position_step(x, self.shift_fn, step))(s)
+
+        def total(positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+            energies = self._energies(positions, neighbor.idx, c)
+            return jnp.sum(energies), energies
+
+        def force_step(s: Any) -> tuple[Any, jnp.ndarray]:
+            (_, energies), grad = jax.value_and_grad(total, has_aux=True)(s.position)
+            return momentum_step(s.set(force=-grad), dt / 2), energies
+
+        state = momentum_step(state, dt / 2)
+        if self.ensemble == "nve":
+            state = position_step(state, dt)
+            state, energies = force_step(state)
+            return state, energies, jnp.zeros_like(energies)
+        state = position_step(state, dt / 2)
+        before = kinetic(state.momentum, state.mass)
+        state = jax.vmap(simulate.stochastic_step, in_axes=(0, None, 0, 0))(state, dt, c.kT, c.gamma)
+        state = state.set(momentum=jnp.where(c.atom_mask[..., None], state.momentum, 0.0))
+        heat = kinetic(state.momentum, state.mass) - before
+        state = position_step(state, dt / 2)
+        state, energies = force_step(state)
+        return state, energies, heat.astype(energies.dtype)
+
+    def _update_neighbors(self, positions: jnp.ndarray, neighbor: Any) -> Any:
+        """jax-md's update of every replica's list, skipped (a real ``cond``) when no atom of any replica moved
+        more than half the skin since its list was built; each replica rebuilds exactly when a single run
+        would."""
+        moved = jnp.sum((positions - neighbor.reference_position) ** 2, axis=-1) > (self.skin / 2) ** 2
+        return jax.lax.cond(
+            jnp.any(moved), lambda nb: jax.vmap(lambda p, x: x.update(p))(positions, nb), lambda nb: nb, neighbor
+        )
+
+    def _chunk_local(self, state: Any, neighbor: Any, alive: jnp.ndarray, c: _Consts, n_steps: int):
+        """``n_steps`` steps of the replicas of one device (leading axis: local replica)."""
+        zero = jnp.zeros(alive.shape, self.dtype)
+
+        def where(flag: jnp.ndarray, a: Any, b: Any) -> Any:
+            return jax.tree.map(lambda x, y: jnp.where(flag.reshape(flag.shape + (1,) * (x.ndim - 1)), x, y), a, b)
 
         def body(i, carry):
             state, neighbor, alive, epot, heat, bad = carry
-            new, aux = step(state, neighbor=neighbor)
-            ekin = integrators.kinetic_energy(new.momentum, new.mass)
+            new, energies, step_heat = self._batched_step(state, neighbor, c)
+            ekin = jax.vmap(integrators.kinetic_energy)(new.momentum, new.mass)
             ok = (
-                jnp.isfinite(aux.potential_energy)
+                jnp.isfinite(energies)
                 & jnp.isfinite(ekin)
-                & jnp.all(jnp.isfinite(new.position))
+                & jnp.all(jnp.isfinite(new.position), axis=(1, 2))
                 & (ekin <= c.max_ekin)
             )
             keep = alive & ok
             first_bad = alive & ~ok
-            state = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, state)
+            state = where(keep, new, state)
             bad = (
                 jnp.where(first_bad, i, bad[0]),
-                jnp.where(first_bad, aux.potential_energy, bad[1]),
+                jnp.where(first_bad, energies, bad[1]),
                 jnp.where(first_bad, ekin, bad[2]),
             )
-            epot = jnp.where(keep, aux.potential_energy, epot)
-            heat = heat + jnp.where(keep, aux.heat, zero)
-            neighbor = neighbor.update(state.position)
+            epot = jnp.where(keep, energies, epot)
+            heat = heat + jnp.where(keep, step_heat, 0.0)
+            neighbor = self._update_neighbors(state.position, neighbor)
             return state, neighbor, keep, epot, heat, bad
 
         start_state, start_neighbor, start_alive = state, neighbor, alive
-        bad = (jnp.full((), -1, jnp.int32), zero, zero)
+        bad = (jnp.full(alive.shape, -1, jnp.int32), zero, zero)
         carry = (state, neighbor, alive, zero, zero, bad)
         state, neighbor, alive, epot, heat, bad = jax.lax.fori_loop(0, n_steps, body, carry)
-        overflow = neighbor.did_buffer_overflow & start_alive  # a stopped replica's overflow too: it may be why
+        overflow = (neighbor.did_buffer_overflow != 0) & start_alive  # a stopped replica's too: it may be why
         died = start_alive & ~alive  # back to the chunk start, its last written frame
-        state = jax.tree.map(lambda a, b: jnp.where(died, a, b), start_state, state)
-        neighbor = jax.tree.map(lambda a, b: jnp.where(died, a, b), start_neighbor, neighbor)
-        ekin = integrators.kinetic_energy(state.momentum, state.mass)
+        state = where(died, start_state, state)
+        neighbor = where(died, start_neighbor, neighbor)
+        ekin = jax.vmap(integrators.kinetic_energy)(state.momentum, state.mass)
         return state, neighbor, alive, epot, ekin, heat, bad, overflow
 
     def _chunk_impl(self, state: Any, neighbor: Any, alive: jnp.ndarray, n_steps: int):
-        return jax.vmap(partial(self._chunk_one, n_steps=n_steps))(state, neighbor, alive, self.consts)
+        """The chunk of all replicas: each device runs its own replicas (``shard_map``; no communication)."""
+        spec = PartitionSpec(_AXIS)
+        local = jax.shard_map(
+            partial(self._chunk_local, n_steps=n_steps), mesh=self.mesh, in_specs=spec, out_specs=spec, check_vma=False
+        )
+        return local(state, neighbor, alive, self.consts)
 
     # ------------------------------------------------------------------ host side
     def _padded_positions(self) -> np.ndarray:
