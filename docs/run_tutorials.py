@@ -30,6 +30,8 @@ def tutorial_runs(out: Path) -> list[tuple[str, list[str]]]:
         ("train_from_trajectory", ["--tiny", "--out", str(out / "train")]),
         ("md_from_script", ["--model", model, "--steps", "100", "--report-interval", "10", "--no-progress",
                             "--out", str(out / "md")]),
+        ("md_replicas", ["--model", model, "--replicas", "3", "--steps", "40", "--report-interval", "20",
+                         "--no-progress", "--out", str(out / "replicas")]),
         ("ase_relax_and_md", ["--model", model, "--relax-steps", "10", "--md-steps", "40", "--log-interval", "10",
                               "--out", str(out / "ase")]),
         ("npt_crystal", ["--tiny", "--out", str(out / "npt")]),
