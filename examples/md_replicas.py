@@ -5,7 +5,7 @@
     python examples/md_replicas.py --model my.eqf --replicas 64 --steps 20000
 
 :func:`equiforce.md.run_replicas` (what ``run_md`` does when given a list) pads the replicas to one atom
-count, ``vmap``-s one replica's MD chunk over them and shards the replica axis over the devices (every GPU,
+count, evaluates a device's replicas as one disjoint graph and shards the replica axis over the devices (every GPU,
 or ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` CPU devices). Each replica gets its own seed,
 Langevin temperature and friction, and its own files in ``--out``: ``traj_<k>.h5`` and ``thermo_<k>.csv``.
 A replica that blows up stops alone; its result says why.

@@ -7,23 +7,27 @@
 
 :func:`equiforce.md.run_md` given a list of structures calls :func:`run_replicas`.
 
-Layout: ``vmap`` over replicas padded to one static atom budget
----------------------------------------------------------------
-Every replica is padded to ``N = max n_k`` atoms and the replica axis to a multiple of the device count;
-one replica's MD chunk (a ``lax.fori_loop`` of steps with its neighbour list updated inside) is
-``vmap``-ed over the replica axis and jit-compiled once, with the replica axis sharded over a
-``jax.sharding.Mesh`` of the devices (XLA's SPMD partitioner; replicas never talk to each other, so the
-program needs no communication). Chosen over one batched disjoint graph of all replicas because
+Layout: replicas padded to one static atom budget, one disjoint graph per device for the network
+------------------------------------------------------------------------------------------------
+Every replica is padded to ``N = max n_k`` atoms and the replica axis to a multiple of the device count, so
+the state is a batch ``[K, N, ...]`` of single-run states and the chunk compiles once. The replica axis is
+sharded over a ``jax.sharding.Mesh`` of the devices and the chunk runs under ``jax.shard_map``: each device
+steps its own replicas, with no communication. On a device,
 
-* each replica keeps its own neighbour list, rebuild decision and overflow flag: a rebuild costs
-  ``K·N²`` pair checks instead of ``(K·N)²``, and an overflow is attributed to the replica that had it;
-* the replica axis is the sharding axis, so no graph partitioning is needed;
-* a replica's arithmetic is that of a single :func:`run_md` run: the same pairs in the same order and the
-  same random numbers (with JAX's default partitionable threefry the first ``3n`` normals of a ``[N, 3]``
-  draw are those of a ``[n, 3]`` draw), so its trajectory equals the single run's to rounding;
-* stopping one replica is a ``jnp.where`` on its slice.
+* each replica keeps its own jax-md neighbour list (``vmap``-ed; a rebuild costs ``N²`` pair checks per
+  replica, not ``(K·N)²``), its own rebuild decision and its own overflow flag, so an overflow is attributed
+  to the replica that had it; the lists are updated only when some replica moved half the skin;
+* the integrator is jax-md's pieces ``vmap``-ed over the replicas, each with its own kT, friction and key;
+* the network sees the device's replicas as one disjoint graph (indices offset by ``k·N``) in one call,
+  with flat segment sums: a ``vmap`` of the network batches every scatter and ran 1.7x slower on CPU.
 
-The cost is the padding: a replica of ``n_k < N`` atoms still pays for ``N`` atoms and the common
+Why not one disjoint graph for everything, neighbour lists included: its all-pairs rebuild grows as
+``(K·N)²``, an overflow could not be pinned on a replica, and free-space molecules would need offsets in
+space. Why not ``vmap`` everything: the scatter cost above. Each replica's arithmetic stays that of a single
+:func:`~equiforce.md.run.run_md` run: the same pairs in the same order and the same random numbers (with
+JAX's default partitionable threefry the first ``3n`` normals of a ``[N, 3]`` draw are those of a ``[n, 3]``
+draw), so its trajectory equals the single run's to rounding; stopping a replica is a ``jnp.where`` on its
+slice. The cost is the padding: a replica of ``n_k < N`` atoms still pays for ``N`` atoms and the common
 neighbour-list capacity, so give replicas of very different sizes to separate calls.
 
 Padding atoms get species 0, mass 1 amu and zero momentum, sit on a line 10⁴ Å outside every
