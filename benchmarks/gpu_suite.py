@@ -191,7 +191,8 @@ def main() -> None:
     # 5. replicas (the script comes with many-replica MD)
     if (HERE / "replicas.py").is_file():
         j = out / "replicas.json"
-        cmd = [py, str(HERE / "replicas.py"), "--replicas", "1", "8" if args.quick else "64", "--json", str(j)]
+        size = ["--replicas", "4", "--chunk", "2", "--chunks", "1"] if args.quick else ["--replicas", "64"]
+        cmd = [py, str(HERE / "replicas.py"), *size, *([] if args.quick else ["--protocol-size"]), "--out", str(j)]
         suite.run("replicas (aspirin)", cmd, j)
     else:
         suite.entries.append({"name": "replicas (aspirin)", "status": "skipped (benchmarks/replicas.py missing)"})
