@@ -4,6 +4,8 @@
   thermo CSV, exact restart.
 * :func:`run_replicas` — many structures in one jit-compiled program sharded over the devices (``run_md``
   given a list calls it): per-replica thermostats, seeds, trajectories and blow-up handling.
+* ``run_md(..., devices="all")``, :func:`make_sharded_system` — one large system over several devices
+  (edges sharded, neighbour sums reduced; see :mod:`equiforce.md.sharded`).
 * :class:`MDEngine`, :func:`make_system` — the lower-level pieces (jax-md space, neighbour list, chunks).
 * :class:`EquiforceCalculator` — an ASE calculator for any ASE workflow.
 * :class:`UncertaintyMonitor` — what a run does when σ_F crosses ``uncertainty_threshold`` (record / stop).
@@ -21,6 +23,7 @@ from equiforce.md.reporters import (
     repair_h5md,
 )
 from equiforce.md.run import MDResult, energy_drift, load_structure, run_md
+from equiforce.md.sharded import make_sharded_system
 from equiforce.md.system import MDSystem, check_structure, make_system
 from equiforce.md.uncertainty_monitor import UncertaintyMonitor
 
@@ -45,6 +48,7 @@ __all__ = [
     "check_structure",
     "energy_drift",
     "load_structure",
+    "make_sharded_system",
     "make_system",
     "read_h5md",
     "read_restart_state",

@@ -26,7 +26,7 @@ from equiforce.md.engine import MDBlowUpError, MDConfig, MDEngine, ThermoFrame
 from equiforce.md.outputs import RunOutputs, restore_state
 from equiforce.md.replicas import ReplicasResult, run_replicas
 from equiforce.md.reporters import read_h5md, read_restart_state
-from equiforce.md.system import make_system
+from equiforce.md.sharded import make_sharded_system
 from equiforce.md.uncertainty_monitor import UncertaintyMonitor, uncertain_frames_path
 from equiforce.potentials.model_io import enable_x64_for, load_model
 from equiforce.potentials.potential import Potential
@@ -153,6 +153,7 @@ def run_md(
     uncertainty_action: str = "record",
     uncertainty_min_spacing: int = 100,
     uncertain_frames: str | Path | None = None,
+    devices: int | str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> MDResult | ReplicasResult:
     """Run MD of ``atoms`` with a trained potential.
@@ -209,6 +210,10 @@ def run_md(
       uncertainty_min_spacing: steps between two recorded configurations at least.
       uncertain_frames: extxyz file for the recorded configurations (default: see ``uncertainty_threshold``).
       max_temperature_K: above this temperature the run counts as blown up, K.
+      devices: run this one structure over several devices: ``"all"`` or a count N; the network's edges are
+        sharded over them and the neighbour sums reduced, so the per-device memory falls with N (see
+        :mod:`equiforce.md.sharded`). None (default): one device. Not for a list of structures (replicas
+        choose their devices themselves).
       log: receives progress messages (default: ``tqdm.write``, which keeps the progress bar intact).
 
     Returns:
@@ -221,7 +226,8 @@ def run_md(
       DataError / UnknownSpeciesError: bad structure (see :func:`equiforce.md.system.check_structure`) or
         unreadable structure file.
       FileNotFoundError: a missing structure file.
-      ValueError: ``more_steps`` without ``restart``, ``restart`` without ``trajectory``, a restart file
+      ValueError: more ``devices`` than exist, ``devices`` with a list of structures, ``more_steps`` without
+        ``restart``, ``restart`` without ``trajectory``, a restart file
         written by another ensemble, an ``uncertainty_threshold`` that is not a finite number > 0 or is given
         for a potential without an uncertainty, an unknown ``uncertainty_action``.
     """
@@ -235,6 +241,7 @@ def run_md(
             "barostat_tau_fs": barostat_tau_fs is not None,
             "uncertainty_threshold": uncertainty_threshold is not None,
             "uncertain_frames": uncertain_frames is not None,
+            "devices": devices is not None,
         }
         if any(given.values()):
             raise ValueError(f"{[k for k, v in given.items() if v]} not supported with a list of structures (replicas)")
@@ -281,9 +288,17 @@ def run_md(
         seed=seed,
         uncertainty_threshold=uncertainty_threshold,
     )
-    system = make_system(
-        potential, params, atoms, skin=skin, fractional=ensemble == "npt_nose_hoover", precision=precision
+    system = make_sharded_system(
+        potential,
+        params,
+        atoms,
+        devices=devices,
+        skin=skin,
+        fractional=ensemble == "npt_nose_hoover",
+        precision=precision,
     )
+    if system.mesh is not None:
+        log(f"sharding the edges of {len(atoms)} atoms over {system.mesh.devices.size} devices")
     engine = MDEngine(system, config, log=log)
     monitor = None
     if uncertainty_threshold is not None:

@@ -98,6 +98,8 @@ class MDSystem:
       precision: ``float32``, ``float64`` or ``mixed`` (float32 network, float64 everything else).
       cell_list: whether neighbour-list rebuilds use a cell list.
       half_list: whether the neighbour list holds each pair once (the network evaluates both directions).
+      mesh: the ``jax.sharding.Mesh`` the network's edges are sharded over (:mod:`equiforce.md.sharded`);
+        None: one device.
     """
 
     displacement_fn: Any
@@ -119,6 +121,7 @@ class MDSystem:
     cell_list: bool = False
     half_list: bool = False
     uncertainty_fn: Any = None
+    mesh: Any = None
 
     def edge_count(self, positions: jnp.ndarray, neighbor: Any, **space_kwargs: Any) -> jnp.ndarray:
         """Number of edges within ``r_max`` (int32 scalar; traceable): pairs with :attr:`half_list`, directed
@@ -156,6 +159,7 @@ def make_system(
     precision: str | None = None,
     cell_list: bool | None = None,
     half_list: bool = True,
+    edge_layout: Any = None,
 ) -> MDSystem:
     """Build the jax-md space, neighbour list and energy function for ``atoms``.
 
@@ -179,6 +183,9 @@ def make_system(
         directions from it (see ``Potential.node_energies_from_edges``): the same energies and forces, half
         the neighbour-list memory, and NequIP and MACE evaluate their radial and angular edge terms once per
         pair. False: the full (Sparse) list.
+      edge_layout: ``(vectors, senders, receivers, edge_mask) -> (vectors, senders, receivers, edge_mask)``,
+        applied to the edges just before the network (traceable). :mod:`equiforce.md.sharded` uses it to shard
+        the edges over several devices. None: the edges as they are.
 
     Raises:
       DataError / UnknownSpeciesError: see :func:`check_structure`.
@@ -240,6 +247,7 @@ def make_system(
             disable_cell_list=True,
         )
     node_mask = jnp.ones((n,), bool)
+    layout = edge_layout or (lambda *edge_arrays: edge_arrays)
 
     def space_kwargs_of(kwargs: dict[str, Any]) -> dict[str, Any]:
         # what reaches the displacement: `box` (NPT), `perturbation` (jax-md's pressure/stress)
@@ -280,7 +288,8 @@ def make_system(
     def node_energies_with(
         pot: Potential, p: Any, positions: jnp.ndarray, neighbor: Any, edge_capacity: int | None, kwargs: dict
     ) -> jnp.ndarray:
-        vectors, senders, receivers, edge_mask = edges(positions, neighbor, edge_capacity, space_kwargs_of(kwargs))
+        edge_arrays = edges(positions, neighbor, edge_capacity, space_kwargs_of(kwargs))
+        vectors, senders, receivers, edge_mask = layout(*edge_arrays)
         e = pot.node_energies_from_edges(
             p,
             vectors.astype(net_dtype),
