@@ -182,7 +182,7 @@ def main() -> None:
 
     suite.run("train step MACE float32 batch 16", [*cmd, "--repeats", "3", "--hp", json.dumps(PROTOCOL_HP["mace"])])
     # 4. scaling with the number of atoms, up to the first failure (memory) or the budget
-    for side in [3] if args.quick else args.water_sides:
+    for side in [4] if args.quick else args.water_sides:
         j = out / f"scaling_water{side}.json"
         cmd = [py, str(HERE / "md_throughput.py"), "--model", "mace", "--systems", "water", "--dtype", "float32"]
         cmd += ["--water-side", str(side), "--chunk", "2" if args.quick else "10", *chunks, "--json", str(j)]
