@@ -30,8 +30,10 @@ backward pass. With the partitioner, the edge arrays are constrained to be shard
 (:func:`make_system`'s ``edge_layout`` hook) and XLA partitions the gathers ``x[senders]`` (replicated
 operand, sharded indices: local) and the scatter-adds into the node arrays (sharded updates: a local
 partial sum then an all-reduce), forward and backward, for every model unchanged. The compiled program of
-a 2-layer MACE holds exactly that: one all-reduce per layer's neighbour sum, two in the backward pass, one
-for the forces (plus one all-gather of the edge-compaction's integer prefix sum). The MD engine is the
+a 2-layer MACE on 4 devices holds exactly that: one all-reduce per layer's neighbour sum, one (of two node
+arrays) in the backward pass, one for the forces, plus one all-gather of the edge compaction's integer prefix
+sum. (Per device it still holds about one per-edge tensor unpartitioned: 4 devices divide the memory by 3.1,
+not 4; see ``benchmarks/sharded_md.py``.) The MD engine is the
 single-device engine, unchanged: its jitted chunk becomes one SPMD program over the mesh.
 
 Edge blocking (``edge_chunk_size``, :func:`~equiforce.potentials.layers.resolve_edge_chunk`) is switched off
