@@ -175,3 +175,41 @@ def test_reading_a_torch_file_without_torch_says_what_to_install(monkeypatch, tm
     with pytest.raises(ImportError, match=r"equiforce\[mace-import\]"):
         read_mace_model(tmp_path / "model.model")
     assert main(["import", "mace", str(tmp_path / "model.model"), str(tmp_path / "out.eqf")]) == 2
+
+
+X64_OFF = """
+import json, sys, warnings
+import numpy as np
+import jax
+assert not jax.config.jax_enable_x64
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    from ase import Atoms
+    from equiforce.interop.mace import convert_mace
+    from equiforce.md import EquiforceCalculator
+    data = np.load(sys.argv[1])
+    state = {k.removeprefix("state/"): data[k] for k in data.files if k.startswith("state/")}
+    potential, params = convert_mace(state, json.loads(str(data["hyperparameters"])), dtype="float32")
+    atoms = Atoms(numbers=data["ref2/numbers"], positions=data["ref2/positions"], cell=data["ref2/cell"], pbc=True)
+    atoms.calc = EquiforceCalculator.from_potential(potential, params)
+    forces = atoms.get_forces()
+print(json.dumps({
+    "x64": bool(jax.config.jax_enable_x64),
+    "df": float(np.abs(forces - data["ref2/forces"]).max() / np.abs(data["ref2/forces"]).max()),
+    "warnings": [str(w.message) for w in caught if "float64" in str(w.message)],
+}))
+"""
+
+
+def test_float32_import_with_x64_off():
+    """The float32 user's path: a fresh process that never turns 64-bit types on."""
+    import subprocess
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "JAX_ENABLE_X64"}
+    proc = subprocess.run(
+        [sys.executable, "-c", X64_OFF, str(FIXTURE)], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["x64"] is False and result["warnings"] == []
+    assert result["df"] < 5e-5
