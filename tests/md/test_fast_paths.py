@@ -107,6 +107,7 @@ def test_cell_list_gives_the_same_trajectory_as_all_pairs():
         make_system(potential, params, _water_box(3), skin=0.5, cell_list=True)  # 9.3 Å: too small
 
 
+@pytest.mark.slow  # 47 s; CI's tutorial step runs mixed-precision NVE too (examples/precision.py)
 def test_mixed_precision_conserves_energy_like_float64(aspirin_potential, aspirin):
     """Mixed precision (float32 network, float64 integrator and energy sums) keeps the conserved energy's
     drift within 2x of full float64 (plus a 0.05 meV/atom/ps floor for the noise of a short run), and its

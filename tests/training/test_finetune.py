@@ -35,7 +35,10 @@ def _potential(name: str, species: tuple[int, ...]) -> Potential:
     )
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize(
+    "name",  # the MACE forms in the default run, every other model in the slow target (10-20 s each)
+    [m if m in ("mace", "mace_compat") else pytest.param(m, marks=pytest.mark.slow) for m in sorted(MODELS)],
+)
 def test_adding_a_species_keeps_the_function_on_the_old_ones(name):
     """With O added to an H/C model, H/C structures get exactly the source's energies and forces; only
     per-species tables grew, and an O-containing structure is now computable."""
