@@ -327,6 +327,13 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _jsonable_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments as JSON (the imported model files keyed by "system/dtype")."""
+    out = dict(vars(args))
+    out["imported"] = {f"{s}/{d}": [str(p) for p in files] for (s, d), files in args.imported.items()}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="mace", choices=sorted(PEERS))
@@ -428,7 +435,8 @@ def main() -> None:
     )
     print("\n" + header + "\n\n" + table)
     (out_dir / "results.md").write_text(header + "\n\n" + table + "\n")
-    (out_dir / "results.json").write_text(json.dumps({"machine": machine, "args": vars(args), "rows": rows}, indent=2))
+    doc = {"machine": machine, "args": _jsonable_args(args), "rows": rows}
+    (out_dir / "results.json").write_text(json.dumps(doc, indent=2))
 
 
 if __name__ == "__main__":
