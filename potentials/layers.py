@@ -264,16 +264,24 @@ def bessel_basis(r: jnp.ndarray, num_basis: int, r_max: float) -> jnp.ndarray:
 
 
 def radial_embedding(
-    r: jnp.ndarray, edge_mask: jnp.ndarray, *, r_max: float, num_basis: int = 8, envelope_p: int = 6
+    r: jnp.ndarray,
+    edge_mask: jnp.ndarray,
+    *,
+    r_max: float,
+    num_basis: int = 8,
+    envelope_p: int = 6,
+    basis_input: jnp.ndarray | None = None,
 ) -> jnp.ndarray:
     """Bessel basis times the polynomial envelope, zero on padding edges and beyond ``r_max``.
 
     Args:
-      r: ``[n_edges]`` NaN-safe lengths in Å (see :func:`edge_lengths`).
+      r: ``[n_edges]`` NaN-safe lengths in Å (see :func:`edge_lengths`); the envelope's argument.
       edge_mask: ``[n_edges]`` bool.
+      basis_input: ``[n_edges]`` what the Bessel basis sees instead of ``r`` (a transformed distance, e.g.
+        mace-torch's Agnesi transform); None: ``r``.
 
     Returns:
       ``[n_edges, num_basis]`` in the dtype of ``r``.
     """
     envelope = polynomial_envelope(r / r_max, envelope_p) * edge_mask.astype(r.dtype)
-    return bessel_basis(r, num_basis, r_max) * envelope[:, None]
+    return bessel_basis(r if basis_input is None else basis_input, num_basis, r_max) * envelope[:, None]

@@ -68,7 +68,11 @@ __all__ = [
     "MACEInteraction",
     "SpeciesChannelLinear",
     "SymmetricContraction",
+    "bias_free_dense",
+    "channelwise_convolution",
     "natural_irreps",
+    "product_basis_and_readout",
+    "tensor_product_irreps",
 ]
 
 _ZERO_TOL = 1e-10  # |coefficient| below this in a numerically computed basis is exact zero
@@ -524,30 +528,69 @@ class MACEInteraction(nn.Module):
         if not self.residual:  # RealAgnosticInteractionBlock: species-indexed linear of A
             a = SpeciesChannelLinear(irreps_a, irreps_a, channels, self.num_species, name="species_linear")(a, onehot)
 
-        # product basis (symmetric contraction) and message
-        contraction = SymmetricContraction(
-            irreps_a,
-            self.irreps_out,
-            self.correlation,
-            self.num_species,
-            node_chunk_size=CPU_NODE_CHUNK if self.edge_chunk_size > 0 else 0,  # blocked with the edges
-            name="symmetric_contraction",
+        return product_basis_and_readout(
+            a,
+            onehot,
+            sc,
+            irreps_a=irreps_a,
+            irreps_out=self.irreps_out,
+            correlation=self.correlation,
+            num_species=self.num_species,
+            edge_chunk_size=self.edge_chunk_size,
+            last=self.last,
+            readout_mlp_hidden=self.readout_mlp_hidden,
+            activation=_normalized_silu(),
         )
-        b = contraction(a, onehot)
-        out = ChannelLinear(str(contraction.output_irreps), self.irreps_out, channels, name="linear_product")(b)
-        if sc is not None:
-            out = out + sc
-
-        # readout on the scalars (the first row of the per-channel irreps is 0e)
-        scalars = out[:, 0, :]
-        if self.last:
-            hidden = _linear(self.readout_mlp_hidden, channels, dtype, "readout_hidden")(scalars)
-            scalars = _normalized_silu()(hidden)
-        readout = _linear(1, scalars.shape[-1], dtype, "readout")(scalars)
-        return out, readout[:, 0]
 
 
-def _linear(features: int, fan_in: int, dtype: jnp.dtype, name: str) -> nn.Dense:
+def product_basis_and_readout(
+    a: jnp.ndarray,
+    onehot: jnp.ndarray,
+    sc: jnp.ndarray | None,
+    *,
+    irreps_a: str,
+    irreps_out: str,
+    correlation: int,
+    num_species: int,
+    edge_chunk_size: int,
+    last: bool,
+    readout_mlp_hidden: int,
+    activation: Callable[[jnp.ndarray], jnp.ndarray],
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The second half of a MACE layer, called inside a compact ``__call__`` (its submodules are the caller's):
+    product basis and message (:class:`SymmetricContraction` of A, then ``linear_product``), plus the residual
+    ``sc``; readout of the scalars (a linear map, or in the ``last`` layer a hidden layer of
+    ``readout_mlp_hidden`` neurons with ``activation`` first).
+
+    Args:
+      a: ``[n, D_A, C]`` the A basis; ``onehot``: ``[n, num_species]``; ``sc``: ``[n, D_out, C]`` or None.
+
+    Returns:
+      ``(node_feats [n, D_out, C], readout [n])``.
+    """
+    channels, dtype = a.shape[-1], a.dtype
+    contraction = SymmetricContraction(
+        irreps_a,
+        irreps_out,
+        correlation,
+        num_species,
+        node_chunk_size=CPU_NODE_CHUNK if edge_chunk_size > 0 else 0,  # blocked with the edges
+        name="symmetric_contraction",
+    )
+    b = contraction(a, onehot)
+    out = ChannelLinear(str(contraction.output_irreps), irreps_out, channels, name="linear_product")(b)
+    if sc is not None:
+        out = out + sc
+
+    # readout on the scalars (the first row of the per-channel irreps is 0e)
+    scalars = out[:, 0, :]
+    if last:
+        scalars = activation(bias_free_dense(readout_mlp_hidden, channels, dtype, "readout_hidden")(scalars))
+    readout = bias_free_dense(1, scalars.shape[-1], dtype, "readout")(scalars)
+    return out, readout[:, 0]
+
+
+def bias_free_dense(features: int, fan_in: int, dtype: jnp.dtype, name: str) -> nn.Dense:
     """Bias-free dense layer with N(0, 1/fan_in) weights (e3nn's initialisation), computing in ``dtype``."""
     return nn.Dense(
         features,

@@ -49,18 +49,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from equiforce.potentials.layers import (
-    CPU_NODE_CHUNK,
     edge_lengths,
     polynomial_envelope,
+    radial_embedding,
     resolve_edge_chunk,
     safe_unit_vectors,
 )
 from equiforce.potentials.mace import (
     ChannelLinear,
     SpeciesChannelLinear,
-    SymmetricContraction,
     channelwise_convolution,
     natural_irreps,
+    product_basis_and_readout,
     tensor_product_irreps,
 )
 from equiforce.potentials.registry import ModelConfig, register_model
@@ -315,36 +315,20 @@ class MACECompatInteraction(nn.Module):
         if not self.residual:  # skip_tp of RealAgnosticInteractionBlock: species-indexed linear of A
             a = SpeciesChannelLinear(irreps_a, irreps_a, channels, self.num_species, name="species_linear")(a, onehot)
 
-        contraction = SymmetricContraction(
-            irreps_a,
-            self.irreps_out,
-            self.correlation,
-            self.num_species,
-            node_chunk_size=CPU_NODE_CHUNK if self.edge_chunk_size > 0 else 0,
-            name="symmetric_contraction",
+        scale = self.activation_scale
+        return product_basis_and_readout(
+            a,
+            onehot,
+            sc,
+            irreps_a=irreps_a,
+            irreps_out=self.irreps_out,
+            correlation=self.correlation,
+            num_species=self.num_species,
+            edge_chunk_size=self.edge_chunk_size,
+            last=self.last,
+            readout_mlp_hidden=self.readout_mlp_hidden,
+            activation=lambda x: jax.nn.silu(x) * jnp.asarray(scale, x.dtype),
         )
-        b = contraction(a, onehot)
-        out = ChannelLinear(str(contraction.output_irreps), self.irreps_out, channels, name="linear_product")(b)
-        if sc is not None:
-            out = out + sc
-
-        scalars = out[:, 0, :]
-        if self.last:
-            hidden = _dense(self.readout_mlp_hidden, channels, dtype, "readout_hidden")(scalars)
-            scalars = jax.nn.silu(hidden) * jnp.asarray(self.activation_scale, dtype)
-        readout = _dense(1, scalars.shape[-1], dtype, "readout")(scalars)
-        return out, readout[:, 0]
-
-
-def _dense(features: int, fan_in: int, dtype: jnp.dtype, name: str) -> nn.Dense:
-    return nn.Dense(
-        features,
-        use_bias=False,
-        kernel_init=nn.initializers.normal(fan_in**-0.5),
-        param_dtype=dtype,
-        dtype=dtype,
-        name=name,
-    )
 
 
 class MACECompat(nn.Module):
@@ -388,14 +372,20 @@ class MACECompat(nn.Module):
         n_nodes = species.shape[0]
         lengths = edge_lengths(vectors, edge_mask)
         mask = edge_mask.astype(dtype)
-        envelope = polynomial_envelope(lengths / self.r_max, cfg.envelope_p) * mask
         radii = jnp.asarray(cfg.radii(self.atomic_numbers), dtype)
-        bessel_input = lengths
+        bessel_input = None
         if cfg.distance_transform == "agnesi":
             q, p, a = cfg.agnesi
             r0 = 0.5 * (radii[species[senders]] + radii[species[receivers]])
             bessel_input = agnesi_transform(lengths, r0, q, p, a)
-        edge_radial = e3nn.bessel(bessel_input, cfg.num_bessel, self.r_max) * envelope[:, None]
+        edge_radial = radial_embedding(
+            lengths,
+            edge_mask,
+            r_max=self.r_max,
+            num_basis=cfg.num_bessel,
+            envelope_p=cfg.envelope_p,
+            basis_input=bessel_input,
+        )
         edge_sh = e3nn.spherical_harmonics(
             natural_irreps(cfg.l_max), safe_unit_vectors(vectors, edge_mask), normalize=True, normalization="component"
         ).array
