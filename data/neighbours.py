@@ -120,15 +120,20 @@ def build_neighbour_graph(
     return NeighbourGraph(senders=j.astype(np.int32), receivers=i.astype(np.int32), shifts=shift.astype(np.int32))
 
 
-def build_neighbour_graphs(structures: StructureSet, r_max: float) -> list[NeighbourGraph]:
-    """:func:`build_neighbour_graph` for every structure of a set (host loop over structures)."""
+def build_neighbour_graphs(structures: StructureSet, r_max: float, *, first_index: int = 0) -> list[NeighbourGraph]:
+    """:func:`build_neighbour_graph` for every structure of a set (host loop over structures).
+
+    Raises:
+      DataError: naming the structure (its index in the set plus ``first_index``, for a set that is one part of
+        a larger one).
+    """
     graphs = []
     for k in range(len(structures)):
         sl = structures.atom_slice(k)
         try:
             graphs.append(build_neighbour_graph(structures.positions[sl], structures.cell[k], structures.pbc[k], r_max))
         except DataError as err:
-            raise DataError(f"structure {k}: {err}") from None
+            raise DataError(f"structure {first_index + k}: {err}") from None
     return graphs
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from equiforce.data.errors import DataError
 from equiforce.data.hdf5 import HDF5Dataset, HDF5Writer
-from equiforce.data.neighbours import build_neighbour_graph
+from equiforce.data.neighbours import build_neighbour_graphs
 from equiforce.data.readers import read_structures
 from equiforce.data.structures import StructureSet
 
@@ -48,21 +48,10 @@ def parts_folder(out: PathLike) -> Path:
     return out.parent / f"{out.name}.parts"
 
 
-def _graphs(s: StructureSet, r_max: float, first: int) -> list:
-    graphs = []
-    for k in range(len(s)):
-        sl = s.atom_slice(k)
-        try:
-            graphs.append(build_neighbour_graph(s.positions[sl], s.cell[k], s.pbc[k], r_max))
-        except DataError as err:
-            raise DataError(f"structure {first + k}: {err}") from None
-    return graphs
-
-
 def _write_part(path: str, s: StructureSet, r_max: float, edges: bool, compression: str | None, first: int) -> str:
     """Worker: build the graphs of one part and write it (atomically) to ``path``."""
     with HDF5Writer(path, r_max=r_max, edges=edges, compression=compression, overwrite=True) as w:
-        w.append(s, _graphs(s, r_max, first))
+        w.append(s, build_neighbour_graphs(s, r_max, first_index=first))
     return path
 
 
