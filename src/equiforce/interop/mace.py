@@ -39,8 +39,8 @@ from typing import Any
 import e3nn_jax as e3nn
 import numpy as np
 
-from equiforce.potentials.mace import _symmetric_basis, natural_irreps
-from equiforce.potentials.mace_compat import MACECompatConfig
+from equiforce.potentials.mace import _symmetric_basis, natural_irreps, tensor_product_irreps
+from equiforce.potentials.mace_compat import ZBL_COEFFICIENTS, MACECompatConfig
 from equiforce.potentials.potential import Potential
 
 __all__ = ["HYPERPARAMETER_KEYS", "MaceImportError", "convert_mace"]
@@ -188,14 +188,14 @@ def _contraction_params(
             w = np.asarray(state[w_key], np.float64)[perm]  # [S, M_mace, C]
             tol = 1e-5 if state[u_key].dtype == np.float32 else 1e-10
             scale = max(float(np.abs(u).max()), 1.0)
-            everything = _monomial_coefficients(u, _all_sorted_tuples(d, nu), nu)  # [T_all, M, 2L+1]
+            all_tuples = _all_sorted_tuples(d, nu)
+            everything = _monomial_coefficients(u, all_tuples, nu)  # [T_all, M, 2L+1]
             key = (nu, str(ir))
             if key not in basis.u:
-                if np.abs(everything).max() > tol * scale or not np.any(w):
-                    if np.abs(everything).max() > tol * scale and np.any(w):
-                        raise MaceImportError(f"{head}: couplings of order {nu} to {ir} that equiforce's basis lacks")
+                if np.abs(everything).max() > tol * scale and np.any(w):
+                    raise MaceImportError(f"{head}: couplings of order {nu} to {ir} that equiforce's basis lacks")
                 continue
-            index = {tuple(int(i) for i in t): row for row, t in enumerate(_all_sorted_tuples(d, nu))}
+            index = {tuple(int(i) for i in t): row for row, t in enumerate(all_tuples)}
             kept = np.array([index[tuple(int(i) for i in t)] for t in basis.monomials[nu - 1]], np.int64)
             dropped = np.setdiff1d(np.arange(len(everything)), kept)
             if dropped.size and np.abs(everything[dropped]).max() > tol * scale:
@@ -338,8 +338,6 @@ def convert_mace(
     if h["pair_repulsion"]:
         zbl_a = (float(take("pair_repulsion_fn.a_prefactor")), float(take("pair_repulsion_fn.a_exp")))
         c = take("pair_repulsion_fn.c")
-        from equiforce.potentials.mace_compat import ZBL_COEFFICIENTS
-
         if not np.allclose(c, [ck for ck, _ in ZBL_COEFFICIENTS], rtol=1e-6):
             raise MaceImportError(f"ZBL coefficients {c} differ from mace-torch's fixed ones")
         table = take("pair_repulsion_fn.covalent_radii")
@@ -391,16 +389,11 @@ def convert_mace(
                 ).items()
             }
         layer["linear_up"] = _channel_linear(take(f"{p}.linear_up.weight"), irreps_in, irreps_in, f"{p}.linear_up")
-        # the tensor product's output irreps, as mace-torch sorts them (one C-channel block per path)
+        # the tensor product's output irreps as mace-torch sorts them: one C-channel block per path, in the order
+        # equiforce numbers the paths (its irreps_mid regroups them: "Px0e + Px1o + ...")
         per_channel_in = "+".join(str(ir) for _, ir in _irreps(irreps_in))
-        paths = [
-            ir_out
-            for _, ir1 in e3nn.Irreps(per_channel_in)
-            for _, ir2 in natural_irreps(l_max)
-            for ir_out in ir1 * ir2
-            if ir_out in [ir for _, ir in natural_irreps(l_max)]
-        ]
-        mid = "+".join(f"{cx}{ir}" for ir in sorted(paths, key=lambda ir: (ir.l, ir.p)))
+        paths = e3nn.Irreps(tensor_product_irreps(per_channel_in, l_max))
+        mid = "+".join(f"{cx}{ir}" for mul, ir in paths for _ in range(mul))
         layer["linear_down"] = _channel_linear(take(f"{p}.linear.weight"), mid, a_irreps, f"{p}.linear")
         if not density:  # fold this layer's avg_num_neighbors into the one the potential divides by
             layer["linear_down"] = {k: v * (avg[0] / avg[t]) for k, v in layer["linear_down"].items()}
@@ -415,8 +408,8 @@ def convert_mace(
                 f"{p}.conv_tp_weights has {len(mlp_keys)} layers, expected {len(config.radial_mlp) + 1}"
             )
         layer["radial_mlp"] = {f"layer{i}": take(k) for i, k in enumerate(mlp_keys)}
-        if layer["radial_mlp"][f"layer{len(mlp_keys) - 1}"].shape[1] != len(paths) * channels:
-            raise MaceImportError(f"{p}.conv_tp_weights does not match the tensor product's {len(paths)} paths")
+        if layer["radial_mlp"][f"layer{len(mlp_keys) - 1}"].shape[1] != paths.num_irreps * channels:
+            raise MaceImportError(f"{p}.conv_tp_weights does not match the tensor product's {paths.num_irreps} paths")
         if not residual:
             layer["species_linear"] = {
                 k: v[perm]
