@@ -82,6 +82,22 @@ def test_non_periodic_graph_matches_all_pairs(rng, offset):
     assert graph_edges(g) == brute_force(pos, np.eye(3), np.zeros(3, bool), 2.5)
 
 
+def test_direct_molecule_pairs_equal_ase_neighbour_list(rng, monkeypatch):
+    """Free-space structures up to DIRECT_PAIRS_MAX_ATOMS take the numpy all-pairs path; it gives ase's edges."""
+    from equiforce.data import neighbours
+
+    pos = rng.uniform(0.0, 9.0, (60, 3))
+    direct = build_neighbour_graph(pos, np.zeros((3, 3)), np.zeros(3, bool), 3.0, min_distance=0.0)
+    order = np.lexsort((direct.senders, direct.receivers))
+    assert np.array_equal(order, np.arange(direct.n_edges))  # sorted by receiver, then sender
+    with pytest.raises(DataError, match="overlap"):
+        build_neighbour_graph(np.array([[0.0, 0, 0], [0.3, 0, 0]]), np.zeros((3, 3)), np.zeros(3, bool), 3.0)
+    monkeypatch.setattr(neighbours, "DIRECT_PAIRS_MAX_ATOMS", 0)  # every structure through ase.neighborlist
+    via_ase = build_neighbour_graph(pos, np.zeros((3, 3)), np.zeros(3, bool), 3.0, min_distance=0.0)
+    assert direct.n_edges == via_ase.n_edges > 100
+    assert graph_edges(direct) == graph_edges(via_ase)
+
+
 def test_edge_convention_and_both_directions(rng):
     pos = random_positions(rng, 6, TRICLINIC)
     r_max = 3.5
