@@ -12,6 +12,7 @@ from the padding, never from the data.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from equiforce.data.structures import StructureSet
 
 __all__ = [
     "Batch",
+    "BatchShard",
     "Graph",
     "PaddingBudget",
     "batch_groups",
@@ -33,6 +35,7 @@ __all__ = [
     "estimate_budget",
     "plan_batches",
     "round_up",
+    "split_group",
 ]
 
 
@@ -300,6 +303,51 @@ def plan_batches(
         edges += n_e
     if current and done >= start:
         yield current
+
+
+def split_group(group: Sequence[int], n_parts: int) -> list[list[int]]:
+    """Split a batch's structure indices into ``n_parts`` consecutive parts whose sizes differ by at most one
+    (the first parts are the larger ones; parts may be empty when the batch is smaller than ``n_parts``)."""
+    group = list(group)
+    base, extra = divmod(len(group), n_parts)
+    parts, start = [], 0
+    for d in range(n_parts):
+        size = base + (1 if d < extra else 0)
+        parts.append(group[start : start + size])
+        start += size
+    return parts
+
+
+@dataclass(frozen=True)
+class BatchShard:
+    """Which parts of every batch one process holds, when each batch is split into ``n_parts`` consecutive
+    parts (:func:`split_group`, one per device of a data-parallel run over several processes).
+
+    Attributes:
+      n_parts: parts per batch (the devices of every process), >= 1.
+      mine: the indices (``0..n_parts-1``, increasing) of this process's parts.
+
+    Raises:
+      ValueError: ``n_parts < 1``, or ``mine`` empty, out of range or not increasing.
+    """
+
+    n_parts: int
+    mine: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        mine = tuple(int(i) for i in self.mine)
+        if self.n_parts < 1:
+            raise ValueError(f"n_parts must be >= 1, got {self.n_parts}")
+        increasing = all(a < b for a, b in itertools.pairwise(mine))
+        if not mine or not increasing or not 0 <= mine[0] <= mine[-1] < self.n_parts:
+            raise ValueError(f"mine must be increasing part indices in 0..{self.n_parts - 1}, got {self.mine}")
+        object.__setattr__(self, "mine", mine)
+
+    def positions(self, batch_len: int) -> list[int]:
+        """The positions (``0..batch_len-1``, increasing) of a ``batch_len``-structure batch in this
+        process's parts."""
+        parts = split_group(range(batch_len), self.n_parts)
+        return [j for i in self.mine for j in parts[i]]
 
 
 def batch_iterator(

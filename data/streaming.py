@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from equiforce.data.errors import DataError
-from equiforce.data.graph import PaddingBudget, plan_batches
+from equiforce.data.graph import BatchShard, PaddingBudget, plan_batches
 from equiforce.data.hdf5 import HDF5Dataset
 from equiforce.data.neighbours import NeighbourGraph, build_neighbour_graph
 from equiforce.data.structures import StructureSet
@@ -222,6 +222,7 @@ class HDF5Stream:
         seed: int,
         start: int = 0,
         prefetch: int = 4,
+        shard: BatchShard | None = None,
     ) -> Prefetcher:
         """One shuffled epoch: ``make(group, structures, graphs)`` for each batch, computed ``prefetch``
         batches ahead in a background thread.
@@ -230,12 +231,18 @@ class HDF5Stream:
         ``seed`` would give them for the same sizes); ``structures`` and ``graphs`` hold just those
         structures, in that order. ``start`` skips that many batches without reading them (exact resume).
         Close the returned :class:`Prefetcher` when stopping early.
+
+        ``shard``: one process of several reads only its parts of each batch: ``structures`` and ``graphs``
+        then hold the structures at ``group[j]`` for ``j`` in ``shard.positions(len(group))``, in that order
+        (possibly none). The batches themselves (``group``) are planned from the sizes alone, so they are
+        the same on every process.
         """
         plan = plan_batches(self.n_atoms, self.n_edges, batch_size, budget, shuffle=True, seed=seed, start=start)
 
         def produce() -> Iterator[Any]:
             for group in plan:
-                s, graphs = self.read(group)
+                wanted = group if shard is None else [group[j] for j in shard.positions(len(group))]
+                s, graphs = self.read(wanted)
                 yield make(group, s, graphs)
 
         return Prefetcher(produce(), prefetch)

@@ -12,7 +12,7 @@ import pytest
 
 from equiforce.cli import main as cli_main
 from equiforce.data import DataError, StructureSet, build_neighbour_graphs, load_sample
-from equiforce.data.graph import batch_groups, estimate_budget, plan_batches
+from equiforce.data.graph import BatchShard, batch_groups, estimate_budget, plan_batches
 from equiforce.data.hdf5 import HDF5Dataset, HDF5Writer, read_hdf5
 from equiforce.data.preprocess import parts_folder, preprocess
 from equiforce.data.streaming import HDF5Stream, Prefetcher, sample_rows
@@ -243,6 +243,41 @@ def test_epoch_plan_is_seeded_complete_and_equal_to_the_in_memory_one(tmp_path, 
             for group, x, gr in seen:
                 assert x.positions.tobytes() == sub.subset(group).positions.tobytes()
                 _same_graphs(gr, [sub_graphs[k] for k in group])
+
+
+def test_a_shard_reads_only_its_parts_of_each_batch(tmp_path, rng):
+    """Batches of 4, 4, 3 split into 4 parts: each shard reads its parts' structures only (none at all of
+    the last batch for part 3), and the shards together read each batch once."""
+    s = _spread(rng, 11)
+    graphs = build_neighbour_graphs(s, R_MAX)
+    path = tmp_path / "s.h5"
+    with HDF5Writer(path, r_max=R_MAX) as w:
+        w.append(s, graphs)
+    shards = [BatchShard(4, (0,)), BatchShard(4, (1, 2)), BatchShard(4, (3,))]
+    assert shards[1].positions(3) == [1, 2] and shards[2].positions(3) == []
+    for stored in (True, False):
+        with HDF5Stream(path, R_MAX if stored else R_MAX + 0.5) as stream:
+            b = estimate_budget(stream.n_atoms, stream.n_edges, 4)
+            whole = list(stream.batches(4, b, lambda g, x, gr: g, seed=3, prefetch=2))
+            assert [len(g) for g in whole] == [4, 4, 3]
+            read = [list(stream.batches(4, b, lambda g, x, gr: (g, x, gr), seed=3, shard=sh)) for sh in shards]
+            for i, group in enumerate(whole):
+                got = []
+                for sh, batches in zip(shards, read, strict=True):
+                    g, x, gr = batches[i]
+                    assert g == group  # every shard sees the whole batch plan
+                    mine = [group[j] for j in sh.positions(len(group))]
+                    assert len(x) == len(gr) == len(mine)
+                    assert x.positions.tobytes() == s.subset(mine).positions.tobytes()
+                    got += mine
+                assert got == group
+            assert len(read[2][2][1]) == 0  # part 3 of the last batch is empty: nothing read
+
+
+def test_batch_shard_rejects_bad_parts():
+    for n_parts, mine in ((0, (0,)), (2, ()), (2, (1, 0)), (2, (2,)), (2, (0, 0))):
+        with pytest.raises(ValueError, match="must be"):
+            BatchShard(n_parts, mine)
 
 
 def test_prefetcher_passes_errors_and_stops(rng):

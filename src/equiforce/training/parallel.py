@@ -18,7 +18,9 @@ Several processes (hosts), started with ``jax.distributed`` (:mod:`equiforce.tra
 spans the devices of every process (``jax.devices()``, each process's first ``parallel.devices`` local
 devices, process by process). Every process plans the same global batches; each collates only the parts of
 its own devices and assembles the global batch from them
-(``jax.make_array_from_single_device_arrays``), so no process builds or sends another's data. The loss
+(``jax.make_array_from_single_device_arrays``), so no process builds or sends another's data; a streamed
+training set is also read that way, each process reading only its parts' structures (:attr:`DataParallel.shard`,
+:mod:`equiforce.training.data_source`). The loss
 and gradient sums then run across processes (NCCL on GPUs, gloo on CPUs) and the result is the same as
 on one device.
 
@@ -39,7 +41,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from equiforce.data.graph import Batch, PaddingBudget, collate, estimate_budget
+from equiforce.data.graph import Batch, BatchShard, PaddingBudget, collate, estimate_budget, split_group
 from equiforce.training.bootstrap import batch_weights
 from equiforce.training.config import ConfigError
 from equiforce.training.optim import ema_update
@@ -87,19 +89,6 @@ def resolve_devices(devices: int | str | None) -> list[Any]:
     return [d for p in sorted(by_process) for d in by_process[p][:n]]
 
 
-def split_group(group: Sequence[int], n_parts: int) -> list[list[int]]:
-    """Split a batch's structure indices into ``n_parts`` consecutive parts whose sizes differ by at most one
-    (the first parts are the larger ones; parts may be empty when the batch is smaller than ``n_parts``)."""
-    group = list(group)
-    base, extra = divmod(len(group), n_parts)
-    parts, start = [], 0
-    for d in range(n_parts):
-        size = base + (1 if d < extra else 0)
-        parts.append(group[start : start + size])
-        start += size
-    return parts
-
-
 class DataParallel:
     """The data-parallel pieces of one training run: the mesh, the per-device budget and the step.
 
@@ -129,6 +118,15 @@ class DataParallel:
             f"{batch_size}, per device up to {self.per_device_batch} (budget {self.budget.n_nodes} nodes / "
             f"{self.budget.n_edges} edges / {self.budget.n_graphs} graphs each)"
         )
+
+    @property
+    def shard(self) -> BatchShard | None:
+        """The parts of every global batch this process builds, or None when it builds them all (one
+        process): a streamed epoch then reads only those structures (:meth:`TrainingData.epoch
+        <equiforce.training.data_source.TrainingData.epoch>`)."""
+        if self.n_processes == 1:
+            return None
+        return BatchShard(self.n_devices, tuple(i for i, _ in self.local))
 
     def replicate(self, tree: Any) -> Any:
         """Put a pytree (parameters, optimiser state) on every device of every process.
@@ -179,8 +177,9 @@ class DataParallel:
         bootstrap weights ``[D, K, n_graphs]`` of each part (None without bootstrap).
 
         ``rows``: where ``group``'s structures are in ``structures`` and ``graphs`` (default: ``group``
-        itself; a streamed batch holds just its own structures). Only this process's parts are collated and
-        transferred; every process passes the same ``group``."""
+        itself; a streamed batch holds just its own structures, and over several processes just those of
+        this process's parts, :attr:`shard`: the other entries are never read, e.g. -1). Only this
+        process's parts are collated and transferred; every process passes the same ``group``."""
         rows = list(group) if rows is None else list(rows)
         parts = split_group(range(len(rows)), self.n_devices)
         mine = [parts[i] for i, _ in self.local]
