@@ -13,6 +13,23 @@ validation and test sets, and the *statistics sample*, a seeded random ``data.st
 structures (all of them when there are fewer) from which the E0s and force RMS are fitted and on which the
 post-training steps that need training data run (E0 re-fit, the LLPR uncertainty fit). The average neighbour
 count and the species come from the whole file.
+
+Over several processes (:mod:`equiforce.training.distributed`) every process plans the same global batches
+from the sizes alone (the file's ``n_atoms`` / ``n_edges`` index and the epoch's seed), and each batch is
+split into one part per device (:class:`~equiforce.training.parallel.DataParallel`). What each process
+reads:
+
+* streamed: of the training structures, only those of its own devices' parts of each batch (so the
+  processes together read each training structure once per epoch, each a ``1/P`` share); in addition, every
+  process reads the file's index (sizes, ~16 bytes per structure), its atomic-number column once (4 bytes per
+  atom, for the species), the statistics sample and the validation set. The statistics sample is drawn from
+  ``seed``, so the E0s, scale and average neighbour count are the same on every process (checked before
+  training). The validation set is kept whole on every process: it is small (``data.valid_fraction``) and
+  every process evaluates it, so process 0's validation loss needs no gathering. Without stored edge
+  counts for the model's cutoff every process also reads the whole file once to count them
+  (``equiforce preprocess --r-max R`` stores them).
+* in memory: every process reads the whole training data (any format) and builds only its devices' parts of
+  each batch; this is logged, with the advice to convert to native HDF5 and stream.
 """
 
 from __future__ import annotations
@@ -21,10 +38,11 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import jax
 import numpy as np
 
 from equiforce.data.errors import DataError
-from equiforce.data.graph import PaddingBudget, batch_groups
+from equiforce.data.graph import BatchShard, PaddingBudget, batch_groups
 from equiforce.data.neighbours import NeighbourGraph, build_neighbour_graphs
 from equiforce.data.readers import load_sample, read_structures
 from equiforce.data.splits import random_split
@@ -152,12 +170,18 @@ class TrainingData:
         seed: int,
         start: int = 0,
         energy_shift: Callable[[StructureSet], np.ndarray],
+        shard: BatchShard | None = None,
     ) -> Iterator[Any]:
         """``make(group, structures, graphs, rows)`` for each batch of one shuffled epoch, from batch ``start``.
 
         ``group``: the batch's training-set indices; ``structures``/``graphs`` hold them (with ``energy_shift``
         subtracted from the energies); ``rows``: the positions of ``group``'s structures in ``structures``.
         Streamed batches are made in a background thread; close the iterator when leaving early.
+
+        ``shard`` (one process of several, :attr:`DataParallel.shard
+        <equiforce.training.parallel.DataParallel.shard>`): a streamed epoch reads only the structures of
+        this process's parts of each batch; ``rows`` is then -1 at the positions of the other parts. In
+        memory every structure is at hand and ``shard`` changes nothing.
         """
         if self.stream is None:
             train = self.data.train
@@ -167,13 +191,26 @@ class TrainingData:
 
         def make_streamed(group: list[int], s: StructureSet, graphs: list[NeighbourGraph]) -> Any:
             s = dataclasses.replace(s, energy=s.energy - energy_shift(s))
-            return make(group, s, graphs, list(range(len(group))))
+            return make(group, s, graphs, shard_rows(len(group), shard))
 
-        return self.stream.batches(batch_size, budget, make_streamed, seed=seed, start=start, prefetch=self.prefetch)
+        return self.stream.batches(
+            batch_size, budget, make_streamed, seed=seed, start=start, prefetch=self.prefetch, shard=shard
+        )
 
     def close(self) -> None:
         if self.stream is not None:
             self.stream.close()
+
+
+def shard_rows(batch_len: int, shard: BatchShard | None) -> list[int]:
+    """``[batch_len]`` row of each batch position in the structures read for ``shard`` (those of its parts,
+    in batch order), -1 where another process holds it; ``0..batch_len-1`` without a shard."""
+    if shard is None:
+        return list(range(batch_len))
+    rows = [-1] * batch_len
+    for k, j in enumerate(shard.positions(batch_len)):
+        rows[j] = k
+    return rows
 
 
 def _skip_and_make(groups: Iterator[list[int]], start: int, make: Callable[[list[int]], Any]) -> Iterator[Any]:
@@ -193,6 +230,8 @@ def load_training_data(cfg: TrainConfig, log: Callable[[str], None]) -> Training
     r_max = cfg.model.r_max
     if not cfg.data.streaming:
         data = load_datasets(cfg)
+        if jax.process_count() > 1:
+            log(_whole_file_note(cfg, len(data.train), jax.process_count()))
         train_graphs = build_neighbour_graphs(data.train, r_max)
         return TrainingData(
             data,
@@ -239,6 +278,16 @@ def load_training_data(cfg: TrainConfig, log: Callable[[str], None]) -> Training
         species=species,
         stream=stream,
         prefetch=d.prefetch_batches,
+    )
+
+
+def _whole_file_note(cfg: TrainConfig, n_train: int, n_processes: int) -> str:
+    """The log line of an in-memory run over several processes: every process reads everything."""
+    return (
+        f"each of the {n_processes} processes reads the whole training data ({cfg.data.train}) and holds its "
+        f"{n_train} training structures in memory (it builds only its own devices' parts of each batch); to have "
+        "each process read only the structures of its parts, convert the data once with `equiforce preprocess "
+        "INPUT OUT.h5 --r-max R` and train from OUT.h5 with data.streaming: true"
     )
 
 

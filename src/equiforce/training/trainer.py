@@ -472,6 +472,7 @@ def _train_with(
                 seed=_epoch_seed(cfg.seed, epoch),
                 start=skip,
                 energy_shift=lambda s: e0_sum(potential, s),
+                shard=None if dp is None else dp.shard,  # several processes: a streamed epoch reads its parts only
             )
             bar = tqdm(
                 total=steps_per_epoch,
