@@ -20,8 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from equiforce.data import build_neighbour_graphs, load_sample
+from equiforce.data.hdf5 import HDF5Writer
 from equiforce.training import load_config
 from equiforce.training.config import ConfigError, ParallelConfig
+from equiforce.training.data_source import _train_rows
 from equiforce.training.distributed import (
     CoordinatorUnreachableError,
     cluster_tasks,
@@ -34,12 +37,28 @@ SCRIPT = textwrap.dedent(
     import json, sys, time
     import jax
     jax.config.update("jax_enable_x64", True)
+    import numpy as np
     import equiforce.training.trainer as trainer
+    from equiforce.data.streaming import HDF5Stream
     from equiforce.training import load_config, train
     from equiforce.training.parallel import DataParallel
 
     out, n, pid, port, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    extra = json.loads(sys.argv[6]) if len(sys.argv) > 6 else []
     writes = []
+    reads = []  # per streamed epoch: the file rows of the training structures this process read
+
+    def batches(self, *args, **kwargs):
+        reads.append([])
+        return stream_batches(self, *args, **kwargs)
+
+    def read(self, positions):
+        if reads:  # (not the counting pass before training)
+            reads[-1].extend(int(r) for r in self.rows[np.asarray(positions, dtype=np.int64)])
+        return stream_read(self, positions)
+
+    stream_batches, stream_read = HDF5Stream.batches, HDF5Stream.read
+    HDF5Stream.batches, HDF5Stream.read = batches, read
 
     def record(name, fn):
         def wrapped(*args, **kwargs):
@@ -77,13 +96,18 @@ SCRIPT = textwrap.dedent(
             "parallel.shutdown_timeout=60",
         ]
     t0 = time.perf_counter()
-    result = train(load_config(None, overrides + overrides_extra), log=lambda line: print("LOG " + line, flush=True))
+    result = train(
+        load_config(None, overrides + overrides_extra + extra),
+        resume=mode == "resume",
+        log=lambda line: print("LOG " + line, flush=True),
+    )
     print("RESULT" + json.dumps({
         "process_index": jax.process_index(), "process_count": jax.process_count(),
         "train_loss": [r["train_loss"] for r in result.history],
         "valid_loss": [r["valid_loss"] for r in result.history],
+        "step": [r["step"] for r in result.history],
         "model_path": str(result.model_path), "valid_metrics": result.valid_metrics, "writes": sorted(set(writes)),
-        "seconds": time.perf_counter() - t0,
+        "stopped_because": result.stopped_because, "reads": reads, "seconds": time.perf_counter() - t0,
     }))
     """
 )
@@ -98,8 +122,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(out: Path, n: int, pid: int, port: int, mode: str = "train") -> subprocess.Popen:
-    args = [sys.executable, "-c", SCRIPT, str(out), str(n), str(pid), str(port), mode]
+def _start(out: Path, n: int, pid: int, port: int, mode: str = "train", extra: list[str] = ()) -> subprocess.Popen:
+    """One process of an ``n``-process run (``mode``: train, resume, fail, disagree) with ``extra``
+    config overrides."""
+    args = [sys.executable, "-c", SCRIPT, str(out), str(n), str(pid), str(port), mode, json.dumps(list(extra))]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
 
 
@@ -164,6 +190,9 @@ def test_two_processes_reproduce_the_single_process_loss_curve(two_processes):
         assert _max_rel(p["train_loss"], one["train_loss"]) <= 1e-6
         assert _max_rel(p["valid_loss"], one["valid_loss"]) <= 1e-6
     assert "data parallel over 2 cpu devices (cpu) in 2 processes" in two_processes["log0"]
+    # in memory every process reads everything, and the log says so and what to do instead
+    assert "LOG each of the 2 processes reads the whole training data (sample:train)" in two_processes["log0"]
+    assert "data.streaming: true" in two_processes["log0"]
 
 
 def test_only_process_zero_writes_and_logs(two_processes):
@@ -173,6 +202,80 @@ def test_only_process_zero_writes_and_logs(two_processes):
     assert "LOG epoch" in two_processes["log0"] and "LOG " not in two_processes["log1"]
     # process 1 waited for process 0's model file and returned the same result
     assert p1["model_path"] == p0["model_path"] and p1["valid_metrics"] == p0["valid_metrics"]
+
+
+def _assert_ok(done: list[tuple[int, str, str]]) -> None:
+    for pid, (rc, _, err) in enumerate(done):
+        assert rc == 0, f"process {pid}:\n{err[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def streamed(two_processes, tmp_path_factory) -> dict:
+    """The run of ``two_processes`` streamed by two processes from a native HDF5 copy of its data: stopped by
+    a time budget after its first step (mid-epoch), then resumed to the end (both streamed)."""
+    root = tmp_path_factory.mktemp("streamed")
+    r_max = load_config(None, []).model.r_max
+    s = load_sample("train")
+    with HDF5Writer(root / "train.h5", r_max=r_max) as w:
+        w.append(s, build_neighbour_graphs(s, r_max))
+    extra = [f"data.train={root / 'train.h5'}", "data.streaming=true", "data.prefetch_batches=2"]
+    port = _free_port()
+    budget = [*extra, "optim.time_budget_minutes=1e-6"]
+    stopped = _finish([_start(root / "run", 2, pid, port, extra=budget) for pid in (0, 1)], timeout=600)
+    _assert_ok(stopped)
+    port = _free_port()
+    resumed = _finish([_start(root / "run", 2, pid, port, "resume", extra) for pid in (0, 1)], timeout=600)
+    _assert_ok(resumed)
+    train_rows = _train_rows(load_config(None, ["data.train_size=14"]), len(s))[0]
+    return {
+        "stopped": [_result(out) for _, out, _ in stopped],
+        "stopped_log0": stopped[0][1],
+        "resumed": [_result(out) for _, out, _ in resumed],
+        "resumed_log0": resumed[0][1],
+        "train_rows": sorted(int(r) for r in train_rows),
+    }
+
+
+def test_time_budget_ends_both_processes_and_the_streamed_run_resumes(streamed):
+    for p in streamed["stopped"]:  # both returned (rc 0) after the first step, mid-epoch 1
+        assert p["stopped_because"] == "time_budget" and p["train_loss"] == []
+    assert "LOG time budget of 1e-06 min reached during epoch 1" in streamed["stopped_log0"]
+    for log in (streamed["stopped_log0"], streamed["resumed_log0"]):
+        assert "LOG streaming 14 training structures" in log
+    for p in streamed["resumed"]:
+        assert p["stopped_because"] == "max_epochs" and p["step"] == [3, 6]
+    p0, p1 = streamed["resumed"]
+    assert p1["model_path"] == p0["model_path"] and p1["valid_metrics"] == p0["valid_metrics"]
+
+
+def test_streamed_two_processes_reproduce_the_single_process_loss_curve(streamed, two_processes):
+    """Stopped, resumed and streamed by two processes: the loss curve of one process in memory."""
+    one = two_processes["one"]
+    for p in streamed["resumed"]:
+        rel = max(_max_rel(p["train_loss"], one["train_loss"]), _max_rel(p["valid_loss"], one["valid_loss"]))
+        print(f"streamed over 2 processes (stopped, resumed) vs 1 process in memory: relative difference {rel:.2e}")
+        assert rel <= 1e-12
+        # the same batches as the two processes in memory, split the same way: the same sums in the same order
+        assert p["train_loss"] == two_processes["p0"]["train_loss"]
+        assert p["valid_loss"] == two_processes["p0"]["valid_loss"]
+
+
+def test_each_streaming_process_reads_only_its_parts_of_each_batch(streamed):
+    """14 structures in batches of 5, 5, 4, each split 3 + 2 or 2 + 2 over the two processes' devices: the
+    rows each process reads are disjoint, and together they are the epoch's structures, each read once."""
+    expected = set(streamed["train_rows"])
+    (stopped0,), (stopped1,) = (p["reads"] for p in streamed["stopped"])  # epoch 1 until the stop
+    (first0, second0), (first1, second1) = (p["reads"] for p in streamed["resumed"])
+    # epoch 2, read whole by the resumed run
+    assert (len(second0), len(second1)) == (8, 6)
+    assert len(set(second0)) == 8 and len(set(second1)) == 6 and not set(second0) & set(second1)
+    assert set(second0) | set(second1) == expected
+    # epoch 1: its first batch (and what the reading thread got ahead) before the stop, the rest after it
+    assert (len(first0), len(first1)) == (5, 4)
+    assert not set(stopped0) & set(stopped1) and not set(first0) & set(first1)
+    assert not set(stopped0[:3] + first0) & set(stopped1[:2] + first1)
+    assert sorted(stopped0[:3] + first0 + stopped1[:2] + first1) == sorted(expected)
+    assert set(first0) != set(second0)  # a new shuffle each epoch, still split between the processes
 
 
 def test_a_failure_in_one_process_ends_both(tmp_path):
