@@ -105,3 +105,13 @@ def test_streaming_needs_the_native_format(tmp_path):
         train(cfg, log=_quiet)
     with pytest.raises(ConfigError, match="prefetch_batches"):
         _cfg(tmp_path / "x", "sample:train", "data.prefetch_batches=0")
+
+
+def test_the_in_memory_multi_process_note_recommends_streaming(tmp_path):
+    from equiforce.training.data_source import _whole_file_note
+
+    note = _whole_file_note(_cfg(tmp_path, "frames.extxyz"), 23, 4)
+    assert note.startswith("each of the 4 processes reads the whole training data (frames.extxyz)")
+    assert "equiforce preprocess INPUT OUT.h5 --r-max 5" in note and "data.streaming: true" in note
+    note = _whole_file_note(_cfg(tmp_path, "big.h5"), 23, 4)
+    assert "preprocess" not in note and note.endswith("set data.streaming: true")

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -242,7 +243,7 @@ def load_training_data(cfg: TrainConfig, log: Callable[[str], None]) -> Training
         )
     d = cfg.data
     path = cfg.resolve_path(d.train)
-    if d.train.startswith("sample:") or (d.format or path.suffix.lower().lstrip(".")) not in ("h5", "hdf5"):
+    if not _is_native_hdf5(d.train, d.format):
         raise ConfigError(
             f"data.streaming reads the native HDF5 format; data.train = {d.train!r} is not an .h5 file "
             "(convert it with `equiforce preprocess INPUT OUT.h5 --r-max R`)"
@@ -281,13 +282,24 @@ def load_training_data(cfg: TrainConfig, log: Callable[[str], None]) -> Training
     )
 
 
+def _is_native_hdf5(spec: str, fmt: str | None) -> bool:
+    """Whether a data spec (``data.train``) names a native HDF5 file (by ``fmt`` or else its suffix)."""
+    return not spec.startswith("sample:") and (fmt or Path(spec).suffix.lower().lstrip(".")) in ("h5", "hdf5")
+
+
 def _whole_file_note(cfg: TrainConfig, n_train: int, n_processes: int) -> str:
     """The log line of an in-memory run over several processes: every process reads everything."""
+    d = cfg.data
+    how = (
+        "set data.streaming: true"
+        if _is_native_hdf5(d.train, d.format)
+        else f"convert the data once with `equiforce preprocess INPUT OUT.h5 --r-max {cfg.model.r_max:g}` and "
+        "train from OUT.h5 with data.streaming: true"
+    )
     return (
-        f"each of the {n_processes} processes reads the whole training data ({cfg.data.train}) and holds its "
+        f"each of the {n_processes} processes reads the whole training data ({d.train}) and holds its "
         f"{n_train} training structures in memory (it builds only its own devices' parts of each batch); to have "
-        "each process read only the structures of its parts, convert the data once with `equiforce preprocess "
-        "INPUT OUT.h5 --r-max R` and train from OUT.h5 with data.streaming: true"
+        f"each process read only the structures of its parts, {how}"
     )
 
 
