@@ -1,25 +1,27 @@
-"""One large system's MD over several devices: the edges are sharded, the neighbour sums reduced.
+"""One large system's MD over several devices: edges and the network's per-atom work sharded, sums reduced.
 
     from equiforce.md import run_md
     result = run_md("model.eqf", big_box, ensemble="nve", steps=1000, devices="all")   # or devices=4
 
-Layout: node arrays replicated, edges sharded, every neighbour sum all-reduced
------------------------------------------------------------------------------
-The devices form a one-axis ``jax.sharding.Mesh`` (axis ``"edges"``). Positions, momenta, the neighbour list
-and every per-atom array (node features, per-atom energies, forces) are *replicated*: each device holds all
-of them. The edges the network sees (the pairs within ``r_max``, compacted every step; see
-:class:`~equiforce.md.engine.MDConfig`) are *sharded* along the edge axis: each device holds and evaluates
-``1/D`` of them (radial MLP, spherical harmonics, tensor products, messages). Every per-layer neighbour sum
-``Σ_{j∈N(i)} m_ij`` is then a partial sum on each device, reduced by an all-reduce; so are, in the backward
-pass, the node cotangents and finally the forces. The network's node-wise work (MACE's symmetric
-contraction, NequIP's gates, readouts) runs on every device on the replicated node arrays.
+Layout: edges and the network's atoms sharded, neighbour sums all-reduced
+------------------------------------------------------------------------
+The devices form a one-axis ``jax.sharding.Mesh`` (axis ``"edges"``, which also shards the atoms). The edges
+the network sees (the pairs within ``r_max``, compacted every step; see :class:`~equiforce.md.engine.MDConfig`)
+are *sharded* along the edge axis: each device holds and evaluates ``1/D`` of them (radial MLP, spherical
+harmonics, tensor products, messages). The network's per-atom arrays (node features, MACE's symmetric
+contraction, NequIP's gates, readouts, per-atom energies) are *sharded* along the atom axis: each device does
+the node-wise work of ``1/D`` of the atoms. A layer's gather ``x[senders]`` all-gathers the node features it
+needs, and its neighbour sum ``Σ_{j∈N(i)} m_ij`` is a partial sum on each device, all-reduced; the backward
+pass mirrors this. The integrator's state (positions, momenta, forces: ``[N, 3]``) and the neighbour list stay
+*replicated*: they are small beside the network's features.
 
-Per-device memory then scales as ``E/D x (per-edge features)`` + ``N x (per-node features)`` + the
-neighbour list (``2 x capacity`` integers, replicated) with E edges, N atoms and D devices. For the
-equivariant models the per-edge terms (``[edges, irreps, channels]`` messages and their backward-pass
-residuals, about 20-40 edges per atom) dominate, so the largest system grows nearly D-fold; the replicated
-per-atom terms set the limit for very many devices. Communication per force call: one all-reduce of
-``[N, irreps, channels]`` per layer forward and backward, and one of ``[N, 3]`` for the forces.
+Per-device memory then scales as ``E/D x (per-edge features)`` + ``N/D x (per-node features)`` + the transient
+``N x (one layer's node features)`` of the gathers and sums + the neighbour list (``2 x capacity`` integers,
+replicated) with E edges, N atoms and D devices. Measured with ``benchmarks/sharded_md.py`` (protocol MACE,
+float32, 17,496-atom water box): 50.1 GB on one device without edge blocks, 12.6 GB per device on 4 (4.0x;
+edges alone sharded gave 16.1 GB, 3.1x). Communication per force call (the compiled program of a 2-layer MACE
+on 4 devices, 1,536 atoms): four all-gathers of ``[N, irreps, channels]`` node features or their cotangents,
+two all-reduces of neighbour sums of that shape, and three all-gathers of integer edge indices.
 
 Why XLA's SPMD partitioner (``jit`` + ``with_sharding_constraint``) and not ``jax.shard_map`` with explicit
 ``psum``: the network does its neighbour sums deep inside each model (``segment_sum`` in SchNet, PaiNN and
@@ -27,21 +29,18 @@ Allegro, :func:`~equiforce.potentials.layers.chunked_edge_sum` in NequIP and MAC
 models' own sums). With ``shard_map`` every one of them would need a ``psum`` over a named axis, and
 ``jax.grad`` through them would need the varying-axes machinery to insert the matching reductions in the
 backward pass. With the partitioner, the edge arrays are constrained to be sharded just before the network
-(:func:`make_system`'s ``edge_layout`` hook) and XLA partitions the gathers ``x[senders]`` (replicated
-operand, sharded indices: local) and the scatter-adds into the node arrays (sharded updates: a local
-partial sum then an all-reduce), forward and backward, for every model unchanged. The compiled program of
-a 2-layer MACE on 4 devices holds exactly that: one all-reduce per layer's neighbour sum, one (of two node
-arrays) in the backward pass, one for the forces, plus one all-gather of the edge compaction's integer prefix
-sum. (Per device it still holds about one per-edge tensor unpartitioned: 4 devices divide the memory by 3.1,
-not 4; see ``benchmarks/sharded_md.py``.) The MD engine is the
-single-device engine, unchanged: its jitted chunk becomes one SPMD program over the mesh.
+(:func:`make_system`'s ``edge_layout`` hook), the per-atom arrays at the network's boundary (species and atom
+mask in, per-atom energies out) along the atoms (its ``node_layout`` hook), and XLA partitions the gathers
+``x[senders]`` and the scatter-adds into the node arrays, forward and backward, for every model unchanged.
+The MD engine is the single-device engine, unchanged: its jitted chunk becomes one SPMD program over the mesh.
 
 Edge blocking (``edge_chunk_size``, :func:`~equiforce.potentials.layers.resolve_edge_chunk`) is switched off
 here: its ``lax.scan`` over blocks of edges would run over the sharded axis (XLA would gather the edges back
 onto every device). Sharding takes its place as the way to bound the per-edge memory; a model that asks for
 explicit blocks (``edge_chunk_size > 0``) is refused with a ValueError.
 
-Padding: the compacted edge slots are padded with masked edges to a multiple of D, so the shards are equal.
+Padding: the compacted edge slots are padded with masked edges to a multiple of D, so the shards are equal; XLA
+pads an atom count that is not a multiple of D.
 Results equal the single-device ones up to the order of the additions (float64: ~1e-15 relative).
 
 Not supported (ValueError): several processes (``jax.distributed``; the mesh holds this process's devices),
@@ -64,7 +63,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from equiforce.md.system import MDSystem, make_system
 from equiforce.potentials.potential import Potential
 
-__all__ = ["EDGE_AXIS", "edge_layout", "edge_mesh", "make_sharded_system", "resolve_md_devices", "unblocked"]
+__all__ = [
+    "EDGE_AXIS",
+    "atom_layout",
+    "edge_layout",
+    "edge_mesh",
+    "make_sharded_system",
+    "resolve_md_devices",
+    "unblocked",
+]
 
 #: the mesh axis the edges are sharded along
 EDGE_AXIS = "edges"
@@ -129,6 +136,20 @@ def edge_layout(mesh: Mesh) -> Callable[..., tuple[jnp.ndarray, ...]]:
     return layout
 
 
+def atom_layout(mesh: Mesh) -> Callable[[jnp.ndarray], jnp.ndarray]:
+    """The ``node_layout`` hook of :func:`~equiforce.md.system.make_system` that shards per-atom arrays over ``mesh``.
+
+    The array's leading (atom) axis is constrained to ``PartitionSpec("edges")`` (the same mesh axis as the
+    edges); XLA pads an atom count that is not a multiple of the device count.
+    """
+    sharding = NamedSharding(mesh, PartitionSpec(EDGE_AXIS))
+
+    def layout(array: jnp.ndarray) -> jnp.ndarray:
+        return jax.lax.with_sharding_constraint(array, sharding)
+
+    return layout
+
+
 def unblocked(potential: Potential) -> Potential:
     """``potential`` with its edge blocks switched off (``edge_chunk_size = 0``) where the model has them.
 
@@ -163,5 +184,7 @@ def make_sharded_system(
     if len(chosen) == 1 and chosen[0] == jax.local_devices()[0]:
         return make_system(potential, params, atoms, **kwargs)
     mesh = edge_mesh(chosen)
-    system = make_system(unblocked(potential), params, atoms, edge_layout=edge_layout(mesh), **kwargs)
+    system = make_system(
+        unblocked(potential), params, atoms, edge_layout=edge_layout(mesh), node_layout=atom_layout(mesh), **kwargs
+    )
     return dataclasses.replace(system, mesh=mesh)

@@ -160,6 +160,7 @@ def make_system(
     cell_list: bool | None = None,
     half_list: bool = True,
     edge_layout: Any = None,
+    node_layout: Any = None,
 ) -> MDSystem:
     """Build the jax-md space, neighbour list and energy function for ``atoms``.
 
@@ -186,6 +187,9 @@ def make_system(
       edge_layout: ``(vectors, senders, receivers, edge_mask) -> (vectors, senders, receivers, edge_mask)``,
         applied to the edges just before the network (traceable). :mod:`equiforce.md.sharded` uses it to shard
         the edges over several devices. None: the edges as they are.
+      node_layout: ``array -> array`` applied to the per-atom arrays at the network's boundary (species and
+        atom mask going in, per-atom energies coming out; traceable). :mod:`equiforce.md.sharded` uses it to
+        shard the network's per-atom work over the devices. None: as they are.
 
     Raises:
       DataError / UnknownSpeciesError: see :func:`check_structure`.
@@ -248,6 +252,7 @@ def make_system(
         )
     node_mask = jnp.ones((n,), bool)
     layout = edge_layout or (lambda *edge_arrays: edge_arrays)
+    per_atom = node_layout or (lambda array: array)
 
     def space_kwargs_of(kwargs: dict[str, Any]) -> dict[str, Any]:
         # what reaches the displacement: `box` (NPT), `perturbation` (jax-md's pressure/stress)
@@ -293,15 +298,15 @@ def make_system(
         e = pot.node_energies_from_edges(
             p,
             vectors.astype(net_dtype),
-            species,
+            per_atom(species),
             senders,
             receivers,
             edge_mask,
-            node_mask,
+            per_atom(node_mask),
             include_e0=False,
             half_list=half_list,
         )
-        return e.astype(positions.dtype)
+        return per_atom(e).astype(positions.dtype)
 
     def node_energy_fn(
         positions: jnp.ndarray, neighbor: Any, *, edge_capacity: int | None = None, **kwargs: Any
