@@ -657,6 +657,7 @@ class HDF5Dataset:
             raise DataError(f"{self.path}: no such file")
         with _h5_errors(self.path, "open"):
             self._file = h5py.File(self.path, "r")
+        self._datasets: dict[str, h5py.Dataset] = {}
         try:
             with _h5_errors(self.path, "read"):
                 n, n_total, labels = _check_schema(self._file, self.path)
@@ -742,27 +743,30 @@ class HDF5Dataset:
         return f"HDF5Dataset({str(self.path)!r}, n_structures={len(self)}, labels={list(self.labels)})"
 
     # ------------------------------------------------------------------ reading
+    def _dataset(self, name: str) -> h5py.Dataset:
+        """The open dataset ``name`` (looked up once: h5py's lookup costs as much as a small read)."""
+        ds = self._datasets.get(name)
+        if ds is None:
+            ds = self._datasets[name] = self._file[name]
+        return ds
+
     def _read_runs(self, runs: Sequence[tuple[int, int]]) -> StructureSet:
-        """Structures ``a..b-1`` of each ``(a, b)`` run, concatenated in order."""
-        f = self._file
+        """Structures ``a..b-1`` of each ``(a, b)`` run, concatenated in order (one HDF5 read per dataset)."""
         out: dict[str, np.ndarray | None] = {}
+        atom_ranges = [(int(self.offsets[a]), int(self.offsets[b])) for a, b in runs]
         with _h5_errors(self.path, f"read {_describe_runs(runs)} of"):
             for name in (*_REQUIRED, *_LABELS):
                 if name not in self.labels and name not in _REQUIRED:
                     out[name] = None
                     continue
-                per_atom, tail, dtype = _SPEC[name]
+                per_atom = _SPEC[name][0]
                 if name == "n_atoms":
                     parts = [self.n_atoms[a:b] for a, b in runs]
+                    out[name] = np.concatenate(parts) if parts else np.zeros((0,), np.int64)
                 else:
-                    ds = f[name]
-                    if per_atom:
-                        parts = [ds[self.offsets[a] : self.offsets[b]] for a, b in runs]
-                    else:
-                        parts = [ds[a:b] for a, b in runs]
-                # no cast here: StructureSet checks values in the file's dtype (an int64 atomic number of
-                # 2**32 + 6 must be refused, not wrapped to carbon) and converts
-                out[name] = np.concatenate(parts) if parts else np.zeros((0, *tail), dtype)
+                    # no cast here: StructureSet checks values in the file's dtype (an int64 atomic number of
+                    # 2**32 + 6 must be refused, not wrapped to carbon) and converts
+                    out[name] = _read_ranges(self._dataset(name), atom_ranges if per_atom else runs)
         try:
             return StructureSet(**out)
         except DataError as err:
@@ -772,22 +776,23 @@ class HDF5Dataset:
         """The stored neighbour graphs of the structures of each ``(a, b)`` run, in order."""
         if not self.has_graphs:
             raise DataError(f"{self.path}: the file holds no neighbour graphs (write it with equiforce preprocess)")
-        f, eo = self._file, self.edge_offsets
+        eo = self.edge_offsets
         graphs = []
         with _h5_errors(self.path, f"read the graphs of {_describe_runs(runs)} of"):
-            for a, b in runs:
-                lo, hi = int(eo[a]), int(eo[b])
-                arrays = [np.asarray(f[name][lo:hi], dtype=np.int32) for name in _EDGES]
-                for k in range(a, b):
-                    sl = slice(int(eo[k]) - lo, int(eo[k + 1]) - lo)
-                    graph = NeighbourGraph(*(x[sl] for x in arrays))
-                    n = int(self.n_atoms[k])
-                    if graph.n_edges and (
-                        min(graph.senders.min(), graph.receivers.min()) < 0
-                        or max(graph.senders.max(), graph.receivers.max()) >= n
-                    ):
-                        raise DataError(f"{self.path}: the graph of structure {k} names an atom outside its {n} atoms")
-                    graphs.append(graph)
+            ranges = [(int(eo[a]), int(eo[b])) for a, b in runs]
+            arrays = [np.asarray(_read_ranges(self._dataset(name), ranges), dtype=np.int32) for name in _EDGES]
+            start = 0
+            for k in (k for a, b in runs for k in range(a, b)):
+                stop = start + int(self.n_edges[k])
+                graph = NeighbourGraph(*(x[start:stop] for x in arrays))
+                start = stop
+                n = int(self.n_atoms[k])
+                if graph.n_edges and (
+                    min(graph.senders.min(), graph.receivers.min()) < 0
+                    or max(graph.senders.max(), graph.receivers.max()) >= n
+                ):
+                    raise DataError(f"{self.path}: the graph of structure {k} names an atom outside its {n} atoms")
+                graphs.append(graph)
         return graphs
 
     def _runs(
@@ -854,6 +859,22 @@ class HDF5Dataset:
         stop = len(self) if stop is None else min(stop, len(self))
         for a in range(start, stop, chunk_size):
             yield self._read_runs([(a, min(a + chunk_size, stop))])
+
+
+def _read_ranges(ds: h5py.Dataset, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Rows ``lo..hi-1`` of each ``(lo, hi)`` range of ``ds`` (sorted, not overlapping), concatenated, in the
+    dataset's own dtype: one HDF5 read of the union of the ranges (a hyperslab selection), not one per range."""
+    ranges = [(lo, hi) for lo, hi in ranges if hi > lo]
+    tail = ds.shape[1:]
+    if len(ranges) <= 1:
+        return ds[ranges[0][0] : ranges[0][1]] if ranges else np.zeros((0, *tail), ds.dtype)
+    file_space = ds.id.get_space()
+    file_space.select_none()
+    for lo, hi in ranges:
+        file_space.select_hyperslab((lo, *(0,) * len(tail)), (hi - lo, *tail), op=h5py.h5s.SELECT_OR)
+    out = np.empty((sum(hi - lo for lo, hi in ranges), *tail), ds.dtype)
+    ds.id.read(h5py.h5s.create_simple(out.shape), file_space, out)
+    return out
 
 
 def _describe_runs(runs: Sequence[tuple[int, int]]) -> str:
