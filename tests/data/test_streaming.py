@@ -94,6 +94,30 @@ def test_stored_graphs_equal_fresh_ones(tmp_path, rng):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5", "g.h5"]
 
 
+def test_graph_reads_across_runs_with_edgeless_structures(tmp_path):
+    """Runs of structures read in one go: structures without edges (isolated atoms) between and inside runs."""
+    single = np.array([[0.0, 0.0, 0.0]])
+    pair = np.array([[0.0, 0.0, 0.0], [1.2, 0.0, 0.0]])
+    parts = [pair, single, single, pair, single, pair]
+    s = StructureSet(
+        atomic_numbers=np.ones(sum(len(p) for p in parts), int),
+        positions=np.concatenate(parts),
+        n_atoms=[len(p) for p in parts],
+        cell=np.zeros((6, 3, 3)),
+        pbc=np.zeros((6, 3), bool),
+        energy=np.arange(6.0),
+    )
+    graphs = build_neighbour_graphs(s, R_MAX)
+    assert [g.n_edges for g in graphs] == [2, 0, 0, 2, 0, 2]
+    path = tmp_path / "e.h5"
+    with HDF5Writer(path, r_max=R_MAX) as w:
+        w.append(s, graphs)
+    with HDF5Dataset(path) as ds:
+        for idx in ([0, 2, 3, 5], [5, 1, 0], [1, 2, 4], [4, 3, 0, 1]):
+            _same_graphs(ds.read_graphs(idx), [graphs[k] for k in idx])
+            np.testing.assert_array_equal(ds.read(idx).energy, np.asarray(idx, float))
+
+
 def _chunk_ranges(path):
     """(first row, byte end) of every chunk of every dataset of an intact file."""
     out = {}
