@@ -3,7 +3,8 @@
 * :func:`run_md` — one call: model file + structure → jit-compiled NVE/NVT run, H5MD trajectory,
   thermo CSV, exact restart.
 * :func:`run_replicas` — many structures in one jit-compiled program sharded over the devices (``run_md``
-  given a list calls it): per-replica thermostats, seeds, trajectories and blow-up handling.
+  given a list calls it): periodic or not, NVE / Langevin / Nosé–Hoover with per-replica thermostats and
+  seeds, a trajectory per replica, blow-up handling, restart (:mod:`equiforce.md.replicas`).
 * ``run_md(..., devices="all")``, :func:`make_sharded_system` — one large system over several devices
   (edges sharded, neighbour sums reduced; see :mod:`equiforce.md.sharded`).
 * :class:`MDEngine`, :func:`make_system` — the lower-level pieces (jax-md space, neighbour list, chunks).

@@ -163,9 +163,17 @@ class RunOutputs:
             forces=engine.forces(state) if self.write_forces else None,
             **observables,
         )
+        self.write_restart(engine, state, frame)
+
+    def write_restart(self, engine: MDEngine, state: Any, frame: ThermoFrame, **meta: Any) -> None:
+        """(Re)write the restart state of the last written ``frame`` (``state`` at its step), with extra JSON
+        ``meta`` (a replica run stores ``stopped_because`` this way when a replica stops). No-op without a
+        trajectory."""
+        if self.writer is None:
+            return
         self.writer.write_restart_state(
             state_arrays(state),
-            {"step": frame.step, "ensemble": self.ensemble, "time_ps": frame.time_ps, "heat_eV": engine.heat},
+            {"step": frame.step, "ensemble": self.ensemble, "time_ps": frame.time_ps, "heat_eV": engine.heat, **meta},
         )
 
     def close(self) -> None:

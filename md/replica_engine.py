@@ -1,11 +1,7 @@
-"""Many MD replicas in one jit-compiled program, sharded over the devices.
+"""The replica engine: K structures stepped together in one jit-compiled program, sharded over the devices.
 
-    from equiforce.md import run_replicas
-    result = run_replicas("model.eqf", [atoms_a, atoms_b, atoms_c], ensemble="nvt_langevin",
-                          temperature_K=[300, 350, 400], seed=[0, 1, 2], steps=10_000,
-                          trajectory="out/traj_{replica}.h5", thermo="out/thermo_{replica}.csv")
-
-:func:`equiforce.md.run_md` given a list of structures calls :func:`run_replicas`.
+:class:`ReplicaEngine` is the engine of :func:`equiforce.md.replicas.run_replicas` (which adds the outputs,
+restart and the result); :mod:`equiforce.md.replica_inputs` checks its inputs.
 
 Layout: replicas padded to one static atom budget, one disjoint graph per device for the network
 ------------------------------------------------------------------------------------------------
@@ -17,7 +13,12 @@ steps its own replicas, with no communication. On a device,
 * each replica keeps its own jax-md neighbour list (``vmap``-ed; a rebuild costs ``N²`` pair checks per
   replica, not ``(K·N)²``), its own rebuild decision and its own overflow flag, so an overflow is attributed
   to the replica that had it; the lists are updated only when some replica moved half the skin;
-* the integrator is jax-md's pieces ``vmap``-ed over the replicas, each with its own kT, friction and key;
+* periodic replicas each have their own fixed cell: the space is jax-md's ``periodic_general`` in real
+  coordinates (as :func:`~equiforce.md.system.make_system` builds it for one system), built inside the
+  ``vmap`` from the replica's box (a per-replica ``[3, 3]`` array), for the neighbour list, the edge
+  vectors, the position updates and the pressure;
+* the integrator is jax-md's pieces ``vmap``-ed over the replicas, each with its own kT, friction, key and
+  (Nosé–Hoover) chain;
 * the network sees the device's replicas as one disjoint graph (indices offset by ``k·N``) in one call,
   with flat segment sums: a ``vmap`` of the network batches every scatter and ran 1.7x slower on CPU.
 
@@ -30,22 +31,22 @@ draw), so its trajectory equals the single run's to rounding; stopping a replica
 slice. The cost is the padding: a replica of ``n_k < N`` atoms still pays for ``N`` atoms and the common
 neighbour-list capacity, so give replicas of very different sizes to separate calls.
 
-Padding atoms get species 0, mass 1 amu and zero momentum, sit on a line 10⁴ Å outside every
-replica, are masked out of edges and node energies (zero force) and never move.
+Padding atoms get species 0, mass 1 amu and zero momentum; they are masked out of every neighbour list
+(jax-md's ``custom_mask_function``), of the edges and of the node energies (zero force), so they never
+create a pair, even in a periodic cell where no place is far from the real atoms. They sit on a line
+10⁴ Å outside free-space replicas and at the origin of periodic ones, and never move.
 
 Per chunk (``report_interval`` steps inside jit; nothing leaves the device until the chunk ends):
 
 * every step, every live replica is checked (finite energy, kinetic energy and positions; temperature at
   most ``max_temperature_K``). The first failing step stops that replica: its state goes back to the start
-  of the chunk (its last written frame), it takes no further steps, and its :class:`ReplicaResult` says at
-  which step and why. The other replicas go on unchanged.
+  of the chunk (its last written frame), it takes no further steps, and the engine says at which step and
+  why. The other replicas go on unchanged.
 * each replica's neighbour-list overflow flag is read; if any replica overflowed, all lists get one larger
   common capacity (a static shape) and the chunk is re-run for all replicas from their saved start states,
   so no replica loses a step and the re-run is exact.
-
-Supported: non-periodic structures; ensembles ``nve`` and ``nvt_langevin`` (per-replica temperature,
-friction and seed); precisions ``float32``, ``float64``, ``mixed``. Not supported (a ``ValueError`` says so):
-periodic cells, Nosé–Hoover and NPT, restart, uncertainty monitoring.
+* only the live replicas at the lowest step move (:attr:`ReplicaEngine.steps`); in a run they all share one
+  step, and after a restart whose replicas were stored at different steps the ones behind catch up first.
 
 Units are those of :mod:`equiforce.md.engine`: Å, eV, amu, fs / ps, K.
 """
@@ -53,10 +54,8 @@ Units are those of :mod:`equiforce.md.engine`: Å, eV, amu, fs / ps, K.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -64,74 +63,22 @@ import jax.numpy as jnp
 import numpy as np
 from ase import units
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from jax_md import partition, simulate, space
-from tqdm.auto import tqdm
+from jax_md import partition, quantity, simulate, space
 
-from equiforce.data.errors import DataError
 from equiforce.md import integrators
 from equiforce.md.engine import ThermoFrame
-from equiforce.md.outputs import RunOutputs
-from equiforce.md.system import _check_precision, check_structure, with_precision
-from equiforce.potentials.potential import Potential, UnknownSpeciesError
+from equiforce.md.replica_inputs import REPLICA_ENSEMBLES, check_replicas, per_replica, resolve_replica_devices
+from equiforce.md.system import _check_precision, with_precision
+from equiforce.potentials.potential import Potential
 
-__all__ = ["REPLICA_ENSEMBLES", "ReplicaEngine", "ReplicaResult", "ReplicasResult", "run_replicas"]
+__all__ = ["ReplicaEngine"]
 
-REPLICA_ENSEMBLES = ("nve", "nvt_langevin")
 _AXIS = "replicas"
-_PAD_DISTANCE = 1.0e4  # Å between the replicas' atoms and the first padding atom
-
-
-@dataclasses.dataclass(frozen=True)
-class ReplicaResult:
-    """One replica of a :func:`run_replicas` run.
-
-    Attributes:
-      index: the replica's position in the list of structures.
-      n_atoms: its number of atoms.
-      frames: its thermo frames (step 0, then one per chunk it completed); energies eV, T in K.
-      steps: steps it completed (those of its last frame).
-      final_atoms: its last good state as ``ase.Atoms`` (velocities set); for a stopped replica the state of
-        its last frame.
-      stopped_because: None if it ran all its steps, else why it stopped (step, energy, temperature).
-      drift_meV_per_atom_per_ps, fluctuation_meV_per_atom: of its conserved quantity (see
-        :func:`equiforce.md.run.energy_drift`).
-    """
-
-    index: int
-    n_atoms: int
-    frames: list[ThermoFrame]
-    steps: int
-    final_atoms: Any
-    stopped_because: str | None
-    drift_meV_per_atom_per_ps: float
-    fluctuation_meV_per_atom: float
-
-
-@dataclasses.dataclass(frozen=True)
-class ReplicasResult:
-    """Summary of a :func:`run_replicas` run.
-
-    Attributes:
-      replicas: one :class:`ReplicaResult` per structure, in input order.
-      steps: steps requested per replica (rounded up to whole chunks).
-      wall_s: wall time of the stepping after the first chunk, s.
-      first_chunk_s: wall time of the first chunk, compilation included, s.
-      atom_steps_per_s: atoms × steps of the live replicas per second after the first chunk.
-      steps_per_s: steps per second of the program (each step advances every live replica).
-      reallocations: neighbour-list reallocations (each re-ran one chunk of all replicas).
-      n_devices: devices the replica axis was sharded over.
-      padded_atoms: the static atom budget ``N`` every replica was padded to.
-    """
-
-    replicas: list[ReplicaResult]
-    steps: int
-    wall_s: float
-    first_chunk_s: float
-    atom_steps_per_s: float
-    steps_per_s: float
-    reallocations: int
-    n_devices: int
-    padded_atoms: int
+_PAD_DISTANCE = 1.0e4  # Å between free-space replicas' atoms and the first padding atom
+_CHAIN = (5, 2, 3)  # Nosé–Hoover chain length, chain steps, Suzuki–Yoshida steps (jax-md's defaults, as MDEngine)
+#: degrees_of_freedom of the chains in the batched state: jax-md keeps it a static (Python int) field, which
+#: cannot differ between replicas; each replica's own enters through the branches of ReplicaEngine._chain_op
+_CHAIN_DOF_PLACEHOLDER = 0
 
 
 class _Consts(NamedTuple):
@@ -141,74 +88,19 @@ class _Consts(NamedTuple):
     atom_mask: jnp.ndarray  # [N] bool, False for padding
     n_atoms: jnp.ndarray  # () real atoms
     dof: jnp.ndarray  # () kinetic degrees of freedom
+    dof_index: jnp.ndarray  # () int32, position of dof in ReplicaEngine.dof_values (Nosé–Hoover chains)
     kT: jnp.ndarray  # () eV
-    gamma: jnp.ndarray  # () 1/(ASE time)
+    gamma: jnp.ndarray  # () Langevin friction, 1/(ASE time)
+    tau: jnp.ndarray  # () Nosé–Hoover chain time constant, ASE time
     max_ekin: jnp.ndarray  # () eV, kinetic energy at max_temperature_K
+    box: jnp.ndarray  # [3, 3] jax-md box (lattice vectors as columns), Å; the identity for free space
 
 
-def _per_replica(value: Any, k: int, name: str, cast: Callable[[Any], Any]) -> list[Any]:
-    """``value`` for each of ``k`` replicas: a scalar repeated, or a sequence of length ``k``."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)):
-        return [cast(value)] * k
-    values = list(value)
-    if len(values) != k:
-        raise ValueError(f"{name} has {len(values)} entries for {k} replicas")
-    return [cast(v) for v in values]
-
-
-def resolve_replica_devices(devices: int | Sequence[Any] | None, n_replicas: int) -> list[Any]:
-    """The devices to shard ``n_replicas`` replicas over.
-
-    Args:
-      devices: None (every device, at most one per replica), a count (the first ``devices`` of
-        ``jax.devices()``), or a sequence of devices.
-
-    Raises:
-      ValueError: more devices requested than exist, or a count below 1.
-    """
-    available = jax.devices()
-    if devices is None:
-        return available[: max(1, min(len(available), n_replicas))]
-    if isinstance(devices, int):
-        if devices < 1:
-            raise ValueError(f"devices must be >= 1, got {devices}")
-        if devices > len(available):
-            raise ValueError(
-                f"{devices} devices requested but only {len(available)} exist ({available[0].platform}); on CPU, "
-                f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} simulates more (set before JAX starts)"
-            )
-        return available[:devices]
-    return list(devices)
-
-
-def check_replicas(structures: Sequence[Any], potential: Potential) -> None:
-    """Validate every structure before anything runs.
-
-    Raises:
-      UnknownSpeciesError: a replica holds an element the potential does not know (the message names the
-        replica index and the element).
-      DataError: an empty list, or a bad structure (see :func:`~equiforce.md.system.check_structure`),
-        naming the replica index.
-      ValueError: a periodic structure (not supported for replicas).
-    """
-    if len(structures) == 0:
-        raise DataError("run_replicas needs at least one structure")
-    for k, atoms in enumerate(structures):
-        try:
-            check_structure(atoms, potential)
-        except UnknownSpeciesError as err:
-            raise UnknownSpeciesError(f"replica {k}: {err}") from err
-        except DataError as err:
-            raise DataError(f"replica {k}: {err}") from err
-        if np.any(atoms.get_pbc()):
-            raise ValueError(
-                f"replica {k} is periodic: replicas support non-periodic structures only; run periodic "
-                "structures one by one with run_md"
-            )
+_ATOM_FIELDS = ("position", "momentum", "force", "mass")
 
 
 class ReplicaEngine:
-    """Runs K non-periodic replicas with one potential in jitted, sharded chunks (see the module docstring).
+    """Runs K replicas with one potential in jitted, sharded chunks (see the module docstring).
 
     Typical use::
 
@@ -218,11 +110,14 @@ class ReplicaEngine:
 
     Args:
       potential, params: the model.
-      structures: K ``ase.Atoms`` (non-periodic; sizes may differ).
-      ensemble: ``nve`` or ``nvt_langevin``.
+      structures: K ``ase.Atoms``, all non-periodic or all fully periodic (each its own fixed cell, every
+        cell height more than ``2 r_max``); sizes may differ. Periodic positions are wrapped into the cell.
+      ensemble: ``nve``, ``nvt_langevin`` or ``nvt_nose_hoover``.
       timestep_fs: shared time step, fs.
-      temperature_K: initial temperature and Langevin target, K; one value or one per replica.
+      temperature_K: initial temperature and thermostat target, K; one value or one per replica.
       friction_per_ps: Langevin friction, 1/ps; one value or one per replica.
+      thermostat_tau_fs: Nosé–Hoover chain time constant, fs (None: 100 time steps); one value or one per
+        replica.
       seed: initial velocities and Langevin noise; an int ``s`` gives replica ``k`` the seed ``s + k``, or
         one int per replica. Replica ``k`` with seed ``s_k`` draws what ``run_md(..., seed=s_k)`` draws.
       report_interval: steps per chunk.
@@ -231,18 +126,20 @@ class ReplicaEngine:
       max_temperature_K: a replica above this temperature is stopped, K.
       precision: ``float32``, ``float64`` or ``mixed`` (see :func:`~equiforce.md.system.make_system`);
         default the potential's dtype.
-      devices: see :func:`resolve_replica_devices`.
+      devices: see :func:`~equiforce.md.replica_inputs.resolve_replica_devices`.
       log: receives messages (reallocations).
 
     Raises:
-      UnknownSpeciesError / DataError / ValueError: see :func:`check_replicas`; also an unsupported ensemble,
-        per-replica settings of the wrong length, bad devices.
+      UnknownSpeciesError / DataError / ValueError: see :func:`~equiforce.md.replica_inputs.check_replicas`;
+        also an unsupported ensemble (NPT), per-replica settings of the wrong length, bad devices.
       RuntimeError: ``float64``/``mixed`` precision with JAX's 64-bit types off.
 
     Attributes:
-      step: steps completed by the live replicas. alive: ``[K]`` bool, host. heat: ``[K]`` eV the Langevin
-      bath put in since step 0. reallocations: neighbour-list reallocations. capacity: the common
-      neighbour-list capacity (pairs per replica). stop_reasons: ``[K]`` None or why the replica stopped.
+      steps: ``[K]`` steps each replica completed (host). step: the lowest step of the live replicas.
+      alive: ``[K]`` bool, host. heat: ``[K]`` eV the Langevin bath put in since step 0. reallocations:
+      neighbour-list reallocations. capacity: the common neighbour-list capacity (pairs per replica).
+      stop_reasons: ``[K]`` None or why the replica stopped. periodic: whether the replicas are periodic.
+      cells: ``[K]`` ASE cells (rows, Å) of periodic replicas, None otherwise.
     """
 
     def __init__(
@@ -255,6 +152,7 @@ class ReplicaEngine:
         timestep_fs: float = 0.5,
         temperature_K: float | Sequence[float] = 300.0,
         friction_per_ps: float | Sequence[float] = 1.0,
+        thermostat_tau_fs: float | Sequence[float] | None = None,
         seed: int | Sequence[int] = 0,
         report_interval: int = 100,
         skin: float = 1.0,
@@ -266,13 +164,13 @@ class ReplicaEngine:
     ) -> None:
         if ensemble not in REPLICA_ENSEMBLES:
             raise ValueError(
-                f"replicas support the ensembles {REPLICA_ENSEMBLES}, got {ensemble!r} (Nosé–Hoover and NPT: run "
-                "each structure with run_md)"
+                f"replicas support the ensembles {REPLICA_ENSEMBLES}, got {ensemble!r} (NPT changes each replica's "
+                "box: run each structure with run_md)"
             )
         if not timestep_fs > 0 or report_interval < 1 or skin < 0:
             raise ValueError("timestep_fs > 0, report_interval >= 1 and skin >= 0 required")
         structures = list(structures)
-        check_replicas(structures, potential)
+        self.periodic = check_replicas(structures, potential)
         self.structures = structures
         self.log = log or (lambda _: None)
         self.ensemble = ensemble
@@ -284,14 +182,18 @@ class ReplicaEngine:
         self.max_temperature_K = float(max_temperature_K)
         k = len(structures)
         self.n_replicas = k
-        self.temperatures_K = _per_replica(temperature_K, k, "temperature_K", float)
-        self.frictions_per_ps = _per_replica(friction_per_ps, k, "friction_per_ps", float)
+        self.temperatures_K = per_replica(temperature_K, k, "temperature_K", float)
+        self.frictions_per_ps = per_replica(friction_per_ps, k, "friction_per_ps", float)
+        taus = per_replica(thermostat_tau_fs, k, "thermostat_tau_fs", lambda t: t)
+        self.thermostat_taus_fs = [float(t) if t is not None else 100.0 * self.timestep_fs for t in taus]
         if isinstance(seed, (int, np.integer)):
             self.seeds = [int(seed) + i for i in range(k)]
         else:
-            self.seeds = _per_replica(seed, k, "seed", int)
+            self.seeds = per_replica(seed, k, "seed", int)
         if any(t < 0 for t in self.temperatures_K) or any(f < 0 for f in self.frictions_per_ps):
             raise ValueError("temperature_K and friction_per_ps must be >= 0")
+        if any(not t > 0 for t in self.thermostat_taus_fs):
+            raise ValueError(f"thermostat_tau_fs must be > 0, got {self.thermostat_taus_fs}")
 
         precision = precision or potential.dtype
         _check_precision(precision)
@@ -309,56 +211,51 @@ class ReplicaEngine:
         self.K = -(-k // self.n_devices) * self.n_devices  # padded to whole devices
         self.mesh = Mesh(np.array(self.devices), (_AXIS,))
         self.sharding = NamedSharding(self.mesh, PartitionSpec(_AXIS))
+        self.cells = [np.asarray(a.get_cell()[:], np.float64) for a in structures] if self.periodic else None
 
         self.dofs = [integrators.degrees_of_freedom(ensemble, m) for m in self.n_atoms]
         species = np.zeros((self.K, n), np.int32)
         mask = np.zeros((self.K, n), bool)
         masses = np.ones((self.K, n), np.float64)
+        boxes = np.tile(np.eye(3), (self.K, 1, 1))
         self.e0 = []
         atomic_energies = np.asarray(potential.atomic_energies, np.float64)
-        for i in range(self.K):
-            atoms = structures[i if i < k else 0]  # the padding replicas copy replica 0 and never run
+        src = [i if i < k else 0 for i in range(self.K)]  # the padding replicas copy replica 0 and never run
+        for i, j in enumerate(src):
+            atoms = structures[j]
             z = potential.species_index(atoms.get_atomic_numbers())
             species[i, : len(atoms)] = z
             mask[i, : len(atoms)] = True
             masses[i, : len(atoms)] = atoms.get_masses()
+            if self.periodic:
+                boxes[i] = self.cells[j].T  # jax-md: lattice vectors as columns
             if i < k:
                 self.e0.append(float(np.sum(atomic_energies[np.asarray(z)])))
-        src = [i if i < k else 0 for i in range(self.K)]
-        kT = np.array([self.temperatures_K[i] * units.kB for i in src])
-        gamma = np.array([self.frictions_per_ps[i] / (1000.0 * units.fs) for i in src])
         dof = np.array([self.dofs[i] for i in src], np.float64)
+        self.dof_values = sorted(set(self.dofs))
         consts = _Consts(
             species=species,
             atom_mask=mask,
             n_atoms=np.array([self.n_atoms[i] for i in src], np.float64),
             dof=dof,
-            kT=kT,
-            gamma=gamma,
+            dof_index=np.array([self.dof_values.index(self.dofs[i]) for i in src], np.int32),
+            kT=np.array([self.temperatures_K[i] * units.kB for i in src]),
+            gamma=np.array([self.frictions_per_ps[i] / (1000.0 * units.fs) for i in src]),
+            tau=np.array([self.thermostat_taus_fs[i] * units.fs for i in src]),
             max_ekin=0.5 * dof * units.kB * self.max_temperature_K,
+            box=boxes,
         )
-        as_dtype = {"species": jnp.int32, "atom_mask": bool}
+        as_dtype = {"species": jnp.int32, "atom_mask": bool, "dof_index": jnp.int32}
         self.consts = self._put(
             _Consts(
                 *(jnp.asarray(v, as_dtype.get(f, self.dtype)) for f, v in zip(_Consts._fields, consts, strict=True))
             )
         )
         self.masses = self._put(jnp.asarray(masses, self.dtype))
-
-        self.displacement_fn, self.shift_fn = space.free()
-        self.neighbor_fn = partition.neighbor_list(
-            self.displacement_fn,
-            jnp.asarray(1.0, self.dtype),
-            self.r_max,
-            dr_threshold=self.skin,
-            capacity_multiplier=self.capacity_multiplier,
-            format=partition.NeighborListFormat.OrderedSparse,
-            disable_cell_list=True,
-        )
         self._template = None
         self.neighbor = None
         self.capacity = 0
-        self.step = 0
+        self.steps = np.zeros(k, np.int64)
         self.heat = np.zeros(k)
         self.alive = np.zeros(k, bool)
         self.stop_reasons: list[str | None] = [None] * k
@@ -367,17 +264,54 @@ class ReplicaEngine:
         self._observe = jax.jit(jax.vmap(self._observe_one))
         self._init = jax.jit(jax.vmap(self._init_one))
         self._counts = jax.jit(jax.vmap(self._pair_count))
-        self._build = jax.jit(self._build_impl, static_argnums=(1,))
+        self._build = jax.jit(self._build_impl, static_argnums=(2,))
+
+    @property
+    def step(self) -> int:
+        """The lowest step of the live replicas (of all replicas when none is live)."""
+        steps = self.steps[self.alive] if self.alive.any() else self.steps
+        return int(steps.min())
 
     # ------------------------------------------------------------------ pieces of one replica (traced)
     def _put(self, tree: Any) -> Any:
         return jax.device_put(tree, self.sharding)
 
-    def _energies(self, positions: jnp.ndarray, idx: jnp.ndarray, c: _Consts) -> jnp.ndarray:
+    def _space(self, box: jnp.ndarray) -> tuple[Callable, Callable]:
+        """jax-md's ``(displacement_fn, shift_fn)`` of one replica: ``periodic_general`` in real coordinates
+        for its ``box`` (as :func:`~equiforce.md.system.make_system`), or free space."""
+        if self.periodic:
+            return space.periodic_general(box, fractional_coordinates=False)
+        return space.free()
+
+    def _neighbor_fns(self, box: jnp.ndarray, atom_mask: jnp.ndarray, *, forced: bool = False) -> Any:
+        """jax-md neighbour-list functions of one replica (pairs within ``r_max + skin``, each once) whose
+        candidates exclude the padding atoms (``custom_mask_function``). ``forced``: the same list rebuilt on
+        every update (``dr_threshold = 0`` with the cutoff ``r_max + skin``), to fill a list of a new
+        capacity."""
+        displacement, _ = self._space(box)
+        n = self.N
+
+        def without_padding(idx: jnp.ndarray) -> jnp.ndarray:  # [N, candidates] neighbour indices
+            real = (idx < n) & atom_mask[:, None] & atom_mask[jnp.minimum(idx, n - 1)]
+            return jnp.where(real, idx, n)
+
+        return partition.neighbor_list(
+            displacement,
+            jnp.asarray(1.0, self.dtype),  # no cell list: the box lives in the displacement
+            self.r_max + self.skin if forced else self.r_max,
+            dr_threshold=0.0 if forced else self.skin,
+            capacity_multiplier=self.capacity_multiplier,
+            format=partition.NeighborListFormat.OrderedSparse,
+            disable_cell_list=True,
+            custom_mask_function=without_padding,
+        )
+
+    def _energies(self, positions: jnp.ndarray, idx: jnp.ndarray, c: _Consts, perturbation: Any = None) -> jnp.ndarray:
         """``[k]`` energies without E0 (eV) of ``k`` padded replicas (``positions [k, N, 3]``, neighbour indices
         ``[k, 2, C]``, constants with leading axis ``k``), evaluated as one disjoint graph of ``k·N`` atoms:
-        one network call with flat segment sums (a ``vmap`` of the network would batch every scatter, about
-        1.7x slower on CPU). Padding atoms and their pairs are masked out."""
+        edge vectors per replica in its own space, then one network call with flat segment sums (a ``vmap``
+        of the network would batch every scatter, about 1.7x slower on CPU). Padding atoms and their pairs
+        are masked out. ``perturbation``: jax-md's strain factor of the displacements (for the pressure)."""
         k, n = positions.shape[0], self.N
         receivers, senders = idx[:, 0], idx[:, 1]
         valid = receivers < n
@@ -385,11 +319,15 @@ class ReplicaEngine:
         senders = jnp.where(valid, senders, 0)
         mask = c.atom_mask
         valid = valid & jnp.take_along_axis(mask, receivers, 1) & jnp.take_along_axis(mask, senders, 1)
+        space_kwargs = {} if perturbation is None else {"perturbation": perturbation}
+
+        def vectors_of(position, s, r, ok, box):
+            displacement = partial(self._space(box)[0], **space_kwargs)
+            return jnp.where(ok[:, None], jax.vmap(displacement)(position[s], position[r]), 0.0)
+
+        vectors = jax.vmap(vectors_of)(positions, senders, receivers, valid, c.box).reshape(-1, 3)
         offset = (jnp.arange(k, dtype=jnp.int32) * n)[:, None]
         receivers, senders, valid = (receivers + offset).ravel(), (senders + offset).ravel(), valid.ravel()
-        flat = positions.reshape(k * n, 3)
-        vectors = jax.vmap(self.displacement_fn)(flat[senders], flat[receivers])
-        vectors = jnp.where(valid[:, None], vectors, 0.0)
         e = self.potential.node_energies_from_edges(
             self.params,
             vectors.astype(self.net_dtype),
@@ -403,29 +341,22 @@ class ReplicaEngine:
         )
         return jnp.sum(e.astype(positions.dtype).reshape(k, n), axis=1)
 
-    def _energy(self, position: jnp.ndarray, neighbor: Any, c: _Consts) -> jnp.ndarray:
+    def _energy(self, position: jnp.ndarray, neighbor: Any, c: _Consts, perturbation: Any = None) -> jnp.ndarray:
         """Energy of one padded replica without E0, eV."""
-        return self._energies(position[None], neighbor.idx[None], jax.tree.map(lambda x: x[None], c))[0]
-
-    def _value_and_force(self, c: _Consts) -> Callable[..., tuple[jnp.ndarray, jnp.ndarray, tuple]]:
-        value_and_grad = jax.value_and_grad(self._energy)
-
-        def value_and_force(position: jnp.ndarray, **kwargs: Any) -> tuple[jnp.ndarray, jnp.ndarray, tuple]:
-            energy, grad = value_and_grad(position, kwargs["neighbor"], c)
-            return energy, -grad, ()
-
-        return value_and_force
+        one = jax.tree.map(lambda x: x[None], c)
+        return self._energies(position[None], neighbor.idx[None], one, perturbation)[0]
 
     def _init_one(self, key, position, mass, velocity, has_velocity, neighbor, c: _Consts):
-        value_and_force = self._value_and_force(c)
+        value_and_grad = jax.value_and_grad(self._energy)
 
         def force_fn(r: jnp.ndarray, **kwargs: Any) -> jnp.ndarray:
-            return value_and_force(r, **kwargs)[1]
+            return -value_and_grad(r, kwargs["neighbor"], c)[1]
 
+        shift_fn = self._space(c.box)[1]
         if self.ensemble == "nvt_langevin":
-            init_fn, _ = simulate.nvt_langevin(force_fn, self.shift_fn, self.dt, c.kT, gamma=c.gamma)
-        else:
-            init_fn, _ = simulate.nve(force_fn, self.shift_fn, self.dt)
+            init_fn, _ = simulate.nvt_langevin(force_fn, shift_fn, self.dt, c.kT, gamma=c.gamma)
+        else:  # NVE; Nosé–Hoover adds its chain below
+            init_fn, _ = simulate.nve(force_fn, shift_fn, self.dt)
         state = init_fn(key, position, kT=c.kT, mass=mass, neighbor=neighbor)
         # as MDEngine.init: zero total momentum (over the real atoms), exactly the target temperature
         real = c.atom_mask[:, None]
@@ -434,43 +365,93 @@ class ReplicaEngine:
         ke = integrators.kinetic_energy(p, mass)
         target = 0.5 * c.dof * c.kT
         p = jnp.where(ke > 0, p * jnp.sqrt(target / jnp.maximum(ke, 1e-30)), p)
-        p = jnp.where(has_velocity, velocity * mass[:, None], p)
-        return dataclasses.replace(state, momentum=p.astype(self.dtype))
+        p = jnp.where(has_velocity, velocity * mass[:, None], p).astype(self.dtype)
+        state = dataclasses.replace(state, momentum=p)
+        if self.ensemble != "nvt_nose_hoover":
+            return state
+        # jax-md's chain (nvt_nose_hoover's init: float32 tau) with the masses of the reported degrees of
+        # freedom (MDEngine.init); the first step's update_mass sets them again, as in a single run
+        chain_fns = simulate.nose_hoover_chain(self.dt, *_CHAIN, c.tau.astype(jnp.float32))
+        ke = integrators.kinetic_energy(p, mass)
+        chain = chain_fns.initialize(position.size, ke, c.kT.astype(jnp.float32))
+        chain = dataclasses.replace(chain, degrees_of_freedom=_CHAIN_DOF_PLACEHOLDER)
+        chain = self._chain_op(lambda ch: (chain_fns.update_mass(ch, c.kT.astype(jnp.float32)),), chain, c)[0]
+        return simulate.NVTNoseHooverState(state.position, state.momentum, state.force, state.mass, chain)
 
-    def _observe_one(self, state: Any, neighbor: Any, c: _Consts) -> tuple[jnp.ndarray, jnp.ndarray]:
-        return self._energy(state.position, neighbor, c), integrators.kinetic_energy(state.momentum, state.mass)
+    def _chain_op(self, op: Callable[[Any], tuple], chain: Any, c: _Consts) -> tuple:
+        """``op(chain)`` (a jax-md chain function returning a tuple whose last item is the new chain) for one
+        replica's chain with its own degrees of freedom. jax-md keeps them a static field, so there is one
+        branch per distinct value (:attr:`dof_values`), chosen by ``c.dof_index`` (``lax.switch``; under
+        ``vmap`` every branch is computed on every replica's few chain scalars and the selected one kept);
+        in each branch the arithmetic is a single run's, with a Python int."""
+
+        def branch(dof: int) -> tuple:
+            out = op(dataclasses.replace(chain, degrees_of_freedom=dof))
+            return (*out[:-1], dataclasses.replace(out[-1], degrees_of_freedom=_CHAIN_DOF_PLACEHOLDER))
+
+        if len(self.dof_values) == 1:
+            return branch(self.dof_values[0])
+        return jax.lax.switch(c.dof_index, [partial(branch, d) for d in self.dof_values])
+
+    def _end_observables(self, state: Any, neighbor: Any, c: _Consts) -> tuple[jnp.ndarray, ...]:
+        """``(E_kin, pressure, volume, chain energy)`` of one replica (eV, eV/Å³, Å³, eV; pressure and volume
+        zero without a cell, the chain energy zero without Nosé–Hoover)."""
+        ekin = integrators.kinetic_energy(state.momentum, state.mass)
+        zero = jnp.zeros((), ekin.dtype)
+        pressure = volume = chain = zero
+        if self.periodic:
+
+            def energy_at(r: jnp.ndarray, perturbation: Any = None, **_: Any) -> jnp.ndarray:
+                return self._energy(r, neighbor, c, perturbation)
+
+            pressure = quantity.pressure(energy_at, state.position, c.box, ekin)
+            volume = jnp.abs(jnp.linalg.det(c.box))
+        if self.ensemble == "nvt_nose_hoover":
+            own = dataclasses.replace(state.chain, degrees_of_freedom=c.dof)  # traced: used here only
+            chain = integrators.nose_hoover_chain_energy(own, c.kT).astype(ekin.dtype)
+        return ekin, pressure, volume, chain
+
+    def _observe_one(self, state: Any, neighbor: Any, c: _Consts) -> tuple[jnp.ndarray, ...]:
+        return (self._energy(state.position, neighbor, c), *self._end_observables(state, neighbor, c))
 
     def _pair_count(self, position: jnp.ndarray, c: _Consts) -> jnp.ndarray:
-        """Pairs (each once) within ``r_max + skin``: what the neighbour list must hold."""
-        d2 = jnp.sum((position[:, None, :] - position[None, :, :]) ** 2, axis=-1)
+        """Pairs of real atoms (each once) within ``r_max + skin`` (minimum image in a cell): what the
+        neighbour list must hold."""
+        displacement = self._space(c.box)[0]
+        dr = jax.vmap(jax.vmap(displacement, (None, 0)), (0, None))(position, position)
+        d2 = jnp.sum(dr**2, axis=-1)
         upper = jnp.triu(jnp.ones((self.N, self.N), bool), k=1)
         within = (d2 < (self.r_max + self.skin) ** 2) & upper & c.atom_mask[:, None] & c.atom_mask[None, :]
         return jnp.sum(within, dtype=jnp.int32)
 
-    def _build_impl(self, positions: jnp.ndarray, capacity: int) -> Any:
+    def _build_impl(self, positions: jnp.ndarray, c: _Consts, capacity: int) -> Any:
         """Neighbour lists of ``capacity`` pairs for all replicas (a forced rebuild of a template)."""
         template = dataclasses.replace(
             self._template,
             idx=jnp.full((2, capacity), self.N, jnp.int32),
-            reference_position=jnp.full((self.N, 3), jnp.inf, self.dtype),
             error=partition.PartitionError(jnp.zeros((), jnp.uint8)),
             max_occupancy=capacity,
         )
-        return jax.vmap(lambda r: template.update(r))(positions)
+
+        def build(r: jnp.ndarray, box: jnp.ndarray, mask: jnp.ndarray) -> Any:
+            return self._neighbor_fns(box, mask, forced=True).update(r, template)
+
+        return jax.vmap(build)(positions, c.box, c.atom_mask)
 
     def _batched_step(self, state: Any, neighbor: Any, c: _Consts) -> tuple[Any, jnp.ndarray, jnp.ndarray]:
         """One step of all local replicas: ``(state, E_pot [k] at the new positions, bath heat [k])``.
 
-        The steps of :func:`~equiforce.md.integrators.nve_step_fn` and
-        :func:`~equiforce.md.integrators.langevin_step_fn` (jax-md's pieces, ``vmap``-ed over the replicas,
-        each with its own kT, friction and random key; padding atoms get no noise), with one force call for
-        all replicas (:meth:`_energies`)."""
+        The steps of :func:`~equiforce.md.integrators.nve_step_fn`,
+        :func:`~equiforce.md.integrators.langevin_step_fn` and
+        :func:`~equiforce.md.integrators.nose_hoover_step_fn` (jax-md's pieces, ``vmap``-ed over the replicas,
+        each with its own space, kT, friction, random key or chain; padding atoms get no noise), with one
+        force call for all replicas (:meth:`_energies`)."""
         dt = self.dt
         momentum_step = jax.vmap(simulate.momentum_step, in_axes=(0, None))
         kinetic = jax.vmap(integrators.kinetic_energy)
 
         def position_step(s: Any, step: float) -> Any:
-            return jax.vmap(lambda x: simulate.position_step(x, self.shift_fn, step))(s)
+            return jax.vmap(lambda x, box: simulate.position_step(x, self._space(box)[1], step))(s, c.box)
 
         def total(positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
             energies = self._energies(positions, neighbor.idx, c)
@@ -480,11 +461,29 @@ class ReplicaEngine:
             (_, energies), grad = jax.value_and_grad(total, has_aux=True)(s.position)
             return momentum_step(s.set(force=-grad), dt / 2), energies
 
-        state = momentum_step(state, dt / 2)
+        def verlet(s: Any) -> tuple[Any, jnp.ndarray]:
+            s = momentum_step(s, dt / 2)
+            return force_step(position_step(s, dt))
+
         if self.ensemble == "nve":
-            state = position_step(state, dt)
-            state, energies = force_step(state)
+            state, energies = verlet(state)
             return state, energies, jnp.zeros_like(energies)
+        if self.ensemble == "nvt_nose_hoover":
+            chain = simulate.nose_hoover_chain(dt, *_CHAIN, 1.0)  # tau: the chain state's own (update_mass)
+
+            def update_mass(ch: Any, ci: _Consts) -> Any:
+                return self._chain_op(lambda x: (chain.update_mass(x, ci.kT.astype(jnp.float32)),), ch, ci)[0]
+
+            def half_step(p: jnp.ndarray, ch: Any, ci: _Consts) -> tuple[jnp.ndarray, Any]:
+                return self._chain_op(lambda x: chain.half_step(p, x, ci.kT), ch, ci)
+
+            thermostat = jax.vmap(update_mass)(state.chain, c)
+            p, thermostat = jax.vmap(half_step)(state.momentum, thermostat, c)
+            state, energies = verlet(state.set(momentum=p))
+            thermostat = thermostat.set(kinetic_energy=kinetic(state.momentum, state.mass))
+            p, thermostat = jax.vmap(half_step)(state.momentum, thermostat, c)
+            return state.set(momentum=p, chain=thermostat), energies, jnp.zeros_like(energies)
+        state = momentum_step(state, dt / 2)
         state = position_step(state, dt / 2)
         before = kinetic(state.momentum, state.mass)
         state = jax.vmap(simulate.stochastic_step, in_axes=(0, None, 0, 0))(state, dt, c.kT, c.gamma)
@@ -494,17 +493,24 @@ class ReplicaEngine:
         state, energies = force_step(state)
         return state, energies, heat.astype(energies.dtype)
 
-    def _update_neighbors(self, positions: jnp.ndarray, neighbor: Any) -> Any:
+    def _update_neighbors(self, positions: jnp.ndarray, neighbor: Any, c: _Consts) -> Any:
         """jax-md's update of every replica's list, skipped (a real ``cond``) when no atom of any replica moved
-        more than half the skin since its list was built; each replica rebuilds exactly when a single run
-        would."""
+        more than half the skin (in plain coordinates: a wrap across the cell counts as a move, and jax-md's
+        update then measures the minimum image) since its list was built; each replica rebuilds exactly when
+        a single run would."""
         moved = jnp.sum((positions - neighbor.reference_position) ** 2, axis=-1) > (self.skin / 2) ** 2
-        return jax.lax.cond(
-            jnp.any(moved), lambda nb: jax.vmap(lambda p, x: x.update(p))(positions, nb), lambda nb: nb, neighbor
-        )
+
+        def update(nb: Any) -> Any:
+            def one(p: jnp.ndarray, x: Any, box: jnp.ndarray, mask: jnp.ndarray) -> Any:
+                return self._neighbor_fns(box, mask).update(p, x)
+
+            return jax.vmap(one)(positions, nb, c.box, c.atom_mask)
+
+        return jax.lax.cond(jnp.any(moved), update, lambda nb: nb, neighbor)
 
     def _chunk_local(self, state: Any, neighbor: Any, alive: jnp.ndarray, c: _Consts, n_steps: int):
-        """``n_steps`` steps of the replicas of one device (leading axis: local replica)."""
+        """``n_steps`` steps of the replicas of one device (leading axis: local replica); ``alive``: those
+        that move."""
         zero = jnp.zeros(alive.shape, self.dtype)
 
         def where(flag: jnp.ndarray, a: Any, b: Any) -> Any:
@@ -530,7 +536,7 @@ class ReplicaEngine:
             )
             epot = jnp.where(keep, energies, epot)
             heat = heat + jnp.where(keep, step_heat, 0.0)
-            neighbor = self._update_neighbors(state.position, neighbor)
+            neighbor = self._update_neighbors(state.position, neighbor, c)
             return state, neighbor, keep, epot, heat, bad
 
         start_state, start_neighbor, start_alive = state, neighbor, alive
@@ -541,8 +547,8 @@ class ReplicaEngine:
         died = start_alive & ~alive  # back to the chunk start, its last written frame
         state = where(died, start_state, state)
         neighbor = where(died, start_neighbor, neighbor)
-        ekin = jax.vmap(integrators.kinetic_energy)(state.momentum, state.mass)
-        return state, neighbor, alive, epot, ekin, heat, bad, overflow
+        end = jax.vmap(self._end_observables)(state, neighbor, c)
+        return state, neighbor, alive, epot, end, heat, bad, overflow
 
     def _chunk_impl(self, state: Any, neighbor: Any, alive: jnp.ndarray, n_steps: int):
         """The chunk of all replicas: each device runs its own replicas (``shard_map``; no communication)."""
@@ -554,13 +560,22 @@ class ReplicaEngine:
 
     # ------------------------------------------------------------------ host side
     def _padded_positions(self) -> np.ndarray:
-        spacing = 2.0 * (self.r_max + self.skin) + 1.0
-        far = max(float(np.max(np.abs(a.get_positions()))) for a in self.structures) + _PAD_DISTANCE
+        """``[K, N, 3]`` starting positions: periodic ones wrapped into their cells as
+        :meth:`~equiforce.md.engine.MDEngine.init` wraps them, padding atoms at the origin of a cell or on a
+        line far outside free-space replicas."""
         pos = np.zeros((self.K, self.N, 3))
-        pos[:, :, 0] = far + spacing * np.arange(self.N)
+        if not self.periodic:
+            spacing = 2.0 * (self.r_max + self.skin) + 1.0
+            far = max(float(np.max(np.abs(a.get_positions()))) for a in self.structures) + _PAD_DISTANCE
+            pos[:, :, 0] = far + spacing * np.arange(self.N)
         for i in range(self.K):
-            atoms = self.structures[i if i < self.n_replicas else 0]
-            pos[i, : len(atoms)] = atoms.get_positions()
+            j = i if i < self.n_replicas else 0
+            r = self.structures[j].get_positions()
+            if self.periodic:
+                box = jnp.asarray(self.cells[j].T, self.dtype)
+                u = jnp.mod(jnp.linalg.solve(box, jnp.asarray(r, self.dtype).T).T, 1.0)  # x = box @ u
+                r = np.asarray(u @ box.T)
+            pos[i, : len(r)] = r
         return pos
 
     def _capacity_for(self, positions: jnp.ndarray, old: int = 0) -> int:
@@ -568,7 +583,8 @@ class ReplicaEngine:
         ``capacity_multiplier``; after an overflow of capacity ``old`` also ``0.5 old`` more and at least
         ``1.5 old`` (geometric growth, as :class:`~equiforce.md.engine.MDEngine`); at most every pair."""
         counts = np.asarray(self._counts(positions, self.consts))[: self.n_replicas]
-        capacity = int(int(counts[self.alive].max(initial=0)) * self.capacity_multiplier)
+        live = self.alive if self.alive.any() else np.ones(self.n_replicas, bool)
+        capacity = int(int(counts[live].max(initial=0)) * self.capacity_multiplier)
         if old:
             capacity = max(capacity + int(np.ceil(0.5 * old / self.N)) * self.N, int(np.ceil(1.5 * old)))
         return min(max(capacity, 1), max(1, self.N * (self.N - 1) // 2))
@@ -576,13 +592,15 @@ class ReplicaEngine:
     def build_neighbors(self, positions: jnp.ndarray, capacity: int) -> Any:
         """Neighbour lists of all replicas with ``capacity`` pair slots each (batched, sharded)."""
         if self._template is None:
-            self._template = self.neighbor_fn.allocate(jnp.asarray(np.asarray(positions)[0], self.dtype))
-        return self._build(positions, int(capacity))
+            c0 = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)[0]), self.consts)
+            fns = self._neighbor_fns(c0.box, c0.atom_mask)
+            self._template = fns.allocate(jnp.asarray(np.asarray(positions)[0], self.dtype))
+        return self._build(positions, self.consts, int(capacity))
 
     def init(self, velocities: Sequence[np.ndarray | None] | None = None) -> Any:
         """Initial batched state (leading axis: replica, padded): Maxwell–Boltzmann velocities per replica
         (its seed; zero total momentum, exactly its temperature) unless ``velocities[k]`` (``[n_k, 3]``, Å per
-        ASE time unit) is given. Resets :attr:`step`, :attr:`heat` and :attr:`alive`."""
+        ASE time unit) is given. Resets :attr:`steps`, :attr:`heat` and :attr:`alive`."""
         k, n = self.n_replicas, self.N
         velocities = list(velocities) if velocities is not None else [None] * k
         if len(velocities) != k:
@@ -593,7 +611,7 @@ class ReplicaEngine:
             if v is not None:
                 vel[i, : self.n_atoms[i]] = np.asarray(v, np.float64).reshape(self.n_atoms[i], 3)
                 has[i] = True
-        self.step = 0
+        self.steps = np.zeros(k, np.int64)
         self.heat = np.zeros(k)
         self.alive = np.ones(k, bool)
         self.stop_reasons = [None] * k
@@ -611,47 +629,83 @@ class ReplicaEngine:
             self.consts,
         )
 
-    def _alive_padded(self) -> jnp.ndarray:
-        return self._put(jnp.asarray(np.concatenate([self.alive, np.zeros(self.K - self.n_replicas, bool)])))
+    def restore(self, state: Any, replicas: dict[int, tuple[Any, int, float, str | None]]) -> Any:
+        """The batched ``state`` with the stored states of some replicas put back (a restart).
 
-    def _frame(self, i: int, step: int, epot: float, ekin: float) -> ThermoFrame:
+        Args:
+          state: a batched state of this engine (e.g. from :meth:`init`).
+          replicas: replica index -> ``(cut_state, step, heat_eV, stopped_because)``: its state as
+            :meth:`replica_state` cuts it (NumPy or JAX leaves), the step it belongs to, the bath heat since
+            step 0, and why it had stopped (None: it goes on).
+
+        Returns:
+          The new batched state (sharded); the neighbour lists are rebuilt, :attr:`steps`, :attr:`heat`,
+          :attr:`alive` and :attr:`stop_reasons` set for those replicas.
+        """
+        host = jax.device_get(state)
+        for i, (cut, step, heat, stopped) in replicas.items():
+            host = self._set_replica_state(host, i, cut)
+            self.steps[i], self.heat[i] = int(step), float(heat)
+            self.alive[i], self.stop_reasons[i] = stopped is None, stopped
+        state = self._put(jax.tree.map(lambda x: jnp.asarray(x), host))
+        self.capacity = self._capacity_for(state.position)
+        self.neighbor = self.build_neighbors(state.position, self.capacity)
+        return state
+
+    def _padded_alive(self, flags: np.ndarray) -> jnp.ndarray:
+        return self._put(jnp.asarray(np.concatenate([flags, np.zeros(self.K - self.n_replicas, bool)])))
+
+    def _frame(self, i: int, step: int, epot: float, end: tuple[Any, ...]) -> ThermoFrame:
+        ekin, pressure, volume, chain = (float(x[i]) for x in end)
         epot = float(epot) + self.e0[i]
-        ekin = float(ekin)
         total = epot + ekin
+        if self.ensemble == "nvt_langevin":
+            conserved = total - self.heat[i]
+        else:
+            conserved = total + chain  # the chain energy is zero without Nosé–Hoover
+        nan = float("nan")
         return ThermoFrame(
-            step=step,
-            time_ps=step * self.timestep_fs / 1000.0,
+            step=int(step),
+            time_ps=int(step) * self.timestep_fs / 1000.0,
             potential_energy=epot,
             kinetic_energy=ekin,
             temperature=2.0 * ekin / (self.dofs[i] * units.kB),
-            conserved=total - self.heat[i] if self.ensemble == "nvt_langevin" else total,
+            conserved=conserved,
+            pressure=pressure if self.periodic else nan,
+            volume=volume if self.periodic else nan,
         )
 
     def observe(self, state: Any) -> list[ThermoFrame | None]:
-        """Thermo frames of the live replicas at :attr:`step` (None for a stopped one). A replica whose starting
-        energy is not finite is stopped here."""
-        epot, ekin = jax.device_get(self._observe(state, self.neighbor, self.consts))
+        """Thermo frames of the live replicas at their :attr:`steps` (None for a stopped one). A replica whose
+        starting energy is not finite is stopped here."""
+        epot, *end = jax.device_get(self._observe(state, self.neighbor, self.consts))
         frames: list[ThermoFrame | None] = []
         for i in range(self.n_replicas):
-            if self.alive[i] and not (np.isfinite(epot[i]) and np.isfinite(ekin[i])):
+            if self.alive[i] and not (np.isfinite(epot[i]) and np.isfinite(end[0][i])):
                 self.alive[i] = False
-                self.stop_reasons[i] = f"replica {i}: non-finite energy at step {self.step}: E_pot={epot[i]:.6g} eV"
-            frames.append(self._frame(i, self.step, epot[i], ekin[i]) if self.alive[i] else None)
+                self.stop_reasons[i] = f"replica {i}: non-finite energy at step {self.steps[i]}: E_pot={epot[i]:.6g} eV"
+            frames.append(self._frame(i, self.steps[i], epot[i], end) if self.alive[i] else None)
         return frames
 
     def run_chunk(self, state: Any) -> tuple[Any, list[ThermoFrame | None], list[str | None]]:
-        """Advance every live replica ``report_interval`` steps; re-run the chunk on a neighbour-list overflow.
+        """Advance the live replicas at the lowest step ``report_interval`` steps (in a run: every live replica;
+        after a restart from replicas stored at different steps, those behind catch up); re-run the chunk on a
+        neighbour-list overflow.
 
         Returns:
           ``(state, frames, stopped)``: the new batched state; per replica its thermo frame at the chunk end
-          (None if it is not running); per replica the reason it stopped in this chunk (None if it did not).
+          (None if it did not move); per replica the reason it stopped in this chunk (None if it did not).
         """
         n = self.report_interval
+        k = self.n_replicas
+        if not self.alive.any():
+            return state, [None] * k, [None] * k
+        active = self.alive & (self.steps == self.step)
         start_neighbor = self.neighbor
-        alive = self._alive_padded()
+        moving = self._padded_alive(active)
         while True:
-            out = self._chunk(state, start_neighbor, alive, n)
-            overflow = np.asarray(jax.device_get(out[7]))[: self.n_replicas]
+            out = self._chunk(state, start_neighbor, moving, n)
+            overflow = np.asarray(jax.device_get(out[7]))[:k]
             if not overflow.any():
                 break
             old = self.capacity
@@ -665,27 +719,28 @@ class ReplicaEngine:
                 f"capacity {old} -> {self.capacity} pairs per replica (reallocation {self.reallocations}); "
                 "re-running the chunk of all replicas from its start"
             )
-        new_state, self.neighbor, alive_out, epot, ekin, heat, bad, _ = out
-        alive_out, epot, ekin, heat, (bad_i, bad_epot, bad_ekin) = jax.device_get((alive_out, epot, ekin, heat, bad))
+        new_state, self.neighbor, alive_out, epot, end, heat, bad, _ = out
+        alive_out, epot, end, heat, (bad_i, bad_epot, bad_ekin) = jax.device_get((alive_out, epot, end, heat, bad))
         frames: list[ThermoFrame | None] = []
         stopped: list[str | None] = []
-        end = self.step + n
-        for i in range(self.n_replicas):
+        for i in range(k):
             reason = None
-            if self.alive[i] and not alive_out[i]:
+            frame = None
+            if active[i] and not alive_out[i]:
                 e = float(bad_epot[i]) + self.e0[i]
                 t = 2.0 * float(bad_ekin[i]) / (self.dofs[i] * units.kB)
                 reason = (
-                    f"replica {i} blew up at step {self.step + int(bad_i[i]) + 1}: E_pot={e:.6g} eV, T={t:.6g} K "
-                    f"(limit {self.max_temperature_K:g} K); stopped with the state of step {self.step}"
+                    f"replica {i} blew up at step {self.steps[i] + int(bad_i[i]) + 1}: E_pot={e:.6g} eV, T={t:.6g} K "
+                    f"(limit {self.max_temperature_K:g} K); stopped with the state of step {self.steps[i]}"
                 )
                 self.alive[i] = False
                 self.stop_reasons[i] = reason
-            elif self.alive[i]:
+            elif active[i]:
                 self.heat[i] += float(heat[i])
+                self.steps[i] += n
+                frame = self._frame(i, self.steps[i], epot[i], end)
             stopped.append(reason)
-            frames.append(self._frame(i, end, epot[i], ekin[i]) if self.alive[i] else None)
-        self.step = end
+            frames.append(frame)
         return new_state, frames, stopped
 
     def replica_state(self, host_state: Any, i: int) -> Any:
@@ -698,253 +753,40 @@ class ReplicaEngine:
             value = getattr(host_state, f.name)
             if value is None:
                 continue
-            value = np.asarray(value)[i]
-            fields[f.name] = value[:n] if f.name in ("position", "momentum", "force", "mass") else value
+            if f.name in _ATOM_FIELDS:
+                fields[f.name] = np.asarray(value)[i][:n]
+            else:  # RNG key, Nosé–Hoover chain: one per replica
+                fields[f.name] = jax.tree.map(lambda x: np.asarray(x)[i], value)
+        return dataclasses.replace(host_state, **fields)
+
+    def _set_replica_state(self, host_state: Any, i: int, cut: Any) -> Any:
+        """``host_state`` (NumPy leaves, batched) with replica ``i``'s slice replaced by ``cut`` (the layout of
+        :meth:`replica_state`)."""
+        n = self.n_atoms[i]
+
+        def put(batched: Any, value: Any, atoms: bool) -> np.ndarray:
+            out = np.array(batched, copy=True)
+            if atoms:
+                out[i, :n] = np.asarray(value)
+            else:
+                out[i] = np.asarray(value)
+            return out
+
+        fields = {}
+        for f in dataclasses.fields(host_state):
+            value = getattr(host_state, f.name)
+            if value is None:
+                continue
+            atoms = f.name in _ATOM_FIELDS
+            fields[f.name] = jax.tree.map(lambda b, v, a=atoms: put(b, v, a), value, getattr(cut, f.name))
         return dataclasses.replace(host_state, **fields)
 
     def atoms(self, host_state: Any, i: int) -> Any:
-        """Replica ``i`` as ``ase.Atoms`` (positions, velocities) from a ``jax.device_get`` of the state."""
+        """Replica ``i`` as ``ase.Atoms`` (positions, velocities; its cell) from a ``jax.device_get`` of the
+        state."""
         s = self.replica_state(host_state, i)
         atoms = self.structures[i].copy()
         atoms.calc = None
         atoms.set_positions(np.asarray(s.position, np.float64))
         atoms.set_velocities(np.asarray(s.momentum / s.mass.reshape(-1, 1), np.float64))
         return atoms
-
-
-class _ReplicaView:
-    """What :class:`~equiforce.md.outputs.RunOutputs` asks of an engine, for one replica's cut state."""
-
-    def __init__(self, heat: float) -> None:
-        self.heat = heat
-
-    def positions(self, state: Any) -> np.ndarray:
-        return np.asarray(state.position, np.float64)
-
-    def velocities(self, state: Any) -> np.ndarray:
-        return np.asarray(state.momentum / state.mass.reshape(-1, 1), np.float64)
-
-    def cell(self, state: Any) -> None:
-        return None
-
-    def forces(self, state: Any) -> np.ndarray:
-        return np.asarray(state.force, np.float64)  # the force of the state's last step, at its positions
-
-
-def replica_paths(spec: str | Path | Sequence[str | Path] | None, n: int) -> list[Path | None]:
-    """One output path per replica: a sequence of ``n`` paths; a path containing ``{replica}`` (formatted
-    with ``replica=k``, e.g. ``traj_{replica:03d}.h5``); or a plain path ``dir/name.ext``, giving
-    ``dir/name_<k>.ext`` (``k`` zero-padded to the digits of ``n - 1``). None: no files.
-
-    Raises:
-      ValueError: a sequence of the wrong length, or paths that repeat.
-    """
-    if spec is None:
-        return [None] * n
-    if isinstance(spec, (str, Path)):
-        text = str(spec)
-        if "{replica" in text:
-            paths = [Path(text.format(replica=k)) for k in range(n)]
-        else:
-            p, width = Path(text), len(str(max(n - 1, 0)))
-            paths = [p.with_name(f"{p.stem}_{k:0{width}d}{p.suffix}") for k in range(n)]
-    else:
-        paths = [Path(s) for s in spec]
-        if len(paths) != n:
-            raise ValueError(f"{len(paths)} output paths for {n} replicas")
-    if len(set(paths)) != n:
-        raise ValueError(f"the replicas' output paths repeat: {[str(p) for p in paths]}")
-    return paths
-
-
-def run_replicas(
-    model: str | Path | tuple[Potential, Any],
-    structures: Sequence[Any],
-    *,
-    ensemble: str = "nvt_langevin",
-    temperature_K: float | Sequence[float] = 300.0,
-    timestep_fs: float = 0.5,
-    steps: int = 1000,
-    report_interval: int = 100,
-    friction_per_ps: float | Sequence[float] = 1.0,
-    skin: float = 1.0,
-    seed: int | Sequence[int] = 0,
-    trajectory: str | Path | Sequence[str | Path] | None = None,
-    thermo: str | Path | Sequence[str | Path] | None = None,
-    write_forces: bool = False,
-    progress: bool = True,
-    max_temperature_K: float = 1.0e5,
-    precision: str | None = None,
-    devices: int | Sequence[Any] | None = None,
-    capacity_multiplier: float = 1.25,
-    log: Callable[[str], None] | None = None,
-) -> ReplicasResult:
-    """Run MD of K structures together in one jit-compiled program, sharded over the devices.
-
-    Each replica is what ``run_md(model, structures[k], seed=seed_k, temperature_K=T_k, ...)`` would
-    compute (to rounding), but all advance in the same program (see :mod:`equiforce.md.replicas` for the
-    layout). A replica that blows up stops alone; a neighbour-list overflow re-runs the chunk of all
-    replicas, losing nothing.
-
-    Args:
-      model: a model file path, or ``(potential, params)``.
-      structures: K ``ase.Atoms`` or specs for :func:`~equiforce.md.run.load_structure`; non-periodic,
-        sizes may differ. Velocities already set on a structure are used (else Maxwell–Boltzmann).
-      ensemble: ``nve`` or ``nvt_langevin``.
-      temperature_K: initial temperature and Langevin target, K: one value or one per replica.
-      timestep_fs: time step, fs (shared).
-      steps: steps per replica, rounded up to whole chunks of ``report_interval``.
-      report_interval: steps per chunk = interval of trajectory frames and thermo rows.
-      friction_per_ps: Langevin friction, 1/ps: one value or one per replica.
-      skin: neighbour-list skin, Å.
-      seed: an int ``s`` (replica ``k`` gets ``s + k``) or one int per replica.
-      trajectory: H5MD output per replica (see :func:`replica_paths`; frames as :func:`run_md` writes them,
-        with each replica's restart state); None: none.
-      thermo: thermo CSV per replica (see :func:`replica_paths`); None: none.
-      write_forces: also store forces (eV/Å) in the trajectories.
-      progress: show a progress bar.
-      max_temperature_K: a replica above this temperature is stopped, K.
-      precision: ``float32``, ``float64`` or ``mixed`` (default the potential's dtype); ``float64`` and
-        ``mixed`` switch on JAX's 64-bit types.
-      devices: None (all devices, at most one per replica), a count, or a list of devices.
-      capacity_multiplier: neighbour-list head-room.
-      log: receives messages (default ``tqdm.write``).
-
-    Returns:
-      A :class:`ReplicasResult`; ``result.replicas[k].stopped_because`` says why replica ``k`` stopped early
-      (its trajectory keeps its good frames and, with an output file, its last good frame is written to
-      ``<trajectory or thermo stem>_last_good.extxyz``).
-
-    Raises:
-      UnknownSpeciesError: a replica holds an element the model does not know (names the replica and the
-        element); raised before anything runs or any file is written.
-      DataError: a bad structure (names the replica) or an unreadable structure file.
-      ValueError: an unsupported ensemble, a periodic structure, per-replica settings or output paths of the
-        wrong length, more devices than exist.
-    """
-    from equiforce.md.run import energy_drift, load_potential, load_structure
-
-    log = log or tqdm.write
-    potential, params = load_potential(model)
-    if precision in ("float64", "mixed"):
-        jax.config.update("jax_enable_x64", True)
-    structures = [(a if hasattr(a, "get_positions") else load_structure(a)).copy() for a in structures]
-    engine = ReplicaEngine(
-        potential,
-        params,
-        structures,
-        ensemble=ensemble,
-        timestep_fs=timestep_fs,
-        temperature_K=temperature_K,
-        friction_per_ps=friction_per_ps,
-        seed=seed,
-        report_interval=report_interval,
-        skin=skin,
-        capacity_multiplier=capacity_multiplier,
-        max_temperature_K=max_temperature_K,
-        precision=precision,
-        devices=devices,
-        log=log,
-    )
-    k = len(structures)
-    traj_paths, thermo_paths = replica_paths(trajectory, k), replica_paths(thermo, k)
-    velocities = [a.get_velocities() if np.any(a.get_velocities()) else None for a in structures]
-    state = engine.init(velocities)
-    log(
-        f"{k} replicas ({min(engine.n_atoms)}-{engine.N} atoms, padded to {engine.N}) on {engine.n_devices} "
-        f"device(s), neighbour capacity {engine.capacity} pairs per replica"
-    )
-    n_chunks = max(1, int(np.ceil(steps / report_interval)))
-    frames: list[list[ThermoFrame]] = [[] for _ in range(k)]
-    last_good: list[Any] = [None] * k
-    outputs: list[RunOutputs | None] = [None] * k
-    bar = tqdm(total=n_chunks * report_interval, disable=not progress, unit="step", dynamic_ncols=True)
-    first_chunk_s, atom_steps, chunks_done = float("nan"), 0, 0
-    t_start = time.perf_counter()
-    try:
-        for i in range(k):
-            if traj_paths[i] is not None or thermo_paths[i] is not None:
-                outputs[i] = RunOutputs(
-                    trajectory=traj_paths[i],
-                    thermo=thermo_paths[i],
-                    atoms=structures[i],
-                    periodic=False,
-                    write_forces=write_forces,
-                    frame_interval_ps=report_interval * timestep_fs / 1000.0,
-                    ensemble=ensemble,
-                )
-        host = jax.device_get(state)
-        for i, frame in enumerate(engine.observe(state)):
-            last_good[i] = engine.atoms(host, i)
-            if frame is not None:
-                frames[i].append(frame)
-                if outputs[i] is not None:
-                    outputs[i].write(_ReplicaView(0.0), engine.replica_state(host, i), frame)
-        t_first = t_start = time.perf_counter()
-        for c in range(n_chunks):
-            if not engine.alive.any():
-                break
-            live_atoms = int(np.sum(np.asarray(engine.n_atoms)[engine.alive]))
-            state, chunk_frames, stopped = engine.run_chunk(state)
-            host = jax.device_get(state)
-            if c == 0:
-                first_chunk_s = time.perf_counter() - t_first
-                t_start = time.perf_counter()
-            else:
-                atom_steps += live_atoms * report_interval
-                chunks_done += 1
-            for i in range(k):
-                if chunk_frames[i] is not None:
-                    frames[i].append(chunk_frames[i])
-                    last_good[i] = engine.atoms(host, i)
-                    if outputs[i] is not None:
-                        view = _ReplicaView(float(engine.heat[i]))
-                        outputs[i].write(view, engine.replica_state(host, i), chunk_frames[i])
-                if stopped[i] is not None:
-                    log(stopped[i])
-                    stem = traj_paths[i] or thermo_paths[i]
-                    if stem is not None:
-                        _write_last_good(last_good[i], stem, log)
-            bar.update(report_interval)
-    finally:
-        bar.close()
-        for out in outputs:
-            if out is not None:
-                out.close()
-    wall = time.perf_counter() - t_start
-    results = []
-    for i in range(k):
-        drift, fluct = energy_drift(frames[i], engine.n_atoms[i])
-        results.append(
-            ReplicaResult(
-                index=i,
-                n_atoms=engine.n_atoms[i],
-                frames=frames[i],
-                steps=frames[i][-1].step if frames[i] else 0,
-                final_atoms=last_good[i],
-                stopped_because=engine.stop_reasons[i],
-                drift_meV_per_atom_per_ps=drift,
-                fluctuation_meV_per_atom=fluct,
-            )
-        )
-    timed = chunks_done * report_interval
-    return ReplicasResult(
-        replicas=results,
-        steps=n_chunks * report_interval,
-        wall_s=wall,
-        first_chunk_s=first_chunk_s,
-        atom_steps_per_s=atom_steps / wall if timed and wall > 0 else float("nan"),
-        steps_per_s=timed / wall if timed and wall > 0 else float("nan"),
-        reallocations=engine.reallocations,
-        n_devices=engine.n_devices,
-        padded_atoms=engine.N,
-    )
-
-
-def _write_last_good(atoms: Any, stem: str | Path, log: Callable[[str], None]) -> Path:
-    import ase.io
-
-    path = Path(stem).with_name(Path(stem).stem + "_last_good.extxyz")
-    ase.io.write(path, atoms)
-    log(f"last good frame written to {path}")
-    return path

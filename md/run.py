@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,16 +131,16 @@ def run_md(
     atoms: Any,
     *,
     ensemble: str = "nvt_langevin",
-    temperature_K: float = 300.0,
+    temperature_K: float | Sequence[float] = 300.0,
     timestep_fs: float = 0.5,
     steps: int = 1000,
     report_interval: int = 100,
-    friction_per_ps: float = 1.0,
-    thermostat_tau_fs: float | None = None,
+    friction_per_ps: float | Sequence[float] = 1.0,
+    thermostat_tau_fs: float | Sequence[float] | None = None,
     pressure_GPa: float = 0.0,
     barostat_tau_fs: float | None = None,
     skin: float = 1.0,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     trajectory: str | Path | None = None,
     thermo: str | Path | None = None,
     write_forces: bool = False,
@@ -160,8 +160,10 @@ def run_md(
 
     Given a list of structures, runs them as replicas in one jit-compiled program sharded over the devices and
     returns a :class:`~equiforce.md.replicas.ReplicasResult` (see :func:`~equiforce.md.replicas.run_replicas`:
-    ``temperature_K``, ``friction_per_ps`` and ``seed`` may then be given per replica, ``trajectory`` and
-    ``thermo`` name one file per replica; restart, Nosé–Hoover, NPT and uncertainty options are not supported).
+    ``temperature_K``, ``friction_per_ps``, ``thermostat_tau_fs`` and ``seed`` may then be given per replica,
+    ``trajectory`` and ``thermo`` name one file per replica, ``devices`` is the number of devices the replicas
+    are sharded over (``"all"`` or None: every device, at most one per replica), ``restart`` continues every
+    replica; NPT and the uncertainty options are not supported).
 
     A new run writes the starting structure as frame 0 (step 0), then one frame per chunk of
     ``report_interval`` steps, to the trajectory and thermo files.
@@ -212,8 +214,8 @@ def run_md(
       max_temperature_K: above this temperature the run counts as blown up, K.
       devices: run this one structure over several devices: ``"all"`` or a count N; the network's edges are
         sharded over them and the neighbour sums reduced, so the per-device memory falls with N (see
-        :mod:`equiforce.md.sharded`). None (default): one device. Not for a list of structures (replicas
-        choose their devices themselves).
+        :mod:`equiforce.md.sharded`). None (default): one device. With a list of structures: the devices the
+        replicas are sharded over.
       log: receives progress messages (default: ``tqdm.write``, which keeps the progress bar intact).
 
     Returns:
@@ -226,7 +228,7 @@ def run_md(
       DataError / UnknownSpeciesError: bad structure (see :func:`equiforce.md.system.check_structure`) or
         unreadable structure file.
       FileNotFoundError: a missing structure file.
-      ValueError: more ``devices`` than exist, ``devices`` with a list of structures, ``more_steps`` without
+      ValueError: more ``devices`` than exist, ``more_steps`` without
         ``restart``, ``restart`` without ``trajectory``, a restart file
         written by another ensemble, an ``uncertainty_threshold`` that is not a finite number > 0 or is given
         for a potential without an uncertainty, an unknown ``uncertainty_action``.
@@ -234,14 +236,10 @@ def run_md(
     log = log or tqdm.write
     if isinstance(atoms, (list, tuple)):  # many replicas in one program
         given = {
-            "restart": restart,
-            "more_steps": more_steps is not None,
-            "thermostat_tau_fs": thermostat_tau_fs is not None,
             "pressure_GPa": pressure_GPa != 0.0,
             "barostat_tau_fs": barostat_tau_fs is not None,
             "uncertainty_threshold": uncertainty_threshold is not None,
             "uncertain_frames": uncertain_frames is not None,
-            "devices": devices is not None,
         }
         if any(given.values()):
             raise ValueError(f"{[k for k, v in given.items() if v]} not supported with a list of structures (replicas)")
@@ -254,14 +252,18 @@ def run_md(
             steps=steps,
             report_interval=report_interval,
             friction_per_ps=friction_per_ps,
+            thermostat_tau_fs=thermostat_tau_fs,
             skin=skin,
             seed=seed,
             trajectory=trajectory,
             thermo=thermo,
             write_forces=write_forces,
+            restart=restart,
+            more_steps=more_steps,
             progress=progress,
             max_temperature_K=max_temperature_K,
             precision=precision,
+            devices=None if devices == "all" else devices,
             log=log,
         )
     if more_steps is not None and not restart:

@@ -264,22 +264,32 @@ def _cmd_md(args: argparse.Namespace) -> int:
         else:
             print(f"{args.repair}: clean ({n} committed frames), nothing to repair")
         return 0
-    if args.model is None or args.structure is None:
+    if args.model is None or not args.structure:
         raise ValueError("md needs MODEL and STRUCTURE (or --repair FILE)")
     if args.more_steps is not None and not args.restart:
         raise ValueError("--more-steps continues a run: use it with --restart")
+    from equiforce.md.replica_inputs import load_replica_structures
     from equiforce.md.run import run_md
 
     _enable_x64_for(args.model)
+    devices = None if args.devices in (None, "all") else int(args.devices)
+    structures = load_replica_structures(args.structure)
+    if len(structures) > 1:
+        return _md_replicas(args, structures, devices)
+    for name in ("temperature", "friction", "thermostat_tau"):
+        values = getattr(args, name)
+        if values is not None and len(values) != 1:
+            raise ValueError(f"--{name.replace('_', '-')} takes one value per structure; got {len(values)} for one")
     result = run_md(
         args.model,
-        args.structure,
+        structures[0],
         ensemble=args.ensemble,
-        temperature_K=args.temperature,
+        temperature_K=args.temperature[0],
         timestep_fs=args.timestep,
         steps=args.steps,
         report_interval=args.report_interval,
-        friction_per_ps=args.friction,
+        friction_per_ps=args.friction[0],
+        thermostat_tau_fs=None if args.thermostat_tau is None else args.thermostat_tau[0],
         pressure_GPa=args.pressure,
         barostat_tau_fs=args.barostat_tau,
         skin=args.skin,
@@ -295,6 +305,7 @@ def _cmd_md(args: argparse.Namespace) -> int:
         uncertainty_action=args.uncertainty_action,
         uncertainty_min_spacing=args.uncertainty_min_spacing,
         uncertain_frames=args.uncertain_frames,
+        devices="all" if args.devices == "all" else devices,
     )
     if result.stopped_because:
         print(result.stopped_because)
@@ -316,6 +327,60 @@ def _cmd_md(args: argparse.Namespace) -> int:
         print(f"trajectory (H5MD) written to {args.out}")
     if args.thermo:
         _thermo_plot(args.thermo, len(result.final_atoms))
+    return 0
+
+
+def _md_replicas(args: argparse.Namespace, structures: list, devices: int | None) -> int:
+    """``equiforce md MODEL A B ...``: the structures as replicas in one program (:func:`run_replicas`)."""
+    from equiforce.md.replica_inputs import replica_paths
+    from equiforce.md.replicas import run_replicas
+
+    unsupported = {
+        "--pressure": args.pressure != 0.0,
+        "--barostat-tau": args.barostat_tau is not None,
+        "--uncertainty-threshold": args.uncertainty_threshold is not None,
+        "--uncertain-frames": args.uncertain_frames is not None,
+    }
+    if any(unsupported.values()):
+        raise ValueError(f"{[k for k, v in unsupported.items() if v]} not supported with several structures (replicas)")
+    result = run_replicas(
+        args.model,
+        structures,
+        ensemble=args.ensemble,
+        temperature_K=args.temperature,
+        timestep_fs=args.timestep,
+        steps=args.steps,
+        report_interval=args.report_interval,
+        friction_per_ps=args.friction,
+        thermostat_tau_fs=args.thermostat_tau,
+        skin=args.skin,
+        seed=args.seed,
+        trajectory=args.out,
+        thermo=args.thermo,
+        write_forces=args.forces,
+        restart=args.restart,
+        more_steps=args.more_steps,
+        progress=not args.no_progress,
+        precision=args.precision,
+        devices=devices,
+    )
+    thermo_paths = replica_paths(args.thermo, len(structures))
+    traj_paths = replica_paths(args.out, len(structures))
+    print(
+        f"{len(structures)} replicas of {args.ensemble} on {result.n_devices} device(s), padded to "
+        f"{result.padded_atoms} atoms: {result.steps_per_s:.1f} steps/s, {result.atom_steps_per_s:.3g} atom-steps/s "
+        f"(first chunk with compilation {result.first_chunk_s:.1f} s), {result.reallocations} neighbour-list "
+        "reallocations"
+    )
+    for rep in result.replicas:
+        last = rep.frames[-1] if rep.frames else None
+        state = f"step {rep.steps}" + ("" if last is None else f", final T {last.temperature:.1f} K")
+        files = ", ".join(str(p) for p in (traj_paths[rep.index], thermo_paths[rep.index]) if p is not None)
+        print(f"replica {rep.index} ({rep.n_atoms} atoms): {state}" + (f" -> {files}" if files else ""))
+        if rep.stopped_because:
+            print(f"  stopped: {rep.stopped_because}")
+        if thermo_paths[rep.index] is not None and rep.frames:
+            _thermo_plot(str(thermo_paths[rep.index]), rep.n_atoms)
     return 0
 
 
@@ -527,21 +592,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("md", help="molecular dynamics with a trained model (jax-md, jit-compiled)")
     p.add_argument("model", nargs="?", help="model file (.eqf)")
-    p.add_argument("structure", nargs="?", help="structure file ase reads (path or path@index) or sample:test:K")
+    p.add_argument(
+        "structure",
+        nargs="*",
+        help="structure file ase reads (path or path@index) or sample:test:K; several (or path@: for every frame "
+        "of a file) run as replicas in one program, one trajectory and thermo log each ({replica} in --out and "
+        "--thermo, else NAME_<k>.EXT)",
+    )
     p.add_argument(
         "--ensemble", default="nvt_langevin", choices=["nve", "nvt_langevin", "nvt_nose_hoover", "npt_nose_hoover"]
     )
-    p.add_argument("--temperature", type=float, default=300.0, help="K (initial velocities and thermostat)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        nargs="+",
+        default=[300.0],
+        help="K (initial velocities and thermostat); replicas: one value, or one per structure",
+    )
     p.add_argument("--timestep", type=float, default=0.5, help="fs")
     p.add_argument(
         "--steps", type=int, default=10000, help="total steps from step 0 (with --restart: continue up to this total)"
     )
     p.add_argument("--report-interval", type=int, default=100, help="steps per frame (and per jitted chunk)")
-    p.add_argument("--friction", type=float, default=1.0, help="Langevin friction, 1/ps")
+    p.add_argument(
+        "--friction", type=float, nargs="+", default=[1.0], help="Langevin friction, 1/ps (replicas: one or one each)"
+    )
+    p.add_argument(
+        "--thermostat-tau",
+        type=float,
+        nargs="+",
+        default=None,
+        help="Nosé–Hoover time constant, fs (default 100 time steps; replicas: one or one each)",
+    )
     p.add_argument("--pressure", type=float, default=0.0, help="NPT target pressure, GPa")
     p.add_argument("--barostat-tau", type=float, default=None, help="NPT barostat time constant, fs")
     p.add_argument("--skin", type=float, default=1.0, help="neighbour-list skin, Å")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="replicas: structure k gets SEED + k")
+    p.add_argument(
+        "--devices",
+        default=None,
+        help="several structures: shard the replicas over this many devices ('all' or a count; default all, at "
+        "most one per replica); one structure: shard its edges over them (default one device)",
+    )
     p.add_argument("--out", default=None, help="H5MD trajectory file (.h5)")
     p.add_argument("--thermo", default=None, help="thermo CSV file")
     p.add_argument("--forces", action="store_true", help="also store forces in the trajectory")
