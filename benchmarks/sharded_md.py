@@ -9,12 +9,14 @@ compiled, and XLA's ``compiled.memory_analysis()`` gives the memory of one devic
 (positions, the neighbour list: replicated), outputs, and temporaries (the network's intermediates, kept for
 the backward pass). Nothing is executed, so boxes far larger than this machine's memory can be measured.
 
-Three layouts:
+Four layouts:
 
 * ``1dev_blocked``: one device, edge blocks on (the CPU default, see
   :func:`equiforce.potentials.layers.resolve_edge_chunk`);
-* ``1dev``: one device, no edge blocks (the GPU default; what sharding divides);
-* ``{D}dev``: the edges sharded over ``--devices`` D devices (``run_md(..., devices=D)``; no edge blocks).
+* ``1dev``: one device, no edge blocks (the GPU default);
+* ``{D}dev``: edges and the network's per-atom work sharded over ``--devices`` D devices
+  (``run_md(..., devices=D)``), no edge blocks (the GPU default);
+* ``{D}dev_blocked``: sharded as ``{D}dev``, each device blocking its own edges (the CPU default).
 
 The devices are simulated CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=D``, set by this
 script); XLA's SPMD partitioner compiles the same per-device program for them as for D GPUs, so the per-device
@@ -26,6 +28,7 @@ bytes are what one GPU would hold (up to backend-specific buffer assignment).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -82,7 +85,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from md_throughput import PROTOCOL_HP, water_box
 
-    from equiforce.md.sharded import make_sharded_system, unblocked
+    from equiforce.md.sharded import make_sharded_system
     from equiforce.potentials.mace import MACEConfig
     from equiforce.potentials.potential import Potential
 
@@ -96,10 +99,12 @@ def main() -> None:
         dtype="float32",
     )
     params = potential.init(jax.random.PRNGKey(0))
+    unblocked = potential.replace(model=dataclasses.replace(potential.model, edge_chunk_size=0))
     layouts = {
         "1dev_blocked": (potential, None),
-        "1dev": (unblocked(potential), None),
-        f"{args.devices}dev": (potential, args.devices),
+        "1dev": (unblocked, None),
+        f"{args.devices}dev": (unblocked, args.devices),
+        f"{args.devices}dev_blocked": (potential, args.devices),
     }
     print(f"# MACE {hp}, r_max {args.r_max} Å, float32; {jax.device_count()} {jax.devices()[0].platform} devices")
     print(f"{'atoms':>7} {'pairs':>8} {'layout':>13} {'args MB':>9} {'temp MB':>9} {'total MB':>9} {'compile s':>9}")

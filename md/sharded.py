@@ -34,18 +34,20 @@ mask in, per-atom energies out) along the atoms (its ``node_layout`` hook), and 
 ``x[senders]`` and the scatter-adds into the node arrays, forward and backward, for every model unchanged.
 The MD engine is the single-device engine, unchanged: its jitted chunk becomes one SPMD program over the mesh.
 
-Edge blocking (``edge_chunk_size``, :func:`~equiforce.potentials.layers.resolve_edge_chunk`) is switched off
-here: its ``lax.scan`` over blocks of edges would run over the sharded axis (XLA would gather the edges back
-onto every device). Sharding takes its place as the way to bound the per-edge memory; a model that asks for
-explicit blocks (``edge_chunk_size > 0``) is refused with a ValueError.
+Edge blocks (``edge_chunk_size``, :func:`~equiforce.potentials.layers.resolve_edge_chunk`: on by default on
+CPU, off on GPU) combine with sharding: the network is traced inside
+:func:`~equiforce.potentials.layers.edge_shards`, so each device runs the blocks' ``lax.scan`` over its own
+edges (a ``vmap`` over the shards of the scan; the partial node sums are added once per layer, the all-reduce
+above) and per-device memory falls with both the blocks and the device count. Blocks over atoms (MACE's
+symmetric contraction, ``node_chunk_size``) are off under sharding: the atoms are sharded instead.
 
 Padding: the compacted edge slots are padded with masked edges to a multiple of D, so the shards are equal; XLA
 pads an atom count that is not a multiple of D.
 Results equal the single-device ones up to the order of the additions (float64: ~1e-15 relative).
 
-Not supported (ValueError): several processes (``jax.distributed``; the mesh holds this process's devices),
-a list of structures (replicas: :mod:`equiforce.md.replicas` shards those over the devices instead), and
-explicit edge blocks. On CPU, simulated devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``)
+Not supported (ValueError): several processes (``jax.distributed``; the mesh holds this process's devices)
+and a list of structures (replicas: :mod:`equiforce.md.replicas` shards those over the devices instead). On
+CPU, simulated devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``)
 share the same cores: sharding there divides the memory per device, not the time.
 """
 
@@ -70,7 +72,6 @@ __all__ = [
     "edge_mesh",
     "make_sharded_system",
     "resolve_md_devices",
-    "unblocked",
 ]
 
 #: the mesh axis the edges are sharded along
@@ -150,23 +151,6 @@ def atom_layout(mesh: Mesh) -> Callable[[jnp.ndarray], jnp.ndarray]:
     return layout
 
 
-def unblocked(potential: Potential) -> Potential:
-    """``potential`` with its edge blocks switched off (``edge_chunk_size = 0``) where the model has them.
-
-    Raises:
-      ValueError: the model asks for explicit blocks (``edge_chunk_size > 0``).
-    """
-    chunk = getattr(potential.model, "edge_chunk_size", 0)
-    if chunk is None:  # automatic: off here
-        return potential.replace(model=dataclasses.replace(potential.model, edge_chunk_size=0))
-    if chunk > 0:
-        raise ValueError(
-            f"this model evaluates its edges in blocks of {chunk} (edge_chunk_size), which sharded MD does not "
-            "support (the blocks' scan would run over the sharded edge axis); set model edge_chunk_size to None or 0"
-        )
-    return potential
-
-
 def make_sharded_system(
     potential: Potential, params: Any, atoms: Any, *, devices: int | str | Sequence[Any] | None, **kwargs: Any
 ) -> MDSystem:
@@ -177,7 +161,7 @@ def make_sharded_system(
     single-device :class:`~equiforce.md.engine.MDEngine` unchanged; its :attr:`MDSystem.mesh` is the mesh.
 
     Raises:
-      ValueError: see :func:`resolve_md_devices` and :func:`unblocked`; and what
+      ValueError: see :func:`resolve_md_devices`; and what
         :func:`~equiforce.md.system.make_system` raises.
     """
     chosen = resolve_md_devices(devices)
@@ -185,6 +169,12 @@ def make_sharded_system(
         return make_system(potential, params, atoms, **kwargs)
     mesh = edge_mesh(chosen)
     system = make_system(
-        unblocked(potential), params, atoms, edge_layout=edge_layout(mesh), node_layout=atom_layout(mesh), **kwargs
+        potential,
+        params,
+        atoms,
+        edge_layout=edge_layout(mesh),
+        node_layout=atom_layout(mesh),
+        edge_shards=len(chosen),
+        **kwargs,
     )
     return dataclasses.replace(system, mesh=mesh)

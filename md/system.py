@@ -17,6 +17,7 @@ from jax_md import partition, space
 
 from equiforce.data.errors import DataError
 from equiforce.data.neighbours import MIN_PAIR_DISTANCE, check_finite_positions, check_pair_distances
+from equiforce.potentials import layers
 from equiforce.potentials.potential import Potential
 from equiforce.potentials.uncertainty import predict_with_uncertainty
 
@@ -161,6 +162,7 @@ def make_system(
     half_list: bool = True,
     edge_layout: Any = None,
     node_layout: Any = None,
+    edge_shards: int = 1,
 ) -> MDSystem:
     """Build the jax-md space, neighbour list and energy function for ``atoms``.
 
@@ -190,6 +192,9 @@ def make_system(
       node_layout: ``array -> array`` applied to the per-atom arrays at the network's boundary (species and
         atom mask going in, per-atom energies coming out; traceable). :mod:`equiforce.md.sharded` uses it to
         shard the network's per-atom work over the devices. None: as they are.
+      edge_shards: the number of equal contiguous shards ``edge_layout`` cuts the edges into (one per device):
+        the network is traced inside :func:`equiforce.potentials.layers.edge_shards`, so blocked edge sums
+        block each shard on its own. 1: one.
 
     Raises:
       DataError / UnknownSpeciesError: see :func:`check_structure`.
@@ -295,17 +300,18 @@ def make_system(
     ) -> jnp.ndarray:
         edge_arrays = edges(positions, neighbor, edge_capacity, space_kwargs_of(kwargs))
         vectors, senders, receivers, edge_mask = layout(*edge_arrays)
-        e = pot.node_energies_from_edges(
-            p,
-            vectors.astype(net_dtype),
-            per_atom(species),
-            senders,
-            receivers,
-            edge_mask,
-            per_atom(node_mask),
-            include_e0=False,
-            half_list=half_list,
-        )
+        with layers.edge_shards(edge_shards):
+            e = pot.node_energies_from_edges(
+                p,
+                vectors.astype(net_dtype),
+                per_atom(species),
+                senders,
+                receivers,
+                edge_mask,
+                per_atom(node_mask),
+                include_e0=False,
+                half_list=half_list,
+            )
         return per_atom(e).astype(positions.dtype)
 
     def node_energy_fn(

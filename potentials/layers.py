@@ -6,7 +6,9 @@ All functions are pure and jittable; none allocates parameters.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 
 import e3nn_jax as e3nn
 import flax.linen as nn
@@ -22,6 +24,7 @@ __all__ = [
     "chunked_edge_sum",
     "chunked_node_map",
     "edge_lengths",
+    "edge_shards",
     "full_edges",
     "pair_messages",
     "polynomial_envelope",
@@ -39,6 +42,29 @@ CPU_NODE_CHUNK = 64
 #: below this many edges the automatic setting evaluates all edges at once (they fit in cache anyway;
 #: blocks cost about 10 % on a 21-atom molecule)
 CPU_CHUNK_MIN_EDGES = 2048
+
+_EDGE_SHARDS: contextvars.ContextVar[int] = contextvars.ContextVar("equiforce_edge_shards", default=1)
+
+
+@contextlib.contextmanager
+def edge_shards(n: int) -> Iterator[None]:
+    """Trace the network with its edge axis in ``n`` equal contiguous shards, one per device.
+
+    Used by :mod:`equiforce.md.sharded` around the network's tracing. Inside, :func:`chunked_edge_sum` blocks
+    each shard on its own (``vmap`` over the shards of its ``lax.scan`` over blocks, the shards' partial node
+    sums added at the end), so that a device's blocks hold only its own edges and the scan never runs across
+    the sharded axis; :func:`chunked_node_map` likewise blocks each device's atoms on their own.
+
+    Raises:
+      ValueError: ``n < 1``.
+    """
+    if n < 1:
+        raise ValueError(f"edge shards must be >= 1, got {n}")
+    token = _EDGE_SHARDS.set(int(n))
+    try:
+        yield
+    finally:
+        _EDGE_SHARDS.reset(token)
 
 
 def resolve_edge_chunk(
@@ -107,14 +133,41 @@ def chunked_edge_sum(
     pass: the per-edge intermediates (``[edges, irreps, channels]`` in the equivariant models) then stay in cache,
     and memory grows with the number of atoms rather than with edges x irreps x channels. The last block is padded
     with copies of edge 0's inputs whose outputs are dropped (receiver index ``n_nodes``, out of range). Same sum,
-    any order of differentiation.
+    any order of differentiation. Inside :func:`edge_shards` (n shards), each shard of ``n_edges / n`` edges is
+    blocked on its own and the shards' node sums are added (all at once when a shard has at most ``chunk`` edges).
+
+    Raises:
+      ValueError: inside :func:`edge_shards`, an edge count that is not a multiple of the shard count.
     """
     n_edges = receivers.shape[0]
-    if chunk <= 0 or n_edges <= chunk:
+    shards = _EDGE_SHARDS.get()
+    if chunk <= 0 or n_edges <= chunk * shards:
         out = edge_fn(*edge_args)
         out = out.reshape(receivers.size, *out.shape[receivers.ndim :])
         return jax.ops.segment_sum(out, receivers.reshape(-1), num_segments=n_nodes)
-    n_chunks, chunk, pad = _balanced_blocks(n_edges, chunk)
+    if shards == 1:
+        return _blocked_edge_sum(edge_fn, edge_args, receivers, n_nodes, chunk)
+    if n_edges % shards:
+        raise ValueError(f"{n_edges} edges do not split into {shards} equal shards")
+
+    def split(a: jnp.ndarray) -> jnp.ndarray:
+        return a.reshape(shards, n_edges // shards, *a.shape[1:])
+
+    def shard_sum(args: tuple[jnp.ndarray, ...], r: jnp.ndarray) -> jnp.ndarray:
+        return _blocked_edge_sum(edge_fn, args, r, n_nodes, chunk)
+
+    return jax.vmap(shard_sum)(tuple(split(a) for a in edge_args), split(receivers)).sum(axis=0)
+
+
+def _blocked_edge_sum(
+    edge_fn: Callable[..., jnp.ndarray],
+    edge_args: tuple[jnp.ndarray, ...],
+    receivers: jnp.ndarray,
+    n_nodes: int,
+    chunk: int,
+) -> jnp.ndarray:
+    """:func:`chunked_edge_sum`'s ``lax.scan`` over blocks of at most ``chunk`` edges."""
+    n_chunks, chunk, pad = _balanced_blocks(receivers.shape[0], chunk)
 
     def blocks(a: jnp.ndarray, fill: int | None = None) -> jnp.ndarray:
         if fill is None:
@@ -143,11 +196,25 @@ def chunked_node_map(fn: Callable[..., jnp.ndarray], args: tuple[jnp.ndarray, ..
     blocks of at most ``chunk`` rows, rematerialised in the backward pass (``jax.checkpoint``), so that large per-atom
     intermediates (MACE's ``[monomials, atoms x channels]``) exist for one block at a time; the last block is
     padded with copies of row 0 whose outputs are dropped. ``fn`` must be pure (no bound flax module inside).
-    Same result, any order of differentiation.
+    Same result, any order of differentiation. Inside :func:`edge_shards` (n shards: sharded MD), the rows are
+    padded to a multiple of n (copies of row 0, dropped) and each of the n contiguous shards is blocked on its own.
     """
     n = args[0].shape[0]
-    if chunk <= 0 or n <= chunk:
+    shards = _EDGE_SHARDS.get()
+    if chunk <= 0 or n <= chunk * shards:
         return fn(*args)
+    if shards > 1:  # each device's atoms in their own blocks: rows padded to a multiple of the shard count
+        per = -(-n // shards)
+        padded = tuple(jnp.concatenate([a, jnp.broadcast_to(a[:1], (per * shards - n, *a.shape[1:]))]) for a in args)
+        split = tuple(a.reshape(shards, per, *a.shape[1:]) for a in padded)
+        out = jax.vmap(lambda *xs: _blocked_node_map(fn, xs, chunk))(*split)
+        return out.reshape(shards * per, *out.shape[2:])[:n]
+    return _blocked_node_map(fn, args, chunk)
+
+
+def _blocked_node_map(fn: Callable[..., jnp.ndarray], args: tuple[jnp.ndarray, ...], chunk: int) -> jnp.ndarray:
+    """:func:`chunked_node_map`'s ``lax.map`` over blocks of at most ``chunk`` rows."""
+    n = args[0].shape[0]
     n_chunks, chunk, pad = _balanced_blocks(n, chunk)
 
     def blocks(a: jnp.ndarray) -> jnp.ndarray:

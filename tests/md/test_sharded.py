@@ -17,11 +17,11 @@ import textwrap
 import numpy as np
 import pytest
 
-from equiforce.md.sharded import resolve_md_devices, unblocked
+from equiforce.md.sharded import resolve_md_devices
 
 SCRIPT = textwrap.dedent(
     """
-    import sys
+    import dataclasses, sys
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_enable_x64", True)
     from ase import Atoms
@@ -44,15 +44,20 @@ SCRIPT = textwrap.dedent(
                           dtype="float64", avg_num_neighbours=10.0)
     params = potential.init(jax.random.PRNGKey(0))
 
-    system = make_sharded_system(potential, params, atoms, devices=devices, skin=0.5)
     positions = jnp.asarray(atoms.get_positions())
-    neighbor = system.neighbor_fn.allocate(positions)
-    energy, grad = jax.jit(jax.value_and_grad(system.energy_fn))(positions, neighbor)
+    out = {}
+    # without edge blocks (the GPU default), and each device blocking its own edges (16 pairs per block)
+    for name, chunk in (("", 0), ("blocked_", 16)):
+        pot = potential.replace(model=dataclasses.replace(model, edge_chunk_size=chunk))
+        system = make_sharded_system(pot, params, atoms, devices=devices, skin=0.5)
+        neighbor = system.neighbor_fn.allocate(positions)
+        energy, grad = jax.jit(jax.value_and_grad(system.energy_fn))(positions, neighbor)
+        out[name + "energy"], out[name + "forces"] = float(energy), -np.asarray(grad)
     n_mesh = 1 if system.mesh is None else int(system.mesh.devices.size)
 
     result = run_md((potential, params), atoms, ensemble="nve", temperature_K=300.0, timestep_fs=0.5, steps=100,
                     report_interval=100, skin=0.5, seed=1, progress=False, devices=devices, log=lambda s: None)
-    np.savez(sys.argv[2], energy=float(energy), forces=-np.asarray(grad), n_mesh=n_mesh,
+    np.savez(sys.argv[2], **out, n_mesh=n_mesh,
              positions=result.final_atoms.get_positions(), velocities=result.final_atoms.get_velocities(),
              epot=[f.potential_energy for f in result.frames])
     """
@@ -79,12 +84,13 @@ def runs(tmp_path_factory) -> dict[int, dict[str, np.ndarray]]:
     return {n: dict(np.load(out / f"{n}.npz")) for n in procs}
 
 
-def test_energies_and_forces_equal_one_device(runs):
+@pytest.mark.parametrize("blocks", ["", "blocked_"])
+def test_energies_and_forces_equal_one_device(runs, blocks):
     one, four = runs[1], runs[4]
     assert int(one["n_mesh"]) == 1 and int(four["n_mesh"]) == 4
-    assert abs(float(one["energy"]) - float(four["energy"])) < 1e-10
+    assert abs(float(one["energy"]) - float(four[blocks + "energy"])) < 1e-10
     assert np.abs(one["forces"]).max() > 0.1  # a real test: forces are not all zero
-    np.testing.assert_allclose(four["forces"], one["forces"], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(four[blocks + "forces"], one["forces"], rtol=0, atol=1e-10)
 
 
 def test_nve_trajectory_equals_one_device(runs):
@@ -104,14 +110,15 @@ def test_more_devices_than_exist():
     assert len(resolve_md_devices(None)) == 1 and len(resolve_md_devices("all")) == n
 
 
-def test_unsupported_combinations():
+def test_a_list_of_structures_with_more_devices_than_exist():
+    from ase import Atoms
+
     from equiforce.md import run_md
     from equiforce.potentials.nequip import NequIPConfig
     from equiforce.potentials.potential import Potential
 
-    potential = Potential(model=NequIPConfig(edge_chunk_size=64), species=(1,), r_max=3.0, atomic_energies=(0.0,))
-    with pytest.raises(ValueError, match="edge_chunk_size"):
-        unblocked(potential)
-    assert unblocked(potential.replace(model=NequIPConfig())).model.edge_chunk_size == 0
+    potential = Potential(model=NequIPConfig(), species=(1,), r_max=3.0, atomic_energies=(0.0,))
+    h2 = Atoms("H2", positions=[[0.0, 0.0, 0.0], [0.74, 0.0, 0.0]])
+    n = len(__import__("jax").local_devices())
     with pytest.raises(ValueError, match="devices"):
-        run_md((potential, None), [None, None], devices=2)
+        run_md((potential, None), [h2, h2.copy()], devices=n + 1)

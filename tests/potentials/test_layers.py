@@ -13,6 +13,7 @@ from equiforce.potentials.layers import (
     chunked_edge_sum,
     chunked_node_map,
     edge_lengths,
+    edge_shards,
     full_edges,
     polynomial_envelope,
     radial_embedding,
@@ -217,6 +218,42 @@ def test_chunked_node_map_equals_one_call():
         np.testing.assert_allclose(jax.grad(total)(x, chunk), jax.grad(total)(x, 0), rtol=0, atol=1e-13)
         hvp = jax.jvp(lambda v, c=chunk: jax.grad(total)(v, c), (x,), (x,))[1]
         np.testing.assert_allclose(hvp, jax.jvp(lambda v: jax.grad(total)(v, 0), (x,), (x,))[1], atol=1e-12)
+
+
+def test_blocks_within_edge_shards_equal_one_call():
+    """Inside edge_shards(n) (sharded MD) each of the n contiguous shards is blocked on its own: the same sums,
+    node maps and derivatives; an edge count that does not split into n shards is refused."""
+    rng = np.random.default_rng(2)
+    n_nodes, n_edges = 5, 24
+    values = jnp.asarray(rng.normal(size=(n_edges, 3)))
+    receivers = jnp.asarray(rng.integers(0, n_nodes, n_edges))
+    x = jnp.asarray(rng.normal(size=(11, 2, 3)))
+
+    def edge_fn(v):
+        return jnp.sin(v) * v
+
+    def node_fn(x):
+        return jnp.tanh(x) * x
+
+    def total(v, x, chunk):
+        edges = chunked_edge_sum(edge_fn, (v,), receivers, n_nodes, chunk)
+        return jnp.sum(jnp.cos(edges)) + jnp.sum(jnp.cos(chunked_node_map(node_fn, (x,), chunk)))
+
+    ref = jax.ops.segment_sum(edge_fn(values), receivers, num_segments=n_nodes)
+    grad_ref = jax.grad(total, argnums=(0, 1))(values, x, 0)
+    for shards, chunk in ((3, 2), (3, 5), (4, 1), (2, 100)):
+        with edge_shards(shards):
+            out = chunked_edge_sum(edge_fn, (values,), receivers, n_nodes, chunk)
+            nodes = chunked_node_map(node_fn, (x,), chunk)
+            grads = jax.grad(total, argnums=(0, 1))(values, x, chunk)
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(nodes, node_fn(x), rtol=0, atol=1e-14)
+        for g, r in zip(grads, grad_ref, strict=True):
+            np.testing.assert_allclose(g, r, rtol=0, atol=1e-12)
+    with edge_shards(5), pytest.raises(ValueError, match="24 edges do not split into 5"):
+        chunked_edge_sum(edge_fn, (values,), receivers, n_nodes, 2)
+    with pytest.raises(ValueError, match="shards"), edge_shards(0):
+        pass
 
 
 def _chunk_harnesses(model: str, chunk: int):
