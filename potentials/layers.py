@@ -43,6 +43,10 @@ CPU_NODE_CHUNK = 64
 #: blocks cost about 10 % on a 21-atom molecule)
 CPU_CHUNK_MIN_EDGES = 2048
 
+EdgeFn = Callable[..., jnp.ndarray]
+Array = jnp.ndarray
+Arrays = tuple[jnp.ndarray, ...]
+
 _EDGE_SHARDS: contextvars.ContextVar[int] = contextvars.ContextVar("equiforce_edge_shards", default=1)
 
 
@@ -159,13 +163,7 @@ def chunked_edge_sum(
     return jax.vmap(shard_sum)(tuple(split(a) for a in edge_args), split(receivers)).sum(axis=0)
 
 
-def _blocked_edge_sum(
-    edge_fn: Callable[..., jnp.ndarray],
-    edge_args: tuple[jnp.ndarray, ...],
-    receivers: jnp.ndarray,
-    n_nodes: int,
-    chunk: int,
-) -> jnp.ndarray:
+def _blocked_edge_sum(edge_fn: EdgeFn, edge_args: Arrays, receivers: jnp.ndarray, n_nodes: int, chunk: int) -> Array:
     """:func:`chunked_edge_sum`'s ``lax.scan`` over blocks of at most ``chunk`` edges."""
     n_chunks, chunk, pad = _balanced_blocks(receivers.shape[0], chunk)
 

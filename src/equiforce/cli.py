@@ -283,24 +283,12 @@ def _cmd_md(args: argparse.Namespace) -> int:
     result = run_md(
         args.model,
         structures[0],
-        ensemble=args.ensemble,
+        **_md_settings(args),
         temperature_K=args.temperature[0],
-        timestep_fs=args.timestep,
-        steps=args.steps,
-        report_interval=args.report_interval,
         friction_per_ps=args.friction[0],
         thermostat_tau_fs=None if args.thermostat_tau is None else args.thermostat_tau[0],
         pressure_GPa=args.pressure,
         barostat_tau_fs=args.barostat_tau,
-        skin=args.skin,
-        seed=args.seed,
-        trajectory=args.out,
-        thermo=args.thermo,
-        write_forces=args.forces,
-        restart=args.restart,
-        more_steps=args.more_steps,
-        progress=not args.no_progress,
-        precision=args.precision,
         uncertainty_threshold=args.uncertainty_threshold,
         uncertainty_action=args.uncertainty_action,
         uncertainty_min_spacing=args.uncertainty_min_spacing,
@@ -330,6 +318,25 @@ def _cmd_md(args: argparse.Namespace) -> int:
     return 0
 
 
+def _md_settings(args: argparse.Namespace) -> dict:
+    """The ``equiforce md`` options that one structure and several (replicas) take alike."""
+    return {
+        "ensemble": args.ensemble,
+        "timestep_fs": args.timestep,
+        "steps": args.steps,
+        "report_interval": args.report_interval,
+        "skin": args.skin,
+        "seed": args.seed,
+        "trajectory": args.out,
+        "thermo": args.thermo,
+        "write_forces": args.forces,
+        "restart": args.restart,
+        "more_steps": args.more_steps,
+        "progress": not args.no_progress,
+        "precision": args.precision,
+    }
+
+
 def _md_replicas(args: argparse.Namespace, structures: list, devices: int | None) -> int:
     """``equiforce md MODEL A B ...``: the structures as replicas in one program (:func:`run_replicas`)."""
     from equiforce.md.replica_inputs import replica_paths
@@ -346,22 +353,10 @@ def _md_replicas(args: argparse.Namespace, structures: list, devices: int | None
     result = run_replicas(
         args.model,
         structures,
-        ensemble=args.ensemble,
+        **_md_settings(args),
         temperature_K=args.temperature,
-        timestep_fs=args.timestep,
-        steps=args.steps,
-        report_interval=args.report_interval,
         friction_per_ps=args.friction,
         thermostat_tau_fs=args.thermostat_tau,
-        skin=args.skin,
-        seed=args.seed,
-        trajectory=args.out,
-        thermo=args.thermo,
-        write_forces=args.forces,
-        restart=args.restart,
-        more_steps=args.more_steps,
-        progress=not args.no_progress,
-        precision=args.precision,
         devices=devices,
     )
     thermo_paths = replica_paths(args.thermo, len(structures))

@@ -5,12 +5,16 @@ import pytest
 
 from equiforce.potentials import load_model
 from equiforce.training import load_config, train
+from tests.conftest import built_once
 
 
 @pytest.fixture(scope="session")
 def trained_aspirin_model(tmp_path_factory) -> str:
     """Path of a float64 model trained briefly on rMD17 aspirin (physically sensible, stable MD)."""
-    out = tmp_path_factory.mktemp("md_model")
+    return built_once(tmp_path_factory, "md-aspirin-model", _train_aspirin_model)
+
+
+def _train_aspirin_model(out) -> str:
     cfg = load_config(
         None,
         [

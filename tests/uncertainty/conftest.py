@@ -12,6 +12,7 @@ from equiforce.data.readers import load_sample
 from equiforce.potentials import load_model
 from equiforce.training.config import load_config
 from equiforce.training.trainer import train
+from tests.conftest import built_once
 
 HP = "model.hyperparameters={num_interactions: 2, num_features: 8, l_max: 1, correlation: 2}"
 
@@ -63,14 +64,14 @@ def _train(tmp, data, members: int) -> str:
 def committee_model(tmp_path_factory, shift_data) -> str:
     """Path of a float64 committee of 3 members trained on the low-energy frames."""
     jax.config.update("jax_enable_x64", True)
-    return _train(tmp_path_factory.mktemp("committee"), shift_data, 3)
+    return built_once(tmp_path_factory, "uncertainty-committee", lambda folder: _train(folder, shift_data, 3))
 
 
 @pytest.fixture(scope="session")
 def llpr_model(tmp_path_factory, shift_data) -> str:
     """Path of a float64 single network (LLPR uncertainty fitted after training) on the same frames."""
     jax.config.update("jax_enable_x64", True)
-    return _train(tmp_path_factory.mktemp("single"), shift_data, 1)
+    return built_once(tmp_path_factory, "uncertainty-llpr", lambda folder: _train(folder, shift_data, 1))
 
 
 @pytest.fixture(scope="session")
