@@ -256,6 +256,32 @@ def test_blocks_within_edge_shards_equal_one_call():
         pass
 
 
+def test_mace_within_edge_shards_equals_the_one_shot_model(monkeypatch):
+    """MACE traced inside edge_shards(2) (what sharded MD does) with edge blocks of 7 pairs and atom blocks of 3
+    gives the unblocked model's energy and forces: blocked sums per shard and the symmetric contraction per
+    shard's atoms."""
+    import dataclasses
+
+    from equiforce.potentials import layers, mace
+    from tests.potentials.property_suite import BUDGET, MODEL_TEST_CASES, Harness, ModelTestCase, crystal
+
+    monkeypatch.setattr(mace, "CPU_NODE_CHUNK", 3)
+    shard_shapes = []
+    blocked = layers._blocked_node_map
+    monkeypatch.setattr(layers, "_blocked_node_map", lambda *a: shard_shapes.append(a[1][0].shape) or blocked(*a))
+    base = MODEL_TEST_CASES["mace"]
+    plain = Harness(ModelTestCase(dataclasses.replace(base.config, edge_chunk_size=0), base.param_scale))
+    sharded = Harness(ModelTestCase(dataclasses.replace(base.config, edge_chunk_size=7), base.param_scale))
+    s = crystal(seed=1)
+    ref = plain.evaluate(s)
+    with edge_shards(2):
+        out = sharded.evaluate(s, params=plain.params)
+    # each shard's atoms (half the padded budget), in blocks of 3
+    assert shard_shapes and all(shape[0] == BUDGET.n_nodes // 2 for shape in shard_shapes)
+    np.testing.assert_allclose(out.energy, ref.energy, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out.forces, ref.forces, rtol=0, atol=1e-11)
+
+
 def _chunk_harnesses(model: str, chunk: int):
     import dataclasses
 
