@@ -212,9 +212,9 @@ def run_md(
       uncertainty_min_spacing: steps between two recorded configurations at least.
       uncertain_frames: extxyz file for the recorded configurations (default: see ``uncertainty_threshold``).
       max_temperature_K: above this temperature the run counts as blown up, K.
-      devices: run this one structure over several devices: ``"all"`` or a count N; the network's edges are
-        sharded over them and the neighbour sums reduced, so the per-device memory falls with N (see
-        :mod:`equiforce.md.sharded`). None (default): one device. With a list of structures: the devices the
+      devices: run this one structure over several devices: ``"all"`` or a count N; the network's edges and
+        per-atom work are sharded over them and the neighbour sums reduced, so the per-device memory falls
+        with N (see :mod:`equiforce.md.sharded`). None (default): one device. With a list of structures: the devices the
         replicas are sharded over.
       log: receives progress messages (default: ``tqdm.write``, which keeps the progress bar intact).
 
@@ -300,7 +300,7 @@ def run_md(
         precision=precision,
     )
     if system.mesh is not None:
-        log(f"sharding the edges of {len(atoms)} atoms over {system.mesh.devices.size} devices")
+        log(f"sharding the network's edges and atoms ({len(atoms)} atoms) over {system.mesh.devices.size} devices")
     engine = MDEngine(system, config, log=log)
     monitor = None
     if uncertainty_threshold is not None:
