@@ -25,6 +25,16 @@ from equiforce.md.reporters import ASE_VELOCITY_TO_A_PER_PS, H5MDWriter, ThermoL
 __all__ = ["RunOutputs", "restore_state", "state_arrays"]
 
 
+def write_last_good(atoms: Any, stem: str | Path) -> Path:
+    """Write a blown-up run's last good frame (``ase.Atoms``) to ``<stem>_last_good.extxyz`` beside ``stem`` (a
+    trajectory or thermo path) and return that path."""
+    import ase.io
+
+    path = Path(stem).with_name(Path(stem).stem + "_last_good.extxyz")
+    ase.io.write(path, atoms)
+    return path
+
+
 def state_arrays(state: Any) -> dict[str, np.ndarray]:
     """The integrator state as named NumPy arrays (names from the pytree paths)."""
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]

@@ -45,7 +45,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from equiforce.md.engine import ThermoFrame
-from equiforce.md.outputs import RunOutputs, restore_state
+from equiforce.md.outputs import RunOutputs, restore_state, write_last_good
 from equiforce.md.replica_engine import ReplicaEngine
 from equiforce.md.replica_inputs import (
     REPLICA_ENSEMBLES,
@@ -383,7 +383,7 @@ def run_replicas(
                         outputs[i].write_restart(_view(engine, i), *written[i], stopped_because=stopped[i])
                     stem = traj_paths[i] or thermo_paths[i]
                     if stem is not None:
-                        _write_last_good(last_good[i], stem, log)
+                        log(f"last good frame written to {write_last_good(last_good[i], stem)}")
             bar.update(int(np.sum(moving)) * report_interval)
             if not any(f is not None or r is not None for f, r in zip(chunk_frames, stopped, strict=True)):
                 raise RuntimeError(f"no replica moved in the chunk at step {engine.step} (a bug)")
@@ -420,12 +420,3 @@ def run_replicas(
         padded_atoms=engine.N,
         restarted_from=restarted_from,
     )
-
-
-def _write_last_good(atoms: Any, stem: str | Path, log: Callable[[str], None]) -> Path:
-    import ase.io
-
-    path = Path(stem).with_name(Path(stem).stem + "_last_good.extxyz")
-    ase.io.write(path, atoms)
-    log(f"last good frame written to {path}")
-    return path

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from equiforce.data.errors import DataError
 from equiforce.md.engine import MDBlowUpError, MDConfig, MDEngine, ThermoFrame
-from equiforce.md.outputs import RunOutputs, restore_state
+from equiforce.md.outputs import RunOutputs, restore_state, write_last_good
 from equiforce.md.replicas import ReplicasResult, run_replicas
 from equiforce.md.reporters import read_h5md, read_restart_state
 from equiforce.md.sharded import make_sharded_system
@@ -355,7 +355,8 @@ def run_md(
             except MDBlowUpError as err:
                 err.last_good_atoms = _last_good(engine, state, atoms)
                 if trajectory is not None or thermo is not None:
-                    _write_last_good(engine, err.last_good_atoms, trajectory or thermo)
+                    path = write_last_good(err.last_good_atoms, trajectory or thermo)
+                    engine.log(f"last good frame (step {engine.step}) written to {path}")
                 raise
             state = new_state
             if k == 0:
@@ -467,12 +468,3 @@ def _last_good(engine: MDEngine, state: Any, atoms: Any) -> Any:
     good.set_positions(engine.positions(state))
     good.set_velocities(engine.velocities(state))
     return good
-
-
-def _write_last_good(engine: MDEngine, good: Any, stem: str | Path) -> Path:
-    import ase.io
-
-    path = Path(stem).with_name(Path(stem).stem + "_last_good.extxyz")
-    ase.io.write(path, good)
-    engine.log(f"last good frame (step {engine.step}) written to {path}")
-    return path

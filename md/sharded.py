@@ -39,7 +39,7 @@ CPU, off on GPU) combine with sharding: the network is traced inside
 :func:`~equiforce.potentials.layers.edge_shards`, so each device runs the blocks' ``lax.scan`` over its own
 edges (a ``vmap`` over the shards of the scan; the partial node sums are added once per layer, the all-reduce
 above) and per-device memory falls with both the blocks and the device count. Blocks over atoms (MACE's
-symmetric contraction, ``node_chunk_size``) are off under sharding: the atoms are sharded instead.
+symmetric contraction, ``node_chunk_size``) likewise run over each device's own atoms.
 
 Padding: the compacted edge slots are padded with masked edges to a multiple of D, so the shards are equal; XLA
 pads an atom count that is not a multiple of D.
