@@ -141,3 +141,46 @@ def test_parser_requires_a_command(capsys):
     assert info.value.code == 2
     args = build_parser().parse_args(["evaluate", "m.eqf", "data.xyz"])
     assert (args.batch_size, args.energy_unit, args.parity, args.json, args.format) == (16, "eV", None, None, None)
+
+
+def test_version_prints_the_installed_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"equiforce {version('equiforce')}"
+
+
+def test_help_is_plain_text(capsys):
+    """No reStructuredText markup (``name``, :func:) in any command's --help."""
+    import argparse
+
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "The equiforce command line" in out and "--version" in out
+    helps = []
+
+    def walk(parser):
+        helps.append(parser.format_help())
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    walk(sub)
+
+    walk(build_parser())
+    assert len(helps) > 10
+    assert not [h for h in helps if "``" in h or ":func:" in h or ":class:" in h]
+
+
+def test_an_error_without_a_message_still_says_what_it_is(monkeypatch, capsys):
+    from equiforce import cli
+
+    def fails(args):
+        raise RuntimeError()
+
+    monkeypatch.setattr(cli, "_cmd_info", fails)
+    assert cli.main(["info", "m.eqf"]) == 2
+    assert capsys.readouterr().err.strip() == "equiforce info: error: RuntimeError"

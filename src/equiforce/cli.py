@@ -483,6 +483,12 @@ def _cmd_import_mace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from equiforce import __version__
+
+    return __version__
+
+
 class _IntermixedParser(argparse.ArgumentParser):
     """Flags may come anywhere, also between positionals and overrides (``train CONFIG --resume k=v``).
 
@@ -503,7 +509,10 @@ class _IntermixedParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _IntermixedParser(prog="equiforce", description=__doc__.split("\n\n")[0])
+    # the module docstring's first paragraph, without its reStructuredText markup (``name`` -> name)
+    description = __doc__.split("\n\n")[0].replace("``", "")
+    parser = _IntermixedParser(prog="equiforce", description=description)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a potential from a YAML config")
@@ -768,7 +777,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
         # Our errors (DataError, ConfigError, ModelFileError, UnknownSpeciesError) are ValueErrors
         # with a message meant for the user.
-        print(f"equiforce {args.command}: error: {err}", file=sys.stderr)
+        # an exception without a message still says what it is, never an empty "error:"
+        print(f"equiforce {args.command}: error: {str(err) or type(err).__name__}", file=sys.stderr)
         return 2
 
 

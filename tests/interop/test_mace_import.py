@@ -177,6 +177,50 @@ def test_reading_a_torch_file_without_torch_says_what_to_install(monkeypatch, tm
     assert main(["import", "mace", str(tmp_path / "model.model"), str(tmp_path / "out.eqf")]) == 2
 
 
+def _zip(path, names):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for name in names:
+            archive.writestr(name, b"\x80\x02}q\x00.")
+    return path
+
+
+def test_torchscript_model_is_named_before_torch_is_needed(monkeypatch, tmp_path, capsys):
+    """A TorchScript archive (the layout torch.jit.save writes: constants.pkl and code/ under one folder) is
+    refused with what it is and what to give instead, with torch absent; a torch.save archive (data.pkl,
+    data/, byteorder, no constants.pkl) is not mistaken for one and gets the missing-torch error."""
+    from equiforce.cli import main
+    from equiforce.interop.mace_torch import is_torchscript, read_mace_model
+
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setitem(sys.modules, "mace", None)
+    compiled = _zip(
+        tmp_path / "MACE_compiled.model",
+        [
+            "MACE_compiled/data.pkl",
+            "MACE_compiled/code/__torch__/mace/modules/models.py",
+            "MACE_compiled/constants.pkl",
+            "MACE_compiled/version",
+            "MACE_compiled/extra/config.json",
+        ],
+    )
+    saved = _zip(
+        tmp_path / "MACE.model",
+        ["MACE/data.pkl", "MACE/data/0", "MACE/byteorder", "MACE/version", "MACE/.data/serialization_id"],
+    )
+    assert is_torchscript(compiled) and not is_torchscript(saved) and not is_torchscript(FIXTURE)
+    with pytest.raises(MaceImportError, match=r"TorchScript-compiled.*give the uncompiled model file"):
+        read_mace_model(compiled)
+    with pytest.raises(ImportError, match=r"equiforce\[mace-import\]"):
+        read_mace_model(saved)
+    capsys.readouterr()
+    assert main(["import", "mace", str(compiled), str(tmp_path / "out.eqf")]) == 2
+    err = capsys.readouterr().err
+    assert "equiforce import: error:" in err and "TorchScript" in err and "uncompiled" in err
+    assert not (tmp_path / "out.eqf").exists()
+
+
 X64_OFF = """
 import json, sys, warnings
 import numpy as np

@@ -128,6 +128,21 @@ def test_not_a_mace_model_is_refused(tmp_path):
     assert not (tmp_path / "x.eqf").exists()
 
 
+def test_torchscript_file_is_named(tmp_path, capsys):
+    """What torch.jit.save writes (mace-torch's *_compiled.model) is refused with what it is, not torch.load's
+    dispatch to torch.jit.load; torch.save's file of the same model imports."""
+    from equiforce.interop.mace_torch import is_torchscript
+
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "linear_compiled.model")
+    torch.save(build_mace("mp0"), tmp_path / "mp0.model")
+    assert is_torchscript(tmp_path / "linear_compiled.model") and not is_torchscript(tmp_path / "mp0.model")
+    with pytest.raises(MaceImportError, match="TorchScript-compiled"):
+        read_mace_model(tmp_path / "linear_compiled.model")
+    capsys.readouterr()
+    assert main(["import", "mace", str(tmp_path / "linear_compiled.model"), str(tmp_path / "x.eqf")]) == 2
+    assert "uncompiled" in capsys.readouterr().err
+
+
 def test_unsupported_architecture_names_the_part(tmp_path):
     model = build_mace("mp0")
     model.use_agnostic_product = True

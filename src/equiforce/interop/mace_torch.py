@@ -17,6 +17,7 @@ import io
 import os
 import time
 import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import numpy as np
 
 from equiforce.interop.mace import MaceImportError, convert_mace
 
-__all__ = ["MaceImportError", "import_mace", "read_mace_model"]
+__all__ = ["MaceImportError", "import_mace", "is_torchscript", "read_mace_model"]
 
 _EXTRA_HINT = "pip install 'equiforce[mace-import]' (the CPU build of torch: see the README)"
 
@@ -56,6 +57,34 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def is_torchscript(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a TorchScript archive (``torch.jit.save``, e.g. mace-torch's ``*_compiled.model``).
+
+    Read from the file itself, without torch: both ``torch.save`` and ``torch.jit.save`` write a zip archive of
+    records under one top folder, and only TorchScript's holds ``constants.pkl`` (what ``torch.load`` itself
+    checks to tell them apart) next to the ``code/`` folder of the compiled module's source.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    parts = [name.split("/") for name in names]
+    has_constants = any(len(p) == 2 and p[1] == "constants.pkl" for p in parts)
+    has_code = any(len(p) > 2 and p[1] == "code" for p in parts)
+    return has_constants and has_code
+
+
+def _refuse_torchscript(path: Path) -> None:
+    if is_torchscript(path):
+        raise MaceImportError(
+            f"{path} is a TorchScript-compiled model (torch.jit, e.g. mace-torch's *_compiled.model), which "
+            "holds compiled code instead of the model object the importer reads: give the uncompiled model "
+            "file instead (the *.model that mace-torch's training writes next to *_compiled.model, or "
+            "torch.save(model, path) of the MACE object)"
+        )
 
 
 def hyperparameters_of(model: Any) -> dict[str, Any]:
@@ -135,10 +164,14 @@ def read_mace_model(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     Raises:
       ImportError: torch or mace-torch is not installed.
       FileNotFoundError: no such file.
-      MaceImportError: the file is not a mace-torch model, or not one this importer supports.
+      MaceImportError: the file is not a mace-torch model, or not one this importer supports; a
+        TorchScript-compiled model (``*_compiled.model``: give the uncompiled file), told from the file
+        itself before torch is needed.
     """
-    torch, mace_module = _modules()
     path = Path(path)
+    if path.is_file():
+        _refuse_torchscript(path)
+    torch, mace_module = _modules()
     if not path.is_file():
         raise FileNotFoundError(f"no mace-torch model file at {path}")
     try:
