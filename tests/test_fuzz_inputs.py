@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import re
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from equiforce.data.readers import read_structures
 from equiforce.potentials import Potential
 from equiforce.potentials.model_io import ModelFileError, _checksum, load_model, read_header, save_model
 from equiforce.potentials.schnet import SchNetConfig
-from equiforce.training.config import ConfigError, TrainConfig, apply_overrides, load_config
+from equiforce.training.config import ConfigError, TrainConfig, apply_overrides, field_range, load_config
 
 #: generated cases per target and their outcome ("refused": the documented error; "read": a valid result),
 #: filled while the module runs and printed at the end
@@ -549,6 +550,105 @@ CONFIG_KEYS = config_keys()
 FLOAT_KEYS = [k for k, hint in CONFIG_KEYS if float in (typing.get_args(hint) or (hint,))]
 KEY_NAMES = sorted({part for k, _ in CONFIG_KEYS for part in k.split(".")})
 
+INF = math.inf
+SEED_MAX = 2**63 - 1  # NumPy seeds must be >= 0; JAX's PRNGKey takes a signed 64-bit integer
+#: the allowed values of every numeric config key, written down here from the documented meaning of each key
+#: (not read from the code): (low, high, low excluded, high excluded). A new numeric key fails
+#: test_every_numeric_key_declares_its_documented_range until it gets an entry here and a declared range.
+RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "seed": (0, SEED_MAX, False, False),
+    "data.valid_fraction": (0, 1, True, True),  # enforced only when data.valid is not given
+    "data.train_size": (1, INF, False, True),
+    "data.test_size": (1, INF, False, True),
+    "data.split_seed": (0, SEED_MAX, False, False),
+    "data.prefetch_batches": (1, INF, False, True),
+    "data.statistics_size": (1, INF, False, True),
+    "model.r_max": (0, INF, True, True),
+    "model.ensemble_size": (1, INF, False, True),
+    "loss.energy_weight": (0, INF, False, True),
+    "loss.forces_weight": (0, INF, False, True),
+    "loss.stress_weight": (0, INF, False, True),
+    "loss.huber_delta": (0, INF, True, True),
+    "optim.learning_rate": (0, INF, True, True),
+    "optim.weight_decay": (0, INF, False, True),
+    "optim.clip_grad_norm": (0, INF, True, True),
+    "optim.warmup_epochs": (0, INF, False, True),
+    "optim.plateau_patience": (0, INF, False, True),
+    "optim.plateau_factor": (0, 1, True, True),
+    "optim.min_learning_rate": (0, INF, False, True),
+    "optim.ema_decay": (0, 1, False, True),  # 1 would never move the average
+    "optim.batch_size": (1, INF, False, True),
+    "optim.max_epochs": (1, INF, False, True),
+    "optim.time_budget_minutes": (0, INF, True, True),
+    "optim.early_stopping_patience": (1, INF, False, True),  # 0 would stop after the first epoch
+    "md_check.steps": (0, INF, False, True),  # 0: no check
+    "md_check.timestep_fs": (0, INF, True, True),
+    "md_check.temperature_K": (0, INF, False, True),
+    "md_check.report_interval": (1, INF, False, True),
+    "md_check.max_drift_meV_per_atom_per_ps": (0, INF, True, True),
+    "md_check.supercell": (1, INF, False, True),  # every entry
+    "finetune.frozen_learning_rate": (0, INF, False, True),
+    "finetune.frozen_warmup_epochs": (0, INF, False, True),
+    "finetune.replay_fraction": (0, 10, False, False),
+    "parallel.devices": (1, INF, False, True),  # when a count (not "all")
+    "parallel.num_processes": (1, INF, False, True),
+    "parallel.process_id": (0, INF, False, True),
+    "parallel.initialization_timeout": (1, INF, False, True),
+    "parallel.heartbeat_timeout": (1, INF, False, True),
+    "parallel.shutdown_timeout": (1, INF, False, True),
+}
+
+
+def numeric_kind(hint: Any) -> type | None:
+    """``int`` or ``float`` when a key's type admits a number (a tuple of them included), else None; the E0s
+    of ``model.atomic_energies`` (a dict: any finite energy) and ``model.hyperparameters`` (checked by each
+    model's own config) are not numeric keys of the training config."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for a in args:
+        if typing.get_origin(a) is tuple:
+            a = typing.get_args(a)[0]
+        if a in (int, float):
+            return a
+    return None
+
+
+NUMERIC_KEYS = {k: numeric_kind(hint) for k, hint in CONFIG_KEYS if numeric_kind(hint) is not None}
+
+
+def in_range(key: str, value: Any) -> bool:
+    lo, hi, lo_open, hi_open = RANGES[key]
+    return (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+
+
+def range_text(key: str) -> str:
+    """The range as messages and the reference write it: ``>= 1``, ``> 0``, ``in (0, 1)``."""
+    lo, hi, lo_open, hi_open = RANGES[key]
+    show = {SEED_MAX: "2^63 - 1"}
+    lo_s, hi_s = (show.get(x, f"{x:g}") for x in (lo, hi))
+    if hi == INF:
+        return f"{'>' if lo_open else '>='} {lo_s}"
+    return f"in {'(' if lo_open else '['}{lo_s}, {hi_s}{')' if hi_open else ']'}"
+
+
+def edge_values(key: str, inside: bool) -> list[Any]:
+    """Values just outside (``inside=False``) or just inside a key's range, at each finite end: the next
+    integer for an int key, the next float (``np.nextafter``) for a float key."""
+    lo, hi, lo_open, hi_open = RANGES[key]
+    out = []
+    for bound, is_open, outward in ((lo, lo_open, -INF), (hi, hi_open, INF)):
+        if bound == INF:
+            continue
+        if NUMERIC_KEYS[key] is int:
+            step = 1 if outward > 0 else -1
+            value = (bound if is_open else bound + step) if not inside else (bound - step if is_open else bound)
+        elif inside:
+            value = float(np.nextafter(bound, -outward)) if is_open else float(bound)
+        else:
+            value = float(bound) if is_open else float(np.nextafter(bound, outward))
+        out.append(value)
+    return out
+
+
 SCALARS = st.one_of(
     st.none(),
     st.booleans(),
@@ -584,6 +684,15 @@ def assert_valid_config(cfg: TrainConfig) -> None:
 
     assert isinstance(cfg, TrainConfig)
     assert all(math.isfinite(x) for x in floats(cfg))
+    for key in NUMERIC_KEYS:  # every number accepted lies in its key's documented range
+        section, _, leaf = key.rpartition(".")
+        node = getattr(cfg, section) if section else cfg
+        value = getattr(node, leaf)
+        if key == "data.valid_fraction" and cfg.data.valid is not None:
+            continue
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                assert in_range(key, v), f"{key} = {value!r} accepted, outside {range_text(key)}"
 
 
 def config_outcome(path: Path | None, overrides: list[str] | None = None) -> TrainConfig | ConfigError:
@@ -644,7 +753,7 @@ def test_damaged_config_file(data, work):
 @given(key=st.sampled_from([k for k, _ in CONFIG_KEYS]), value=WRONG_VALUES)
 def test_wrong_value_per_key(key, value, work):
     """Every key set to a value of a wrong type, NaN/inf, out of range or empty: refused naming the file and
-    the key, or accepted with finite values."""
+    the key, or accepted with finite values, each number inside its key's range (:data:`RANGES`)."""
     doc = yaml.safe_load(EXAMPLE_CONFIG.read_text())
     section, _, leaf = key.rpartition(".")
     node = doc.setdefault(section, {}) if section else doc
@@ -655,6 +764,93 @@ def test_wrong_value_per_key(key, value, work):
     record("config: wrong value per key", out)
     if isinstance(out, ConfigError):
         assert key in str(out), f"{key}={value!r}: the message does not name the key: {out}"
+    path.unlink()
+
+
+def test_every_numeric_key_declares_its_documented_range():
+    """Each numeric key of the config declares the range the docs give it (a key without one, or a declared
+    range that differs from :data:`RANGES`, fails)."""
+    assert sorted(NUMERIC_KEYS) == sorted(RANGES)
+    for key in NUMERIC_KEYS:
+        section, _, leaf = key.rpartition(".")
+        cls = typing.get_type_hints(TrainConfig)[section] if section else TrainConfig
+        declared = field_range(cls, leaf)
+        assert declared is not None, f"{key} declares no range"
+        r, unless = declared
+        assert (r.lo, r.hi, r.lo_open, r.hi_open) == RANGES[key], key
+        assert str(r) == range_text(key), key
+        assert unless == ("valid" if key == "data.valid_fraction" else None), key
+
+
+def _config_with(work: Path, key: str, value: Any) -> Path:
+    doc = yaml.safe_load(EXAMPLE_CONFIG.read_text())
+    section, _, leaf = key.rpartition(".")
+    node = doc.setdefault(section, {}) if section else doc
+    node[leaf] = [value, 1, 1] if key == "md_check.supercell" else value
+    path = fresh(work, ".yaml")
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    return path
+
+
+#: values the issue that asked for the ranges (27) found accepted, far outside
+FAR_OUTSIDE = [
+    ("loss.energy_weight", -1.0),
+    ("loss.forces_weight", -1.0),
+    ("loss.stress_weight", -1.0),
+    ("loss.huber_delta", -1.0),
+    ("optim.plateau_factor", -1.0),
+    ("optim.plateau_factor", 1.5),
+    ("optim.ema_decay", -1.0),
+    ("optim.ema_decay", 1.5),
+    ("optim.weight_decay", -1.0),
+    ("optim.warmup_epochs", -1.0),
+    ("optim.min_learning_rate", -1.0),
+    ("optim.time_budget_minutes", -1.0),
+    ("md_check.temperature_K", -1.0),
+    ("optim.plateau_patience", -1),
+    ("optim.early_stopping_patience", -1),
+    ("optim.max_epochs", 0),
+]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [(k, v) for k in sorted(RANGES) for v in edge_values(k, inside=False)] + FAR_OUTSIDE,
+    ids=lambda x: x if isinstance(x, str) else repr(x),
+)
+def test_out_of_range_value_is_refused(key, value, work):
+    """A number just outside (or far outside) its key's range: a ConfigError naming the file, the key, the
+    value and the range."""
+    assert not in_range(key, value)
+    path = _config_with(work, key, value)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    message_names_file(info.value, path)
+    assert key in message and range_text(key) in message, message
+    assert repr(value) in message, message
+    record("config: out of range per key", info.value)
+    path.unlink()
+
+
+#: keys whose in-range edge value needs another key set too (replay_fraction > 0 needs replay_data and a
+#: model to fine-tune from); their edge values are tested without the other keys only where that is not needed
+NEEDS_OTHER_KEYS = {("finetune.replay_fraction", 10.0)}
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [(k, v) for k in sorted(RANGES) for v in edge_values(k, inside=True) if (k, v) not in NEEDS_OTHER_KEYS],
+    ids=lambda x: x if isinstance(x, str) else repr(x),
+)
+def test_value_just_inside_the_range_is_accepted(key, value, work):
+    assert in_range(key, value)
+    path = _config_with(work, key, value)
+    cfg = load_config(path)
+    section, _, leaf = key.rpartition(".")
+    got = getattr(getattr(cfg, section) if section else cfg, leaf)
+    assert got == ((value, 1, 1) if key == "md_check.supercell" else value)
+    record("config: in range per key", cfg)
     path.unlink()
 
 

@@ -110,15 +110,33 @@ def undocumented_fields(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
 
 
+def _allowed(f: dataclasses.Field, hint: Any, prefix: str) -> str:
+    """The field's declared range (``metadata["range"]``, see :class:`~equiforce.training.config.Range`) as
+    table text (``each`` for the entries of a tuple), with the field that switches it off
+    (``metadata["unless"]``); empty when none is declared."""
+    allowed = f.metadata.get("range")
+    if allowed is None:
+        return ""
+    unless = f.metadata.get("unless")
+    each = "each " if "tuple" in _type_name(hint) else ""
+    return f"{each}{allowed}" + (f" (when `{prefix}{unless}` is not given)" if unless else "")
+
+
 def dataclass_table(cls: type, *, prefix: str = "") -> str:
-    """A Markdown table of ``cls``'s fields: key (with ``prefix``), type, default, description."""
+    """A Markdown table of ``cls``'s fields: key (with ``prefix``), type, default, description; and, when a
+    field of ``cls`` declares the range of its values (``metadata["range"]``), an "allowed" column after the
+    default (what :class:`~equiforce.training.config.TrainConfig` enforces)."""
     hints = typing.get_type_hints(cls)
     docs = attribute_docs(cls)
-    rows = ["| key | type | default | description |", "|---|---|---|---|"]
+    ranges = any("range" in f.metadata for f in dataclasses.fields(cls))
+    head = ["key", "type", "default", *(["allowed"] if ranges else []), "description"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for f in dataclasses.fields(cls):
-        desc = _rst_to_md(docs.get(f.name, "")).replace("|", "\\|")
-        type_name = _type_name(hints[f.name]).replace("|", "\\|")
-        rows.append(f"| `{prefix}{f.name}` | {type_name} | {_default(f).replace('|', chr(92) + '|')} | {desc} |")
+        desc = _rst_to_md(docs.get(f.name, ""))
+        type_name = _type_name(hints[f.name])
+        allowed = [_allowed(f, hints[f.name], prefix)] if ranges else []
+        cells = [f"`{prefix}{f.name}`", type_name, _default(f), *allowed, desc]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows)
 
 
@@ -142,8 +160,9 @@ def config_reference_markdown() -> str:
         "",
         "The keys of a training YAML file (`equiforce train CONFIG.yaml`, `load_config`). Every key can also be "
         "given on the command line as `section.key=value` (a YAML value: `optim.learning_rate=1e-3`, "
-        "`md_check.supercell=[2, 2, 2]`). Unknown keys, wrong types and NaN/inf are a `ConfigError` that names "
-        "the key.",
+        "`md_check.supercell=[2, 2, 2]`). Unknown keys, wrong types, NaN/inf and numbers outside the "
+        '"allowed" range are a `ConfigError` that names the key (and, for a number out of range, the value and '
+        "the range).",
         "",
     ]
     hints = typing.get_type_hints(TrainConfig)

@@ -403,7 +403,7 @@ def test_bad_distributed_settings():
         ("parallel.process_id=-1", "process_id must be >= 0"),
         ("parallel.coordinator_address=node1:99999", "host:port"),
         ("parallel.cluster_detection=pbs", "cluster_detection must be one of"),
-        ("parallel.initialization_timeout=0", "at least 1 second"),
+        ("parallel.initialization_timeout=0", "initialization_timeout must be >= 1, got 0"),
     ):
         with pytest.raises(ConfigError, match=message):
             load_config(None, [override])

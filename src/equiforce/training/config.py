@@ -25,14 +25,75 @@ __all__ = [
     "ModelSection",
     "OptimConfig",
     "ParallelConfig",
+    "Range",
     "TrainConfig",
     "apply_overrides",
+    "field_range",
     "load_config",
 ]
 
 
 class ConfigError(ValueError):
     """An unknown key, a value of the wrong type, or an inconsistent setting in a training config."""
+
+
+#: the seeds' range: NumPy's seeds must be >= 0, JAX's ``PRNGKey`` takes at most a signed 64-bit integer
+SEED_RANGE = "in [0, 2^63 - 1]"
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric config key: an interval, open or closed at either end.
+
+    Declared once per key in the field's metadata (``metadata["range"]``), enforced by :class:`TrainConfig`
+    and listed in the generated configuration reference. ``text`` is how messages and the reference show it:
+    ``>= 0``, ``> 0``, ``in (0, 1)``, ``in [0, 10]``.
+    """
+
+    lo: float
+    hi: float
+    lo_open: bool
+    hi_open: bool
+    text: str
+
+    @classmethod
+    def parse(cls, text: str) -> Range:
+        """``">= a"``, ``"> a"`` or ``"in [a, b]"`` / ``"in (a, b)"`` / ``"in [a, b)"`` / ``"in (a, b]"``; a bound
+        may be ``2^k - 1``."""
+
+        def number(token: str) -> float:
+            m = re.fullmatch(r"2\^(\d+) - 1", token.strip())
+            return 2 ** int(m.group(1)) - 1 if m else float(token)
+
+        m = re.fullmatch(r"(>=|>) (\S+)", text)
+        if m:
+            return cls(number(m.group(2)), math.inf, m.group(1) == ">", True, text)
+        m = re.fullmatch(r"in ([\[(])([^,]+), ([^\])]+)([\])])", text)
+        if not m:
+            raise ValueError(f"not a range: {text!r}")
+        return cls(number(m.group(2)), number(m.group(3)), m.group(1) == "(", m.group(4) == ")", text)
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _num(default: Any, allowed: str, *, unless: str | None = None) -> Any:
+    """A numeric field with its allowed range (see :class:`Range`); ``unless``: another field of the section
+    that, when not None, makes this one irrelevant (the range is then not enforced)."""
+    return dataclasses.field(default=default, metadata={"range": Range.parse(allowed), "unless": unless})
+
+
+def field_range(cls: type, name: str) -> tuple[Range, str | None] | None:
+    """The declared range of field ``name`` of a config dataclass and its ``unless`` field, or None when the
+    field has no declared range (not numeric)."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    r = f.metadata.get("range")
+    return None if r is None else (r, f.metadata.get("unless"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,16 +129,16 @@ class DataConfig:
 
     train: str = "sample:train"
     valid: str | None = None
-    valid_fraction: float = 0.05
+    valid_fraction: float = _num(0.05, "in (0, 1)", unless="valid")
     test: str | None = "sample:test"
     format: str | None = None
     energy_unit: str = "eV"
-    train_size: int | None = None
-    test_size: int | None = None
-    split_seed: int = 1
+    train_size: int | None = _num(None, ">= 1")
+    test_size: int | None = _num(None, ">= 1")
+    split_seed: int = _num(1, SEED_RANGE)
     streaming: bool = False
-    prefetch_batches: int = 8
-    statistics_size: int = 10000
+    prefetch_batches: int = _num(8, ">= 1")
+    statistics_size: int = _num(10000, ">= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,12 +176,12 @@ class ModelSection:
     """
 
     name: str = "nequip"
-    r_max: float = 5.0
+    r_max: float = _num(5.0, "> 0")
     dtype: str = "float32"
     atomic_energies: str | dict[int, float] = "fit"
     hyperparameters: dict[str, Any] = dataclasses.field(default_factory=dict)
     refit_atomic_energies: bool | None = None
-    ensemble_size: int = 1
+    ensemble_size: int = _num(1, ">= 1")
     bootstrap: bool = False
     uncertainty: bool = True
     init_from: str | None = None
@@ -142,11 +203,11 @@ class LossConfig:
       huber_delta: the Huber loss's switch-over point, in the unit of each term.
     """
 
-    energy_weight: float = 1.0
-    forces_weight: float = 10.0
-    stress_weight: float = 0.0
+    energy_weight: float = _num(1.0, ">= 0")
+    forces_weight: float = _num(10.0, ">= 0")
+    stress_weight: float = _num(0.0, ">= 0")
     kind: str = "mse"
-    huber_delta: float = 0.01
+    huber_delta: float = _num(0.01, "> 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,19 +235,19 @@ class OptimConfig:
     """
 
     optimizer: str = "amsgrad"
-    learning_rate: float = 0.005
-    weight_decay: float = 0.0
-    clip_grad_norm: float | None = 10.0
-    warmup_epochs: float = 1.0
+    learning_rate: float = _num(0.005, "> 0")
+    weight_decay: float = _num(0.0, ">= 0")
+    clip_grad_norm: float | None = _num(10.0, "> 0")
+    warmup_epochs: float = _num(1.0, ">= 0")
     schedule: str = "plateau"
-    plateau_patience: int = 5
-    plateau_factor: float = 0.8
-    min_learning_rate: float = 1e-6
-    ema_decay: float | None = 0.99
-    batch_size: int = 5
-    max_epochs: int = 100
-    time_budget_minutes: float | None = None
-    early_stopping_patience: int | None = 30
+    plateau_patience: int = _num(5, ">= 0")
+    plateau_factor: float = _num(0.8, "in (0, 1)")
+    min_learning_rate: float = _num(1e-6, ">= 0")
+    ema_decay: float | None = _num(0.99, "in [0, 1)")
+    batch_size: int = _num(5, ">= 1")
+    max_epochs: int = _num(100, ">= 1")
+    time_budget_minutes: float | None = _num(None, "> 0")
+    early_stopping_patience: int | None = _num(30, ">= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,13 +280,13 @@ class MDCheckConfig:
     ``None``: only what the cutoff needs. Ignored for molecules.
     """
 
-    steps: int = 2000
-    timestep_fs: float = 0.5
-    temperature_K: float = 300.0
-    report_interval: int = 50
-    max_drift_meV_per_atom_per_ps: float = 1.0
+    steps: int = _num(2000, ">= 0")
+    timestep_fs: float = _num(0.5, "> 0")
+    temperature_K: float = _num(300.0, ">= 0")
+    report_interval: int = _num(50, ">= 1")
+    max_drift_meV_per_atom_per_ps: float = _num(1.0, "> 0")
     on_failure: str = "warn"
-    supercell: tuple[int, ...] | None = None
+    supercell: tuple[int, ...] | None = _num(None, ">= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,11 +309,11 @@ class FinetuneConfig:
     """
 
     freeze: tuple[str, ...] = ()
-    frozen_learning_rate: float = 0.0
-    frozen_warmup_epochs: float = 0.0
+    frozen_learning_rate: float = _num(0.0, ">= 0")
+    frozen_warmup_epochs: float = _num(0.0, ">= 0")
     replay_data: str | None = None
     replay_format: str | None = None
-    replay_fraction: float = 0.0
+    replay_fraction: float = _num(0.0, "in [0, 10]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,14 +343,14 @@ class ParallelConfig:
       shutdown_timeout: seconds a finishing process waits at JAX's shutdown barrier for the others.
     """
 
-    devices: int | str | None = None
+    devices: int | str | None = _num(None, ">= 1")
     coordinator_address: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
+    num_processes: int | None = _num(None, ">= 1")
+    process_id: int | None = _num(None, ">= 0")
     cluster_detection: str = "auto"
-    initialization_timeout: int = 300
-    heartbeat_timeout: int = 100
-    shutdown_timeout: int = 300
+    initialization_timeout: int = _num(300, ">= 1")
+    heartbeat_timeout: int = _num(100, ">= 1")
+    shutdown_timeout: int = _num(300, ">= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,7 +372,7 @@ class TrainConfig:
         file's folder).
     """
 
-    seed: int = 0
+    seed: int = _num(0, SEED_RANGE)
     output_dir: str = "runs/default"
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
@@ -325,6 +386,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_finite_fields(self, "")
+        _check_ranges(self, "")
         o = self.optim
         if o.optimizer not in ("adam", "amsgrad", "adamw"):
             raise ConfigError(f"optim.optimizer must be adam, amsgrad or adamw, got {o.optimizer!r}")
@@ -334,16 +396,6 @@ class TrainConfig:
             raise ConfigError(f"loss.kind must be mse or huber, got {self.loss.kind!r}")
         if self.model.dtype not in ("float32", "float64"):
             raise ConfigError(f"model.dtype must be float32 or float64, got {self.model.dtype!r}")
-        if o.batch_size < 1 or o.max_epochs < 0 or o.learning_rate <= 0:
-            raise ConfigError("optim.batch_size >= 1, optim.max_epochs >= 0 and optim.learning_rate > 0 required")
-        if not 0.0 < self.data.valid_fraction < 1.0 and self.data.valid is None:
-            raise ConfigError("data.valid_fraction must lie in (0, 1) when data.valid is not given")
-        if self.data.prefetch_batches < 1 or self.data.statistics_size < 1:
-            raise ConfigError("data.prefetch_batches and data.statistics_size must be >= 1")
-        if self.model.r_max <= 0:
-            raise ConfigError("model.r_max must be positive")
-        if self.model.ensemble_size < 1:
-            raise ConfigError(f"model.ensemble_size must be >= 1 (committee members), got {self.model.ensemble_size}")
         self._check_finetune()
         if self.model.bootstrap and self.model.ensemble_size < 2:
             raise ConfigError("model.bootstrap resamples the training set per committee member: set ensemble_size >= 2")
@@ -363,10 +415,6 @@ class TrainConfig:
             raise ConfigError(
                 f"{', '.join(used)} set, but fine-tuning needs model.init_from (the model file to start from)"
             )
-        if f.frozen_learning_rate < 0 or f.frozen_warmup_epochs < 0:
-            raise ConfigError("finetune.frozen_learning_rate and finetune.frozen_warmup_epochs must be >= 0")
-        if not 0.0 <= f.replay_fraction <= 10.0:
-            raise ConfigError(f"finetune.replay_fraction must lie in [0, 10], got {f.replay_fraction}")
         if (f.replay_fraction > 0) != (f.replay_data is not None):
             raise ConfigError("finetune.replay_data and finetune.replay_fraction > 0 go together")
 
@@ -374,29 +422,19 @@ class TrainConfig:
         c = self.md_check
         if c.on_failure not in ("warn", "fail"):
             raise ConfigError(f"md_check.on_failure must be warn or fail, got {c.on_failure!r}")
-        if not c.max_drift_meV_per_atom_per_ps > 0:
-            raise ConfigError("md_check.max_drift_meV_per_atom_per_ps must be positive")
-        if c.steps < 0 or c.report_interval < 1 or not c.timestep_fs > 0:
-            raise ConfigError(
-                "md_check.steps >= 0, md_check.report_interval >= 1 and md_check.timestep_fs > 0 required"
-            )
         if 0 < c.steps <= c.report_interval:
             raise ConfigError(
                 f"md_check.steps = {c.steps} gives a single energy sample every {c.report_interval} steps: the drift "
                 "needs at least two (steps > md_check.report_interval), or steps: 0 to switch the check off"
             )
-        if c.supercell is not None and (len(c.supercell) != 3 or min(c.supercell) < 1):
+        if c.supercell is not None and len(c.supercell) != 3:
             raise ConfigError(f"md_check.supercell must be three integers >= 1, got {list(c.supercell)}")
 
     def _check_parallel(self) -> None:
         p = self.parallel
         d = p.devices
-        if (isinstance(d, str) and d != "all") or (isinstance(d, int) and d < 1):
+        if isinstance(d, str) and d != "all":
             raise ConfigError(f"parallel.devices must be 'all', null or a device count >= 1, got {d!r}")
-        if p.num_processes is not None and p.num_processes < 1:
-            raise ConfigError(f"parallel.num_processes must be >= 1, got {p.num_processes}")
-        if p.process_id is not None and p.process_id < 0:
-            raise ConfigError(f"parallel.process_id must be >= 0, got {p.process_id}")
         if p.process_id is not None and p.num_processes is not None and p.process_id >= p.num_processes:
             raise ConfigError(
                 f"parallel.process_id = {p.process_id} is out of range for parallel.num_processes = "
@@ -408,9 +446,6 @@ class TrainConfig:
             raise ConfigError(
                 f"parallel.cluster_detection must be one of {', '.join(CLUSTER_DETECTION)}, got {p.cluster_detection!r}"
             )
-        for name in ("initialization_timeout", "heartbeat_timeout", "shutdown_timeout"):
-            if getattr(p, name) < 1:
-                raise ConfigError(f"parallel.{name} must be at least 1 second, got {getattr(p, name)}")
 
     def resolve_path(self, path: str) -> Path:
         p = Path(path).expanduser()
@@ -450,6 +485,26 @@ def _check_finite_fields(obj: Any, where: str) -> None:
             _check_finite_fields(value, f"{where}{f.name}.")
         else:
             _check_finite_values(value, f"{where}{f.name}")
+
+
+def _check_ranges(obj: Any, where: str) -> None:
+    """Every numeric field of a config dataclass (recursively) must lie in its declared :class:`Range`
+    (None, the off switch of optional settings, and non-numeric values of mixed fields are not numbers)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_ranges(value, f"{where}{f.name}.")
+            continue
+        allowed, unless = f.metadata.get("range"), f.metadata.get("unless")
+        if allowed is None or (unless is not None and getattr(obj, unless) is not None):
+            continue
+        entries = value if isinstance(value, tuple) else (value,)
+        for v in entries:
+            if isinstance(v, int | float) and not isinstance(v, bool) and v not in allowed:
+                when = f" when {where}{unless} is not given" if unless else ""
+                if isinstance(value, tuple):
+                    raise ConfigError(f"{where}{f.name}: every entry must be {allowed}{when}, got {list(value)}")
+                raise ConfigError(f"{where}{f.name} must be {allowed}{when}, got {value!r}")
 
 
 def _check_finite_values(value: Any, where: str, _seen: set[int] | None = None) -> None:
@@ -607,7 +662,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
     Raises:
       ConfigError: unreadable file (missing, not UTF-8, not YAML), a top level that is not a mapping,
-        unknown keys, wrong types, NaN or inf numbers, inconsistent settings, malformed overrides.
+        unknown keys, wrong types, NaN or inf numbers, a number outside its key's range (declared with the
+        field, see :func:`field_range`; the message names the key, the value and the range), inconsistent
+        settings, malformed overrides.
     """
     try:
         return _load_config(path, overrides)
