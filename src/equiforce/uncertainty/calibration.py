@@ -27,8 +27,8 @@ from equiforce.data.graph import PaddingBudget, estimate_budget
 from equiforce.data.neighbours import NeighbourGraph, build_neighbour_graphs
 from equiforce.data.structures import StructureSet
 from equiforce.potentials.potential import Potential
+from equiforce.potentials.predict import e0_sum, padded_batches, predict
 from equiforce.potentials.uncertainty import UncertaintyConfig, last_layer_features, network_params
-from equiforce.training.evaluate import e0_sum, padded_batches, predict
 
 __all__ = [
     "UncertainPredictions",
