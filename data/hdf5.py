@@ -80,6 +80,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from equiforce import faults
 from equiforce.data.errors import DataError
 from equiforce.data.neighbours import NeighbourGraph
 from equiforce.data.structures import StructureSet
@@ -492,6 +493,7 @@ class HDF5Writer:
         ``n_edges`` (enough for the padding budget; the graphs are then built when read).
       compression: an h5py compression filter (``"lzf"``, ``"gzip"``) or ``None``; lossless.
       overwrite: replace an existing file when committing.
+      fault: the name of this write for the kill-recovery tests' fault injection (:mod:`equiforce.faults`).
 
     Use as a context manager: leaving the block normally commits, an exception discards the temporary file.
 
@@ -508,8 +510,10 @@ class HDF5Writer:
         edges: bool = True,
         compression: str | None = None,
         overwrite: bool = False,
+        fault: str = "hdf5",
     ) -> None:
         self.path = Path(path)
+        self._fault = fault  # this write's name for the kill-recovery tests' fault injection (equiforce.faults)
         if self.path.exists() and not overwrite:
             raise DataError(f"{self.path}: file exists (pass overwrite=True to replace it)")
         if not self.path.parent.is_dir():
@@ -618,6 +622,7 @@ class HDF5Writer:
             for kind, count in rows.items():
                 self._counts[kind] += count
             self._commit_counts()
+        faults.point(self._fault, "appended")
 
     def close(self) -> Path:
         """Commit: close the temporary file and move it over ``path``. Returns the path."""
@@ -626,11 +631,13 @@ class HDF5Writer:
                 if self._labels is None:
                     self._create(())
                 self._file.close()
+        faults.point(self._fault, "closed")
         try:
             os.replace(self._tmp, self.path)
         except OSError as err:
             self._tmp.unlink(missing_ok=True)
             raise DataError(f"{self.path}: cannot move the finished file into place ({err})") from err
+        faults.point(self._fault, "replaced")
         return self.path
 
     def abort(self) -> None:

@@ -50,7 +50,9 @@ def parts_folder(out: PathLike) -> Path:
 
 def _write_part(path: str, s: StructureSet, r_max: float, edges: bool, compression: str | None, first: int) -> str:
     """Worker: build the graphs of one part and write it (atomically) to ``path``."""
-    with HDF5Writer(path, r_max=r_max, edges=edges, compression=compression, overwrite=True) as w:
+    with HDF5Writer(
+        path, r_max=r_max, edges=edges, compression=compression, overwrite=True, fault="preprocess-part"
+    ) as w:
         w.append(s, build_neighbour_graphs(s, r_max, first_index=first))
     return path
 

@@ -64,7 +64,8 @@ Crash safety (what is guaranteed)
   flushes, then flips ``restart/active`` and flushes: a kill mid-write keeps the previous state.
   The first call (or a call whose arrays change shape/dtype/keys) briefly leaves SWMR mode to create
   datasets (SWMR forbids creating objects); a kill in that window leaves a file HDF5 refuses to
-  open until ``h5clear -s`` is run on it.
+  open until its consistency flags are cleared (``h5clear -s``, or :func:`clear_stale_write_flags`,
+  which ``equiforce md --restart`` calls).
 * A file killed while open (consistency flags set) can be read by :func:`read_h5md` (it falls back
   to an SWMR read) but plain ``h5py.File(path)`` refuses it; ``H5MDWriter(..., mode="a")`` recovers
   it by copying it to a fresh file (cost: one copy of the file) and continues.
@@ -96,7 +97,7 @@ import h5py
 import numpy as np
 from ase import units
 
-from equiforce import __version__
+from equiforce import __version__, faults
 from equiforce.data.errors import DataError
 from equiforce.potentials.model_io import to_jsonable
 
@@ -106,7 +107,9 @@ __all__ = [
     "FORMAT_VERSION",
     "OBSERVABLE_UNITS",
     "H5MDWriter",
+    "NoRestartStateError",
     "ThermoLog",
+    "clear_stale_write_flags",
     "read_h5md",
     "read_restart_state",
     "repair_h5md",
@@ -166,6 +169,10 @@ _THERMO_PERIODIC: tuple[tuple[str, str, float], ...] = (
     ("pressure_GPa", "pressure", units.GPa),  # eV/Å³ -> GPa
     ("volume_A3", "volume", 1.0),
 )
+
+
+class NoRestartStateError(DataError):
+    """An equiforce H5MD file that holds no restart state yet (e.g. killed while writing the first one)."""
 
 
 def _fmt(x: float) -> str:
@@ -460,6 +467,85 @@ def _recover_copy(path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _lookup3(data: bytes) -> int:
+    """Bob Jenkins' lookup3 ``hashlittle`` (initval 0): HDF5's metadata checksum (``H5_checksum_lookup3``)."""
+    m = 0xFFFFFFFF
+
+    def rot(x: int, k: int) -> int:
+        return ((x << k) | (x >> (32 - k))) & m
+
+    n = len(data)
+    a = b = c = (0xDEADBEEF + n) & m
+    i = 0
+    while n - i > 12:
+        a = (a + int.from_bytes(data[i : i + 4], "little")) & m
+        b = (b + int.from_bytes(data[i + 4 : i + 8], "little")) & m
+        c = (c + int.from_bytes(data[i + 8 : i + 12], "little")) & m
+        for x, y, z, k in ((0, 2, 1, 4), (1, 0, 2, 6), (2, 1, 0, 8), (0, 2, 1, 16), (1, 0, 2, 19), (2, 1, 0, 4)):
+            v = [a, b, c]  # mix(): v[x] -= v[y]; v[x] ^= rot(v[y], k); v[y] += v[z]
+            v[x] = ((v[x] - v[y]) & m) ^ rot(v[y], k)
+            v[y] = (v[y] + v[z]) & m
+            a, b, c = v
+        i += 12
+    tail = data[i:]
+    if not tail:
+        return c
+    tail += bytes(12 - len(tail))
+    a = (a + int.from_bytes(tail[0:4], "little")) & m
+    b = (b + int.from_bytes(tail[4:8], "little")) & m
+    c = (c + int.from_bytes(tail[8:12], "little")) & m
+    for x, y, k in ((2, 1, 14), (0, 2, 11), (1, 0, 25), (2, 1, 16), (0, 2, 4), (1, 0, 14), (2, 1, 24)):
+        v = [a, b, c]  # final(): v[x] ^= v[y]; v[x] -= rot(v[y], k)
+        v[x] = ((v[x] ^ v[y]) - rot(v[y], k)) & m
+        a, b, c = v
+    return c
+
+
+def clear_stale_write_flags(path: PathLike) -> bool:
+    """Clear the consistency flags a killed non-SWMR writer left in an HDF5 file (what ``h5clear -s`` does).
+
+    Such a file (an :class:`H5MDWriter` killed while it had left SWMR mode to create datasets) is refused by
+    every HDF5 reader. Only the non-SWMR write flag is cleared, and only when no process holds the file's
+    HDF5 lock (a live non-SWMR writer holds it; with ``HDF5_USE_FILE_LOCKING=FALSE`` this cannot be told).
+    It does not repair anything else: the file then shows what its writer had flushed.
+
+    Returns:
+      True when flags were cleared; False for a file without them (or an HDF5 format without flags).
+
+    Raises:
+      DataError: not an HDF5 file, a superblock whose checksum does not match, or a file a process holds.
+    """
+    path = Path(path)
+    with _h5_errors(path, "clear the write flags of"), open(path, "r+b") as fh:
+        head = fh.read(1 << 16)
+        base = next((b for b in (0, 512, 1024, 2048, 4096, 8192) if head[b : b + 8] == b"\x89HDF\r\n\x1a\n"), None)
+        if base is None:
+            raise DataError(f"{path}: not an HDF5 file (no superblock signature)")
+        version, offset_size, flags = head[base + 8], head[base + 9], head[base + 11]
+        if version < 2:  # superblocks 0 and 1 have no consistency flags
+            return False
+        end = base + 12 + 4 * offset_size  # signature, version, sizes, flags, 4 addresses; then the checksum
+        if int.from_bytes(head[end : end + 4], "little") != _lookup3(head[base:end]):
+            raise DataError(f"{path}: corrupt HDF5 superblock (checksum mismatch)")
+        if not flags & 0x01 or flags & 0x04:  # no write flag, or an SWMR writer's (SWMR readers cope with that)
+            return False
+        try:
+            import fcntl
+
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # HDF5's own lock: free once its holder died
+        except ImportError:  # pragma: no cover - no flock (Windows): nothing to check
+            pass
+        except BlockingIOError:
+            raise DataError(f"{path}: a process holds the file open for writing") from None
+        block = bytearray(head[base:end])
+        block[11] = 0
+        fh.seek(base)
+        fh.write(bytes(block) + _lookup3(bytes(block)).to_bytes(4, "little"))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
+
+
 def repair_h5md(path: PathLike) -> tuple[int, int, bool]:
     """Make an equiforce H5MD file left by a killed writer readable by any HDF5 reader.
 
@@ -689,6 +775,7 @@ class H5MDWriter:
             self._f = h5py.File(self.path, "r+", libver="latest")
         try:
             yield self._f
+            faults.point("h5md-structure", "changed")
         finally:
             self._f.flush()
             self._start_swmr()
@@ -779,9 +866,12 @@ class H5MDWriter:
                 for ds, arr in (("step", steps), ("time", times), ("value", value)):
                     g[ds].resize(n + nf, axis=0)
                     g[ds][n : n + nf] = arr
+            faults.point("h5md-frame", "appended")
             f.flush()
+            faults.point("h5md-frame", "flushed")
             f["equiforce/committed_frames"][()] = np.int64(n + nf)
             f.flush()
+            faults.point("h5md-frame", "committed")
         self.n_frames = n + nf
 
     def truncate_after_step(self, step: int) -> int:
@@ -857,9 +947,12 @@ class H5MDWriter:
                 padded = np.full(mj.shape[0], ord(" "), dtype=np.uint8)
                 padded[: blob.size] = blob
                 mj[:] = padded
+            faults.point("restart-state", "slot-written")
             f.flush()
+            faults.point("restart-state", "slot-flushed")
             f["equiforce/restart/active"][()] = np.int64(int(slot[-1]))
             f.flush()
+            faults.point("restart-state", "activated")
 
     def close(self) -> None:
         """Flush and close the file (idempotent); a cleanly closed file opens with plain h5py."""
@@ -935,7 +1028,8 @@ def read_restart_state(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str,
       committed when the state was stored (the state belongs to frame ``committed_frames - 1``).
 
     Raises:
-      DataError: missing, corrupt or foreign file, or no restart state stored.
+      NoRestartStateError: a valid file in which no restart state was stored yet (a :class:`DataError`).
+      DataError: missing, corrupt or foreign file.
     """
     path = Path(path)
     f = _open_read(path)
@@ -946,7 +1040,7 @@ def read_restart_state(path: PathLike) -> tuple[dict[str, np.ndarray], dict[str,
             raise DataError(f"{path}: corrupt file (missing equiforce/restart/active)")
         active = int(rs["active"][()])
         if active not in (0, 1):
-            raise DataError(f"{path}: no restart state stored")
+            raise NoRestartStateError(f"{path}: no restart state stored")
         g = rs.get(f"slot{active}")
         if not isinstance(g, h5py.Group) or "meta_json" not in g:
             raise DataError(f"{path}: corrupt restart slot {active}")

@@ -25,7 +25,7 @@ from equiforce.data.errors import DataError
 from equiforce.md.engine import MDBlowUpError, MDConfig, MDEngine, ThermoFrame
 from equiforce.md.outputs import RunOutputs, restore_state, write_last_good
 from equiforce.md.replicas import ReplicasResult, run_replicas
-from equiforce.md.reporters import read_h5md, read_restart_state
+from equiforce.md.reporters import NoRestartStateError, clear_stale_write_flags, read_h5md, read_restart_state
 from equiforce.md.sharded import make_sharded_system
 from equiforce.md.uncertainty_monitor import UncertaintyMonitor, uncertain_frames_path
 from equiforce.potentials.model_io import enable_x64_for, load_model
@@ -400,15 +400,20 @@ def _read_restart_point(
         log(f"restart: no trajectory {path} yet; starting a new run")
         return None
     try:
+        if clear_stale_write_flags(path):  # killed while it had left SWMR mode (see equiforce.md.reporters)
+            log(f"restart: cleared the write flags a killed writer left in {path} (as `h5clear -s` does)")
         return read_restart_state(path)
     except DataError as err:
         try:
             n_frames = len(read_h5md(path)["step"])
         except DataError:
             n_frames = 0 if path.stat().st_size < 4096 else -1
-        if n_frames != 0:
+        # a kill while the first frame's restart state was written (its slot is created then, not double
+        # buffered) leaves that one frame committed and no state: the run starts over (it is deterministic)
+        first_state_lost = n_frames == 1 and isinstance(err, NoRestartStateError)
+        if n_frames != 0 and not first_state_lost:
             raise
-        log(f"restart: {path} holds no committed frame ({err}); starting a new run")
+        log(f"restart: {path} holds no committed frame with a restart state ({err}); starting a new run")
         return None
 
 

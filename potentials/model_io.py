@@ -37,6 +37,7 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict
 
+from equiforce import faults
 from equiforce.potentials.potential import Potential
 
 __all__ = [
@@ -68,8 +69,10 @@ def _package_version() -> str:
     return __version__
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fault: str = "file") -> None:
     """Write ``data`` to ``path`` atomically: a temporary file in the same folder, fsync, ``os.replace``.
+
+    ``fault`` names this write for the kill-recovery tests' fault injection (:mod:`equiforce.faults`).
 
     The file gets the permissions a plain ``open(path, "wb")`` would give: those of the file it replaces,
     or ``0o666`` less the process umask for a new file (``tempfile.mkstemp`` would make it 0600).
@@ -94,10 +97,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with os.fdopen(fd, "wb") as fh:
             if path.exists():
                 shutil.copymode(path, tmp)
+            faults.point(fault, "tmp-created")
             fh.write(data)
             fh.flush()
+            faults.point(fault, "tmp-written")
             os.fsync(fh.fileno())
+            faults.point(fault, "tmp-synced")
         os.replace(tmp, path)
+        faults.point(fault, "replaced")
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -142,7 +149,7 @@ def save_model(
     state = flax.serialization.to_state_dict(jax.tree.map(np.asarray, params))
     body = {"header": json.dumps(header), "params": state}
     data = flax.serialization.msgpack_serialize({**body, "checksum": _checksum(body)})
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data, fault="model")
     return Path(path)
 
 

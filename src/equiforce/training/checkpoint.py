@@ -41,7 +41,7 @@ def save_checkpoint(path: str | Path, state: Any, host_state: dict[str, Any]) ->
         "host": json.dumps(host_state),
         "state": flax.serialization.to_state_dict(jax.tree.map(np.asarray, state)),
     }
-    atomic_write_bytes(path, flax.serialization.msgpack_serialize(doc))
+    atomic_write_bytes(path, flax.serialization.msgpack_serialize(doc), fault="checkpoint")
 
 
 def load_checkpoint(path: str | Path, template: Any) -> tuple[Any, dict[str, Any]]:

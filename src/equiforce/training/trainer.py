@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from equiforce import faults
 from equiforce.data.graph import Batch, collate, estimate_budget
 from equiforce.data.neighbours import NeighbourGraph, average_num_neighbours
 from equiforce.data.statistics import compute_statistics
@@ -571,8 +572,13 @@ def _train_with(
             }
             host["history"].append(record)
             if main:
-                with metrics_path.open("a") as fh:
-                    fh.write(json.dumps(record) + "\n")
+                line = json.dumps(record) + "\n"
+                with metrics_path.open("a") as fh:  # two writes: a kill between them is a torn line (faults)
+                    fh.write(line[: len(line) // 2])
+                    fh.flush()
+                    faults.point("metrics-line", "half-written")
+                    fh.write(line[len(line) // 2 :])
+                faults.point("metrics-line", "written")
             s_mae = f"  S MAE {vm['stress_mae_meV_per_A3']:.3f} meV/Å³" if "stress_mae_meV_per_A3" in vm else ""
             log(
                 f"epoch {epoch + 1:4d}  loss {train_loss[0]:.4g}  valid E MAE {vm['energy_mae_meV']:.1f} meV "
