@@ -38,8 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
+from equiforce.data.checks import check_float_array, check_shape
 from equiforce.data.errors import DataError
 from equiforce.data.structures import StructureSet, full_3x3_to_voigt
+from equiforce.data.units import energy_factor, length_factor
 
 __all__ = ["find_deepmd_systems", "is_deepmd_folder", "read_deepmd", "read_deepmd_system"]
 
@@ -118,6 +120,7 @@ def _atomic_numbers(system: Path, type_map: Sequence[str] | None) -> np.ndarray:
 
 
 def _load_array(file: Path) -> np.ndarray:
+    """The array of a ``.npy`` file as stored, or of a ``.raw`` text file as float64 (one frame per row)."""
     try:
         if file.suffix == ".npy":
             arr = np.load(file, allow_pickle=False)
@@ -127,18 +130,23 @@ def _load_array(file: Path) -> np.ndarray:
         raise DataError(f"{file}: cannot read ({type(err).__name__}: {err})") from err
     if not np.issubdtype(arr.dtype, np.number):
         raise DataError(f"{file}: not a numeric array (dtype {arr.dtype})")
-    return np.asarray(arr, dtype=np.float64)
+    return arr
 
 
-def _frames_of(file: Path, arr: np.ndarray, n_frames: int | None, per_frame: int) -> np.ndarray:
-    """Reshape to ``[n_frames, per_frame]``, checking the size; ``n_frames`` None: infer it."""
+def _frames_of(file: Path, arr: np.ndarray, n_frames: int | None, shape: tuple[int, ...], label: bool) -> np.ndarray:
+    """The rows of ``arr`` as float64 ``[n_frames, prod(shape)]``: ``arr`` must be ``[n_frames, prod(shape)]``
+    (DeePMD's layout) or ``[n_frames, *shape]``; ``n_frames`` None: any. ``label``: positions or a label, which
+    must be stored as float32 or wider (:func:`~equiforce.data.checks.check_float_array`)."""
     if arr.ndim == 0 or arr.size == 0:
         raise DataError(f"{file}: empty array")
-    n = arr.shape[0] if n_frames is None else n_frames
-    if arr.shape[0] != n or arr.size != n * per_frame:
-        expected = f"({n}, {per_frame})" if n_frames is not None else f"(nframes, {per_frame})"
-        raise DataError(f"{file}: shape {arr.shape}, expected {expected}")
-    return arr.reshape(n, per_frame)
+    n = "nframes" if n_frames is None else n_frames
+    per_frame = int(np.prod(shape))
+    shapes = [(n, per_frame), (n, *shape)] if len(shape) > 1 or per_frame > 1 else [(n,), (n, 1)]
+    if label:
+        check_float_array(str(file), arr, shapes)
+    else:
+        check_shape(str(file), arr.shape, shapes)
+    return np.asarray(arr, dtype=np.float64).reshape(arr.shape[0], per_frame)
 
 
 def _read_block(
@@ -148,28 +156,28 @@ def _read_block(
     coord_file = folder / f"coord{ext}"
     if not coord_file.is_file():
         raise DataError(f"{coord_file}: missing (every set needs coordinates)")
-    pos = _frames_of(coord_file, _load_array(coord_file), None, 3 * n_atoms).reshape(-1, n_atoms, 3) * l_fac
+    pos = _frames_of(coord_file, _load_array(coord_file), None, (n_atoms, 3), True).reshape(-1, n_atoms, 3) * l_fac
     n = pos.shape[0]
     box_file = folder / f"box{ext}"
     cell = np.zeros((n, 3, 3))
     if periodic:
         if not box_file.is_file():
             raise DataError(f"{box_file}: missing (a periodic system needs its cell; add a 'nopbc' file if it is not)")
-        cell = _frames_of(box_file, _load_array(box_file), n, 9).reshape(n, 3, 3) * l_fac
+        cell = _frames_of(box_file, _load_array(box_file), n, (3, 3), False).reshape(n, 3, 3) * l_fac
         if not np.all(np.isfinite(cell)):
             raise DataError(f"{box_file}: NaN or inf in the cell")
         volume = np.abs(np.linalg.det(cell))
         if np.any(volume < 1e-9):
             raise DataError(f"{box_file}: singular cell in frame {int(np.argmin(volume))}")
     out: dict[str, np.ndarray | None] = {"positions": pos, "cell": cell}
-    per_frame = {"energy": 1, "force": 3 * n_atoms, "virial": 9}
+    per_frame = {"energy": (1,), "force": (n_atoms, 3), "virial": (3, 3)}
     factor = {"energy": e_fac, "force": e_fac / l_fac, "virial": e_fac}
     for label in _LABELS:
         file = folder / f"{label}{ext}"
         if not file.is_file():
             out[label] = None
             continue
-        arr = _frames_of(file, _load_array(file), n, per_frame[label]) * factor[label]
+        arr = _frames_of(file, _load_array(file), n, per_frame[label], True) * factor[label]
         if not np.all(np.isfinite(arr)):
             raise DataError(f"{file}: NaN or inf")
         out[label] = arr
@@ -199,7 +207,7 @@ def read_deepmd_system(
       path: the system folder.
       type_map: element symbols of the type indices, overriding ``type_map.raw``.
       energy_unit, length_unit: units of the files if they do not follow DeePMD's eV and Å
-        (see :data:`equiforce.data.readers.ENERGY_UNITS` / ``LENGTH_UNITS``); forces are converted by
+        (see :data:`equiforce.data.units.ENERGY_UNITS` / ``LENGTH_UNITS``); forces are converted by
         energy/length and the virial by energy, so stress comes out in eV/Å³.
 
     Returns:
@@ -209,11 +217,11 @@ def read_deepmd_system(
 
     Raises:
       DataError: a missing ``type.raw``/``type_map.raw``/``coord``/``box`` file, a type name that is not an
-        element, an array whose shape does not match the atom count or the number of frames, a singular
+        element, coordinates, energies, forces or virials stored as integers or float16 (``.npy``), an array
+        whose shape is neither ``[nframes, Natoms*3]`` nor ``[nframes, Natoms, 3]`` (coordinates, forces),
+        ``[nframes]`` / ``[nframes, 1]`` (energy) or ``[nframes, 9]`` / ``[nframes, 3, 3]`` (box, virial), a singular
         cell, NaN/inf values, a label present in some sets but not others (energy, forces), or no frames.
     """
-    from equiforce.data.readers import energy_factor, length_factor
-
     e_fac, l_fac = energy_factor(energy_unit), length_factor(length_unit)
     system = Path(path)
     if not (system / "type.raw").is_file():

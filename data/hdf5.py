@@ -81,6 +81,7 @@ import h5py
 import numpy as np
 
 from equiforce import faults
+from equiforce.data.checks import check_float_array
 from equiforce.data.errors import DataError
 from equiforce.data.neighbours import NeighbourGraph
 from equiforce.data.structures import StructureSet
@@ -364,6 +365,11 @@ def _check_schema(f: h5py.File, path: PathLike) -> tuple[int, int, tuple[str, ..
         kinds = _DTYPE_KINDS[np.dtype(dtype).kind]
         if ds.dtype.kind not in kinds:
             raise DataError(f"{path}: dataset {name!r} has dtype {ds.dtype}, expected {np.dtype(dtype)}")
+        if name in ("positions", "energy", "forces", "stress"):  # no integers or float16 (wrapped or rounded)
+            try:
+                check_float_array(f"dataset {name!r}", ds)
+            except DataError as err:
+                raise DataError(f"{path}: {err}") from None
         need = n_total if per_atom else n
         if ds.shape[0] < need:
             raise DataError(f"{path}: dataset {name!r} has {ds.shape[0]} rows, fewer than committed {need}")

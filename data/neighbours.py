@@ -25,6 +25,7 @@ __all__ = [
     "build_neighbour_graph",
     "build_neighbour_graphs",
     "check_finite_positions",
+    "check_no_overlap",
     "check_pair_distances",
 ]
 
@@ -157,6 +158,38 @@ def build_neighbour_graphs(structures: StructureSet, r_max: float, *, first_inde
         except DataError as err:
             raise DataError(f"structure {first_index + k}: {err}") from None
     return graphs
+
+
+def check_no_overlap(structures: StructureSet, min_distance: float = MIN_PAIR_DISTANCE) -> None:
+    """Refuse a set in which two atoms of a structure (or an atom and a periodic image) are closer than
+    ``min_distance`` (Å; default :data:`MIN_PAIR_DISTANCE`, the graph builder's own limit): the readers of
+    formats without a checksum call it, as a damaged coordinate often puts an atom onto another.
+
+    A periodic structure with a singular cell is left to the graph builder, which refuses it.
+
+    Raises:
+      DataError: naming the first such structure and its two atoms (0-based, within the structure) and their
+        distance.
+    """
+    for k in range(len(structures)):
+        sl = structures.atom_slice(k)
+        positions, pbc, cell = structures.positions[sl], structures.pbc[k], structures.cell[k]
+        if not np.any(pbc):
+            if positions.shape[0] < 2:
+                continue
+            if positions.shape[0] <= DIRECT_PAIRS_MAX_ATOMS:
+                i, j, dist = _all_pairs_within(positions, min_distance)
+            else:
+                box = np.diag(positions.max(0) - positions.min(0) + 2 * min_distance + 1.0)
+                i, j, dist = primitive_neighbor_list("ijd", pbc, box, positions, min_distance, self_interaction=False)
+        elif abs(np.linalg.det(cell)) < 1e-9:
+            continue
+        else:
+            i, j, dist = primitive_neighbor_list("ijd", pbc, cell, positions, min_distance, self_interaction=False)
+        try:
+            check_pair_distances(i, j, dist, min_distance)
+        except DataError as err:
+            raise DataError(f"structure {k}: {err}") from None
 
 
 def average_num_neighbours(structures: StructureSet, graphs: list[NeighbourGraph]) -> float:

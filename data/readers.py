@@ -18,7 +18,9 @@ Supported inputs:
 * DeePMD-kit data folders (``type.raw``, ``type_map.raw``, ``set.*/{box,coord,energy,force,virial}.npy``;
   eV, Å, virial W = −σ·V): :func:`equiforce.data.deepmd.read_deepmd`.
 
-All npz files are opened with ``allow_pickle=False``.
+All npz files are opened with ``allow_pickle=False``. Positions, energies, forces and stress stored as integers
+or float16, or in a shape the format does not document, are refused (:mod:`equiforce.data.checks`); the files of
+formats without a checksum (extended XYZ, ASE db) are also checked for overlapping atoms.
 """
 
 from __future__ import annotations
@@ -34,10 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ase import units
 
+from equiforce.data.checks import check_float_array
 from equiforce.data.errors import DataError
+from equiforce.data.neighbours import check_no_overlap
 from equiforce.data.structures import StructureSet, _numeric
+from equiforce.data.units import ENERGY_UNITS, LENGTH_UNITS, energy_factor, length_factor
 
 __all__ = [
     "ENERGY_UNITS",
@@ -55,53 +59,7 @@ __all__ = [
 
 PathLike = str | os.PathLike
 
-#: Energy units accepted by the readers, as multiples of 1 eV.
-ENERGY_UNITS: dict[str, float] = {
-    "eV": 1.0,
-    "meV": 1e-3,
-    "kcal/mol": units.kcal / units.mol,
-    "kJ/mol": units.kJ / units.mol,
-    "Hartree": units.Hartree,
-    "Ha": units.Hartree,
-    "Ry": units.Rydberg,
-    "Rydberg": units.Rydberg,
-}
-
-#: Length units accepted by the readers, as multiples of 1 Å.
-LENGTH_UNITS: dict[str, float] = {
-    "Å": 1.0,
-    "A": 1.0,
-    "Ang": 1.0,
-    "Angstrom": 1.0,
-    "Bohr": units.Bohr,
-    "nm": units.nm,
-}
-
 SAMPLE_PACKAGE = "equiforce.data.sample"
-
-
-def energy_factor(unit: str) -> float:
-    """Multiply an energy in ``unit`` by this to get eV.
-
-    Raises:
-      DataError: ``unit`` is not one of :data:`ENERGY_UNITS`.
-    """
-    try:
-        return float(ENERGY_UNITS[unit])
-    except (KeyError, TypeError):
-        raise DataError(f"unknown energy unit {unit!r}; known: {sorted(ENERGY_UNITS)}") from None
-
-
-def length_factor(unit: str) -> float:
-    """Multiply a length in ``unit`` by this to get Å.
-
-    Raises:
-      DataError: ``unit`` is not one of :data:`LENGTH_UNITS`.
-    """
-    try:
-        return float(LENGTH_UNITS[unit])
-    except (KeyError, TypeError):
-        raise DataError(f"unknown length unit {unit!r}; known: {sorted(LENGTH_UNITS)}") from None
 
 
 @contextmanager
@@ -213,13 +171,19 @@ def _frames(
     forces: np.ndarray | None,
     e_fac: float,
     l_fac: float,
+    keys: tuple[str, str, str],
 ) -> StructureSet:
     """One-molecule trajectory arrays (+ unit factors) → StructureSet, errors naming ``path``.
 
-    Values are checked by :class:`StructureSet` (finite, atomic numbers in 1..118), so a NaN names its
-    frame (``structure k``) and atom; a value that overflows in the unit conversion becomes inf and is
-    reported the same way.
+    ``keys``: the file's names of positions, energies and forces, for the messages. Positions, energies and
+    forces must be stored as float32 or wider in their documented shapes (:func:`check_float_array`). Values
+    are checked by :class:`StructureSet` (finite, atomic numbers in 1..118), so a NaN names its frame
+    (``structure k``) and atom; a value that overflows in the unit conversion becomes inf and is reported the
+    same way.
     """
+    pos_key, energy_key, forces_key = (
+        f"npz key {k!r} ({what})" for k, what in zip(keys, ("positions", "energies", "forces"), strict=True)
+    )
     with _about(path):
         z = _numeric("atomic numbers", z)
         if z.ndim == 2:  # per-frame atomic numbers; must be the same molecule in every frame
@@ -235,22 +199,18 @@ def _frames(
         elif z.ndim > 2:
             raise DataError(f"atomic numbers have shape {z.shape}, expected (n_atoms,) or (n_frames, n_atoms)")
         z = z.reshape(-1)
-        pos = _numeric("positions", pos).astype(np.float64)
-        if pos.ndim != 3 or pos.shape[1:] != (z.size, 3):
-            raise DataError(f"positions have shape {pos.shape}, expected (n_frames, {z.size}, 3)")
-        if pos.shape[0] == 0:
+        check_float_array(pos_key, pos, [("n_frames", z.size, 3)])
+        pos = pos.astype(np.float64)
+        n = pos.shape[0]
+        if n == 0:
             raise DataError("the file holds no frames")
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow becomes inf, reported below
             if energy is not None:
-                energy = _numeric("energies", energy).astype(np.float64)
-                if energy.shape not in ((pos.shape[0],), (pos.shape[0], 1)):
-                    raise DataError(f"energies have shape {energy.shape}, expected ({pos.shape[0]},)")
-                energy = energy.reshape(-1) * e_fac
+                check_float_array(energy_key, energy, [(n,), (n, 1)])
+                energy = energy.astype(np.float64).reshape(-1) * e_fac
             if forces is not None:
-                forces = _numeric("forces", forces).astype(np.float64)
-                if forces.shape != pos.shape:
-                    raise DataError(f"forces have shape {forces.shape}, positions {pos.shape}")
-                forces = forces * (e_fac / l_fac)
+                check_float_array(forces_key, forces, [(n, z.size, 3)])
+                forces = forces.astype(np.float64) * (e_fac / l_fac)
             pos = pos * l_fac
         return StructureSet.from_frames(z, pos, energy=energy, forces=forces)
 
@@ -270,11 +230,13 @@ def read_rmd17_npz(path: PathLike) -> StructureSet:
       A non-periodic :class:`StructureSet` of ``n`` frames (float64, eV, eV/Å, Å).
 
     Raises:
-      DataError: missing file or key, corrupt archive, inconsistent shapes, NaN positions.
+      DataError: missing file or key, corrupt archive, positions, energies or forces stored as
+        integers or float16, inconsistent shapes, NaN positions.
     """
     d = _load_npz(path, ("nuclear_charges", "coords", "energies", "forces"))
     f = energy_factor("kcal/mol")
-    return _frames(path, d["nuclear_charges"], d["coords"], d["energies"], d["forces"], f, 1.0)
+    keys = ("coords", "energies", "forces")
+    return _frames(path, d["nuclear_charges"], d["coords"], d["energies"], d["forces"], f, 1.0, keys)
 
 
 def read_md17_npz(path: PathLike, energy_unit: str = "kcal/mol", length_unit: str = "Å") -> StructureSet:
@@ -297,11 +259,12 @@ def read_md17_npz(path: PathLike, energy_unit: str = "kcal/mol", length_unit: st
       A non-periodic :class:`StructureSet` in Å, eV, eV/Å (float64).
 
     Raises:
-      DataError: unknown unit, missing file or key, corrupt archive, inconsistent shapes, NaN positions.
+      DataError: unknown unit, missing file or key, corrupt archive, positions, energies or forces stored as
+        integers or float16, inconsistent shapes, NaN positions.
     """
     e_fac, l_fac = energy_factor(energy_unit), length_factor(length_unit)
     d = _load_npz(path, ("z", "R", "E", "F"))
-    return _frames(path, d["z"], d["R"], d["E"], d["F"], e_fac, l_fac)
+    return _frames(path, d["z"], d["R"], d["E"], d["F"], e_fac, l_fac, ("R", "E", "F"))
 
 
 def read_nequip_npz(
@@ -324,7 +287,8 @@ def read_nequip_npz(
       A :class:`StructureSet` in Å, eV, eV/Å (float64).
 
     Raises:
-      DataError: unknown unit, missing file or key, corrupt archive, inconsistent shapes, NaN positions.
+      DataError: unknown unit, missing file or key, corrupt archive, positions, energies or forces stored as
+        integers or float16, inconsistent shapes, NaN positions.
     """
     e_fac, l_fac = energy_factor(energy_unit), length_factor(length_unit)
     names = {k: k for k in ("atomic_numbers", "pos", "energy", "forces", "pbc", "cell")}
@@ -346,6 +310,7 @@ def read_nequip_npz(
         d.get(names["forces"]),
         e_fac,
         l_fac,
+        (names["pos"], names["energy"], names["forces"]),
     )
     pbc = d.get(names["pbc"])
     if pbc is None:
@@ -408,8 +373,14 @@ def read_ase(
     Returns:
       A :class:`StructureSet` (float64; Å, eV, eV/Å, eV/Å³).
 
+    These formats carry no checksum, so not every damage can be detected (a changed digit of a coordinate
+    reads as a valid number); what is checked: every value is finite, forces have one row of three per
+    atom, and no two atoms are closer than :data:`~equiforce.data.neighbours.MIN_PAIR_DISTANCE` (0.5 Å,
+    periodic images included).
+
     Raises:
-      DataError: unknown unit, missing or unparsable file, no frames, empty structures, NaN positions.
+      DataError: unknown unit, missing or unparsable file, no frames, empty structures, NaN or inf values,
+        forces of the wrong shape, overlapping atoms (naming the structure and both atoms).
     """
     import ase.io
 
@@ -429,19 +400,28 @@ def read_ase(
         if not frames:
             raise DataError("no structures in file")
         s = StructureSet.from_atoms(frames, require_labels=require_labels)
-        if e_fac == 1.0 and l_fac == 1.0:
-            return s
-        with np.errstate(over="ignore", invalid="ignore"):  # an overflow becomes inf: refused by StructureSet
-            return StructureSet(
-                atomic_numbers=s.atomic_numbers,
-                positions=s.positions * l_fac,
-                n_atoms=s.n_atoms,
-                cell=s.cell * l_fac,
-                pbc=s.pbc,
-                energy=None if s.energy is None else s.energy * e_fac,
-                forces=None if s.forces is None else s.forces * (e_fac / l_fac),
-                stress=None if s.stress is None else s.stress * (e_fac / l_fac**3),
-            )
+        if e_fac != 1.0 or l_fac != 1.0:
+            s = _converted(s, e_fac, l_fac)
+        # text and ASE db files carry no checksum: check what a damaged one can still be caught by (finite values
+        # and the forces' shape are checked by StructureSet)
+        check_no_overlap(s)
+        return s
+
+
+def _converted(s: StructureSet, e_fac: float, l_fac: float) -> StructureSet:
+    """``s`` with energies multiplied by ``e_fac`` and lengths by ``l_fac`` (forces by their ratio, stress by
+    e/l³)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow becomes inf: refused by StructureSet
+        return StructureSet(
+            atomic_numbers=s.atomic_numbers,
+            positions=s.positions * l_fac,
+            n_atoms=s.n_atoms,
+            cell=s.cell * l_fac,
+            pbc=s.pbc,
+            energy=None if s.energy is None else s.energy * e_fac,
+            forces=None if s.forces is None else s.forces * (e_fac / l_fac),
+            stress=None if s.stress is None else s.stress * (e_fac / l_fac**3),
+        )
 
 
 _NPZ_LAYOUTS: dict[str, tuple[str, ...]] = {

@@ -154,10 +154,10 @@ def test_bad_values_name_file_frame_and_atom(tmp_path):
         ("z", np.array([8, 2**32 + 1, 1]), r"atomic numbers.*structure 0, atom 1\b"),  # not wrapped to H
         ("z", np.array([8.0, 1.5, 1.0]), r"atomic numbers must be integers"),
         ("z", np.array([8, 1, 1]) + 0j, r"dtype complex"),
-        ("R", np.zeros((2, 3, 3)).astype(str), r"positions has dtype <U"),  # not parsed from text
-        ("R", np.zeros((2, 3, 3)) + 1j, r"positions has dtype complex"),  # imaginary part not dropped
-        ("R", np.zeros((2, 3, 3), bool), r"positions has dtype bool"),
-        ("F", np.zeros((2, 3, 3), dtype=[("x", "f8")]), r"forces has dtype"),
+        ("R", np.zeros((2, 3, 3)).astype(str), r"'R' \(positions\) has dtype <U"),  # not parsed from text
+        ("R", np.zeros((2, 3, 3)) + 1j, r"'R' \(positions\) has dtype complex"),  # imaginary part not dropped
+        ("R", np.zeros((2, 3, 3), bool), r"'R' \(positions\) has dtype bool"),
+        ("F", np.zeros((2, 3, 3), dtype=[("x", "f8")]), r"'F' \(forces\) has dtype"),
     ],
 )
 def test_wrong_dtypes_are_refused(tmp_path, key, value, match):
