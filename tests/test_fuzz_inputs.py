@@ -317,11 +317,15 @@ def npz_mutation(draw: st.DrawFn, layout: str) -> tuple[dict[str, np.ndarray], s
             a = np.zeros(a.shape, dtype=[("x", "f8"), ("y", "i4")])
         else:
             a = a.astype({"int": np.int64, "float16": np.float16, "uint8": np.uint8}[new])
-        # a numeric array of another width may be acceptable; anything else must be refused
-        refusable = role != "ignored" and (
-            new in ("complex", "str", "bytes", "record") or (new == "bool" and role != "pbc")
-        )
-        must = rf"{key}|dtype|atomic numbers|positions|energies|forces|cell|pbc" if refusable else None
+        # integer atomic numbers, pbc and cell of another width may be acceptable; positions and labels must be
+        # floats of at least 32 bits (integers wrap or truncate, float16 keeps 3 digits); anything else is refused
+        if role in ("pos", "forces", "energy"):
+            must = rf"npz key '{key}' \(\w+\) has dtype {re.escape(str(a.dtype))}, expected float32 or float64"
+        else:
+            refusable = role != "ignored" and (
+                new in ("complex", "str", "bytes", "record") or (new == "bool" and role != "pbc")
+            )
+            must = rf"{key}|dtype|atomic numbers|positions|energies|forces|cell|pbc" if refusable else None
     elif kind == "shape":
         a = draw(
             st.sampled_from(
