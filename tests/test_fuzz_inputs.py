@@ -467,7 +467,13 @@ def hdf5_edit(draw: st.DrawFn) -> tuple[str, Any, str | None]:
         return "n_atoms", ("replace", np.asarray(values)), None if values == [3, 1, 5, 1] else "."
     if kind == "dtype":
         name = draw(st.sampled_from(["positions", "energy", "atomic_numbers", "n_atoms", "pbc", "cell", "forces"]))
-        new = draw(st.sampled_from(["complex", "str", "float-for-int"]))
+        new = draw(st.sampled_from(["complex", "str", "float-for-int", "int", "float16"]))
+        if new in ("int", "float16"):
+            if name in ("positions", "energy", "forces"):  # wrapped or rounded numbers: refused, naming the dataset
+                want = {"int": "int64", "float16": "float16"}[new]
+                return name, ("dtype", new), rf"dataset '{name}' has dtype {want}, expected float32 or float64"
+            # integer atomic numbers, sizes, pbc and cell are fine, and so is a float16 cell
+            return name, ("dtype", new), "." if new == "float16" and name != "cell" else None
         return name, ("dtype", new), "." if new != "float-for-int" or name in ("atomic_numbers", "n_atoms") else None
     if kind == "shape":
         name = draw(st.sampled_from(["positions", "energy", "cell", "pbc", "stress", "forces", "atomic_numbers"]))
@@ -510,6 +516,8 @@ def test_hdf5_content_edits(edit, work, base_files):
                 f[name] = data.astype(np.complex128)
             elif action[1] == "str":
                 f.create_dataset(name, data=data.astype(str).astype(object), dtype=h5py.string_dtype())
+            elif action[1] in ("int", "float16"):
+                f[name] = data.astype(np.int64 if action[1] == "int" else np.float16)
             else:
                 f[name] = data.astype(np.float64) + (0.5 if name in ("atomic_numbers", "n_atoms") else 0.0)
         elif op == "shape":
