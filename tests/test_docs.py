@@ -57,6 +57,22 @@ def test_reference_lists_every_key_with_its_default():
     assert ":func:" not in md and "``" not in md  # reST converted to Markdown
 
 
+def test_reference_lists_the_allowed_range_of_numeric_keys():
+    """The "allowed" column shows the range TrainConfig enforces (issue 27): written out here, not read back."""
+    md = config_reference_markdown()
+    for row in (
+        "| `optim.plateau_factor` | float | `0.8` | in (0, 1) |",
+        "| `optim.max_epochs` | int | `100` | >= 1 |",
+        "| `loss.energy_weight` | float | `1.0` | >= 0 |",
+        "| `md_check.supercell` | tuple[int, ...] \\| None | `null` | each >= 1 |",
+        "| `data.valid_fraction` | float | `0.05` | in (0, 1) (when `data.valid` is not given) |",
+        "| `seed` | int | `0` | in [0, 2^63 - 1] |",
+        '| `optim.optimizer` | str | `"amsgrad"` |  |',  # not numeric: no range
+    ):
+        assert row in md, row
+    assert "| key | type | default | description |" in md  # the model and MD tables declare no ranges: no column
+
+
 def test_attribute_parser_handles_continuations_and_shared_entries():
     @dataclasses.dataclass
     class Example:
