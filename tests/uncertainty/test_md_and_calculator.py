@@ -34,9 +34,21 @@ def test_calculator_reports_calibrated_uncertainties(model, shift_data):
         np.testing.assert_allclose(energy, members.mean(), atol=1e-9)
         raw = np.std(members, ddof=1) * potential.uncertainty.energy_scale
         np.testing.assert_allclose(sigma_e, raw, rtol=1e-9)
-    # forces are the same as without uncertainty (the committee mean / the single network)
-    plain = EquiforceCalculator.from_potential(potential, params)
-    np.testing.assert_allclose(atoms.get_forces(), plain.get_forces(atoms), atol=1e-9)
+    # energy and forces are those of potentials without any uncertainty: the mean of the committee's members,
+    # each a plain network, or the single network without its LLPR collection
+    net = network_params(params)
+    plain = (
+        [
+            EquiforceCalculator.from_potential(potential.single(), potential.member_params(net, k))
+            for k in range(potential.ensemble_size)
+        ]
+        if potential.ensemble_size > 1
+        else [EquiforceCalculator.from_potential(potential.single(), net)]
+    )
+    assert all(c.potential.uncertainty_config is None for c in plain)
+    bare = atoms.copy()
+    np.testing.assert_allclose(atoms.get_forces(), np.mean([c.get_forces(bare) for c in plain], axis=0), atol=1e-9)
+    np.testing.assert_allclose(energy, np.mean([c.get_potential_energy(bare) for c in plain]), atol=1e-9)
 
 
 def test_calculator_without_uncertainty_says_so(llpr, shift_data):
