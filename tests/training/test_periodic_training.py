@@ -26,7 +26,7 @@ from equiforce.data.errors import DataError
 from equiforce.data.neighbours import build_neighbour_graphs
 from equiforce.md.engine import MDBlowUpError
 from equiforce.md.system import cell_heights
-from equiforce.potentials.model_io import load_model, read_header
+from equiforce.potentials.model_io import load_model, read_header, save_model
 from equiforce.training import finish, nve_check, trainer
 from equiforce.training.config import ConfigError, load_config
 from equiforce.training.evaluate import evaluate
@@ -181,7 +181,7 @@ def test_summary_lines_report_stress(emt_run):
 
 
 def test_given_e0s_are_kept_and_recorded(emt_run):
-    _, err, _, _, lines, _, e0 = emt_run
+    _, err, data, _, lines, _, e0 = emt_run
     result = err.result
     assert result.potential.atomic_energies == (e0,)  # not re-fitted by default
     record = result.metadata["atomic_energies"]
@@ -190,7 +190,68 @@ def test_given_e0s_are_kept_and_recorded(emt_run):
     assert el["symbol"] == "Cu" and el["source"] == "given" and el["refitted"] is False
     assert el["initial_eV"] == el["final_eV"] == e0
     assert np.isfinite(record["train_energy_offset_meV_per_atom"])
+    # the shift: the training set's mean per-atom energy after the given E0 (numpy, from the labels)
+    assert err.result.metadata["n_train"] == len(data.train)
+    shift = float(np.mean((data.train.energy - e0 * data.train.n_atoms) / data.train.n_atoms))
+    assert result.potential.shift == pytest.approx(shift, rel=1e-12)
+    assert record["shift_eV_per_atom"] == result.potential.shift
+    assert record["shift_from"] == finish.SHIFT_FROM_GIVEN_E0S
+    header = read_header(result.model_path)
+    assert header["potential"]["shift"] == result.potential.shift
+    assert header["potential"]["atomic_energies"] == [e0]
     assert any("E0s given in the config kept" in line for line in lines)
+
+
+def test_given_e0s_set_the_shift_to_the_mean_per_atom_energy_after_them(tmp_path):
+    """Given E0s (EMT's isolated Cu and Au atoms) on Cu/Au cells of varying composition: the potential keeps
+    the E0s as given and starts from shift = mean over structures of (E − Σ E0) / N (mace-torch's
+    ScaleShiftMACE), computed here from the labels with numpy; the model file records both. Fitted E0s keep
+    shift 0. A shift left at 0, taken per structure instead of per atom, or from the fitted E0s fails this."""
+    rng = np.random.default_rng(3)
+    frames = []
+    for k in range(12):
+        atoms = bulk("Cu", "fcc", a=3.7, cubic=True).repeat((1, 1, 1 + k % 3))  # 4, 8 or 12 atoms
+        atoms.numbers[rng.random(len(atoms)) < 0.4] = 79
+        atoms.rattle(0.05, seed=k)
+        atoms.calc = EMT()
+        atoms.get_potential_energy(), atoms.get_forces()
+        frames.append(atoms)
+    ase.io.write(tmp_path / "train.extxyz", frames[:10])
+    ase.io.write(tmp_path / "valid.extxyz", frames[10:])
+    e0 = {}
+    for z in (29, 79):
+        atom = Atoms(numbers=[z], positions=[[0.0, 0.0, 0.0]])
+        atom.calc = EMT()
+        e0[z] = float(atom.get_potential_energy())
+    train_frames = frames[:10]
+    energies = np.array([a.get_potential_energy() for a in train_frames])
+    e0_sums = np.array([sum(e0[int(z)] for z in a.numbers) for a in train_frames])
+    expected = float(np.mean((energies - e0_sums) / [len(a) for a in train_frames]))
+    assert abs(expected) > 1.0  # EMT's cohesive energy (eV/atom): what the network would otherwise learn
+    assert abs(expected - (energies - e0_sums).sum() / sum(len(a) for a in train_frames)) > 1e-4  # per structure
+
+    def built(e0s: str):
+        cfg = load_config(
+            None,
+            [
+                f"data.train={tmp_path / 'train.extxyz'}",
+                f"data.valid={tmp_path / 'valid.extxyz'}",
+                "model.name=schnet",
+                SCHNET,
+                "model.r_max=3.5",
+                f"model.atomic_energies={e0s}",
+            ],
+        )
+        train_set = load_datasets(cfg).train
+        return build_potential(cfg, train_set, build_neighbour_graphs(train_set, 3.5))[0]
+
+    potential = built(f"{{29: {e0[29]!r}, 79: {e0[79]!r}}}")
+    assert potential.atomic_energies == (e0[29], e0[79])  # kept as given
+    assert potential.shift == pytest.approx(expected, rel=1e-12)
+    header = read_header(save_model(tmp_path / "m.eqf", potential, potential.init(jax.random.PRNGKey(0))))
+    assert header["potential"]["shift"] == potential.shift
+    assert header["potential"]["atomic_energies"] == [e0[29], e0[79]]
+    assert built("fit").shift == 0.0
 
 
 # ---------------------------------------------------------------------------------------------- the gate

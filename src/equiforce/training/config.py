@@ -160,7 +160,10 @@ class ModelSection:
       uncertainty: calibrate and store an uncertainty after training (see below).
       init_from: fine-tune from this model file (see below); ``None``: train from scratch.
 
-    ``atomic_energies``: ``"fit"`` (least squares on the training set) or given E0s ``{Z: eV}``.
+    ``atomic_energies``: ``"fit"`` (least squares on the training set) or given E0s ``{Z: eV}`` (e.g. the
+    isolated-atom energies of the reference method); given E0s are kept, and the potential's per-atom shift
+    starts at the training set's mean per-atom energy after them (as mace-torch's ``ScaleShiftMACE``), so the
+    network does not have to learn the cohesive energy (fitted E0s carry it themselves, shift 0).
     ``refit_atomic_energies``: after training, fold the network's remaining per-composition energy offset
     into the E0s? ``None`` (default): only fitted E0s are re-fitted, given ones are kept as they are;
     ``True``: re-fit whatever their source (the change is logged); ``False``: never.

@@ -48,6 +48,10 @@ __all__ = [
 ]
 
 
+#: ``shift_from`` of the model file's ``atomic_energies`` record for given E0s (see ``build_potential``)
+SHIFT_FROM_GIVEN_E0S = "training-set mean per-atom energy after the given E0s"
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
     """What a run produced: the model file, final metrics and the per-epoch history.
@@ -156,6 +160,9 @@ def resolve_atomic_energies(
     Returns:
       ``(potential, provenance)``; provenance is ``{"refit_setting": None | bool,
       "train_energy_offset_meV_per_atom": mean (E_ref − E_pred)/N on the training set with the initial E0s,
+      "shift_eV_per_atom": the potential's shift (added to every atom's energy besides its E0),
+      "shift_from": where the shift comes from (:data:`SHIFT_FROM_GIVEN_E0S`, "none: fitted E0s carry the mean
+      energy", or the fine-tuning source's),
       "elements": {"Z": {"symbol", "source": "fitted" | "given", "initial_eV", "offset_eV" (the per-species
       least-squares offset), "refitted", "final_eV"}}}``.
     """
@@ -187,7 +194,19 @@ def resolve_atomic_energies(
             f"E0s {why} kept (model.refit_atomic_energies: {setting}); the trained model's mean energy error on "
             f"the training set is {-1e3 * mean_offset:+.2f} meV/atom (true would fold it into the E0s)"
         )
-    record = {"refit_setting": setting, "train_energy_offset_meV_per_atom": 1e3 * mean_offset, "elements": elements}
+    record = {
+        "refit_setting": setting,
+        "train_energy_offset_meV_per_atom": 1e3 * mean_offset,
+        "shift_eV_per_atom": float(final.shift),
+        "shift_from": (
+            "the source model's (fine-tuning)"
+            if cfg.model.init_from is not None
+            else SHIFT_FROM_GIVEN_E0S
+            if given
+            else "none: fitted E0s carry the mean energy"
+        ),
+        "elements": elements,
+    }
     return final, record
 
 

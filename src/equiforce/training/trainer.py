@@ -87,10 +87,22 @@ def build_potential(
     species: tuple[int, ...] | None = None,
     avg_num_neighbours: float | None = None,
 ) -> tuple[Potential, dict]:
-    """The Potential for a training set: E0s (fitted or given), scale = force RMS, avg neighbours.
+    """The Potential for a training set: E0s (fitted or given), scale = force RMS, shift, avg neighbours.
+
+    The shift (eV per atom) is 0 with fitted E0s, which already carry the mean energy. With given E0s (e.g. the
+    isolated-atom energies of the reference method) it is the training set's mean per-atom energy after the
+    E0s, ``mean_k((E_k − Σ_i E0[Z_i]) / N_k)`` (as mace-torch's ``ScaleShiftMACE``), so that the network
+    starts at the cohesive energy instead of having to learn it; the E0s stay as given.
 
     ``species`` (default: those of ``train``) and ``avg_num_neighbours`` (default: from ``train`` and
-    ``graphs``) are given when ``train`` is a sample of a streamed training set."""
+    ``graphs``) are given when ``train`` is a sample of a streamed training set (the shift is then the
+    sample's mean).
+
+    Returns:
+      ``(potential, statistics)``: the :class:`Potential` and the dataset statistics as a JSON-friendly dict.
+
+    Raises:
+      DataError: no energy labels, or given E0s that miss a species of ``train``."""
     m = cfg.model
     model_cfg = config_from_dict({"name": m.name, **m.hyperparameters})
     e0s = m.atomic_energies
@@ -99,13 +111,15 @@ def build_potential(
     stats = compute_statistics(train, e0s, species)
     avg_nn = average_num_neighbours(train, graphs) if avg_num_neighbours is None else avg_num_neighbours
     stats = dataclasses.replace(stats, avg_num_neighbours=avg_nn)
+    given = isinstance(e0s, dict)
     potential = Potential(
         model=model_cfg,
         species=stats.species,
         r_max=m.r_max,
         atomic_energies=tuple(stats.atomic_energies[z] for z in stats.species),
         scale=float(stats.force_rms or 1.0),
-        shift=0.0,  # the fitted E0s already carry the mean energy: an isolated atom gets exactly E0
+        # fitted E0s already carry the mean energy (an isolated atom gets exactly E0); given ones do not
+        shift=float(stats.energy_per_atom_residual_mean) if given else 0.0,
         avg_num_neighbours=max(avg_nn, 1.0),
         dtype=m.dtype,
         ensemble_size=m.ensemble_size,
