@@ -40,6 +40,7 @@ import numpy as np
 
 from equiforce.data.checks import check_float_array, check_shape
 from equiforce.data.errors import DataError
+from equiforce.data.neighbours import check_no_overlap
 from equiforce.data.structures import StructureSet, full_3x3_to_voigt
 from equiforce.data.units import energy_factor, length_factor
 
@@ -220,7 +221,8 @@ def read_deepmd_system(
         element, coordinates, energies, forces or virials stored as integers or float16 (``.npy``), an array
         whose shape is neither ``[nframes, Natoms*3]`` nor ``[nframes, Natoms, 3]`` (coordinates, forces),
         ``[nframes]`` / ``[nframes, 1]`` (energy) or ``[nframes, 9]`` / ``[nframes, 3, 3]`` (box, virial), a singular
-        cell, NaN/inf values, a label present in some sets but not others (energy, forces), or no frames.
+        cell, NaN/inf values, two atoms closer than 0.5 Å (periodic images included), a label present in some
+        sets but not others (energy, forces), or no frames.
     """
     e_fac, l_fac = energy_factor(energy_unit), length_factor(length_unit)
     system = Path(path)
@@ -251,7 +253,7 @@ def read_deepmd_system(
             [b["stress"] if b["stress"] is not None else np.full((len(b["positions"]), 6), np.nan) for _, b in blocks]
         )
     try:
-        return StructureSet(
+        s = StructureSet(
             atomic_numbers=np.tile(z, n),
             positions=pos.reshape(-1, 3),
             n_atoms=np.full(n, z.size, dtype=np.int64),
@@ -261,8 +263,10 @@ def read_deepmd_system(
             forces=np.concatenate([b["force"].reshape(-1, 3) for _, b in blocks]) if has_f else None,
             stress=stress,
         )
+        check_no_overlap(s)  # .npy and .raw sets carry no checksum: a damaged coordinate often overlaps atoms
     except DataError as err:
         raise DataError(f"{system}: {err}") from err
+    return s
 
 
 def read_deepmd(

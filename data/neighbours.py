@@ -165,31 +165,88 @@ def check_no_overlap(structures: StructureSet, min_distance: float = MIN_PAIR_DI
     ``min_distance`` (Å; default :data:`MIN_PAIR_DISTANCE`, the graph builder's own limit): the readers of
     formats without a checksum call it, as a damaged coordinate often puts an atom onto another.
 
-    A periodic structure with a singular cell is left to the graph builder, which refuses it.
+    Structures of up to :data:`DIRECT_PAIRS_MAX_ATOMS` atoms are checked together, size by size, from their
+    pair-distance matrices (periodic ones by the minimum image, exact when every periodic cell height exceeds
+    ``2 min_distance``: an image closer than half a height has all fractional components in (-1/2, 1/2); a free
+    direction is never wrapped); larger ones and thinner cells go through ``ase.neighborlist`` one by one. A
+    periodic structure with a singular cell is left to the graph builder, which refuses it.
 
     Raises:
       DataError: naming the first such structure and its two atoms (0-based, within the structure) and their
         distance.
     """
-    for k in range(len(structures)):
-        sl = structures.atom_slice(k)
-        positions, pbc, cell = structures.positions[sl], structures.pbc[k], structures.cell[k]
-        if not np.any(pbc):
-            if positions.shape[0] < 2:
-                continue
-            if positions.shape[0] <= DIRECT_PAIRS_MAX_ATOMS:
-                i, j, dist = _all_pairs_within(positions, min_distance)
-            else:
-                box = np.diag(positions.max(0) - positions.min(0) + 2 * min_distance + 1.0)
-                i, j, dist = primitive_neighbor_list("ijd", pbc, box, positions, min_distance, self_interaction=False)
-        elif abs(np.linalg.det(cell)) < 1e-9:
+    n_atoms, pbc = structures.n_atoms, structures.pbc
+    periodic = pbc.any(axis=1)
+    cell = _complete(structures.cell, pbc)
+    det = np.linalg.det(cell)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # cell heights along each lattice vector: 1 / |row k of inv(cell).T| (V / area of the opposite face)
+        heights = np.where(
+            np.abs(det)[:, None] > 1e-9, 1.0 / np.linalg.norm(np.linalg.inv(_safe(cell, det)), axis=1), 0.0
+        )
+    singular = periodic & (np.abs(det) <= 1e-9)  # left to the graph builder, which refuses it
+    thin = periodic & ~singular & ~np.all(~pbc | (heights > 2 * min_distance), axis=1)
+    one_by_one = (n_atoms > DIRECT_PAIRS_MAX_ATOMS) | thin
+    found: list[tuple[int, int, int, float]] = []  # (structure, atom i, atom j, distance) of the first overlap
+    for n in np.unique(n_atoms[~one_by_one & ~singular]):
+        ks = np.flatnonzero((n_atoms == n) & ~one_by_one & ~singular)
+        first, second = np.triu_indices(int(n), 1)  # each pair once
+        if first.size == 0:
             continue
-        else:
-            i, j, dist = primitive_neighbor_list("ijd", pbc, cell, positions, min_distance, self_interaction=False)
+        per_chunk = max(1, 250_000 // first.size)  # ~30 MB of temporaries
+        for c in range(0, ks.size, per_chunk):
+            k = ks[c : c + per_chunk]
+            pos = structures.positions[structures.offsets[k][:, None] + np.arange(n)]  # [m, n, 3]
+            box = np.where(periodic[k][:, None, None], cell[k], np.eye(3))  # free space: fractional = Cartesian
+            frac = pos @ np.linalg.inv(box)
+            d = frac[:, second] - frac[:, first]  # [m, pairs, 3]
+            d -= np.where(pbc[k][:, None, :], np.round(d), 0.0)  # the minimum image along periodic directions
+            cart = d @ box
+            d2 = np.einsum("mpc,mpc->mp", cart, cart)
+            bad = d2 < min_distance**2
+            if bad.any():
+                m = int(np.argmax(bad.any(axis=1)))  # the first structure of the chunk with an overlap
+                q = int(np.argmin(d2[m]))
+                found.append((int(k[m]), int(first[q]), int(second[q]), float(np.sqrt(d2[m, q]))))
+                break
+    for k in np.flatnonzero(one_by_one & ~singular):
+        if found and min(found)[0] < k:
+            break
+        positions = structures.positions[structures.atom_slice(int(k))]
+        box = cell[k]
+        if not periodic[k]:  # ase needs a cell only along periodic directions: one that encloses the atoms
+            box = np.diag(positions.max(0) - positions.min(0) + 2 * min_distance + 1.0)
+        i, j, dist = primitive_neighbor_list("ijd", pbc[k], box, positions, min_distance, self_interaction=False)
+        if dist.size:
+            q = int(np.argmin(dist))
+            found.append((int(k), int(i[q]), int(j[q]), float(dist[q])))
+    if found:
+        k, i, j, d = min(found)
         try:
-            check_pair_distances(i, j, dist, min_distance)
+            check_pair_distances(np.array([i]), np.array([j]), np.array([d]), min_distance)
         except DataError as err:
             raise DataError(f"structure {k}: {err}") from None
+
+
+def _complete(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """``[n, 3, 3]`` cells whose lattice vectors along free (non-periodic) directions of a partly periodic
+    structure are replaced by unit vectors orthogonal to the periodic ones (a slab's cell may hold a zero vector
+    there; the minimum image never wraps along a free direction, so only the periodic heights matter, and these
+    are then the in-plane ones)."""
+    partly = pbc.any(axis=1) & ~pbc.all(axis=1)
+    if not partly.any():
+        return cell
+    out = cell.copy()
+    for k in np.flatnonzero(partly):
+        periodic_rows = cell[k][pbc[k]]
+        _, _, vh = np.linalg.svd(periodic_rows)  # rows of vh past the periodic ones' rank: their complement
+        out[k][~pbc[k]] = vh[periodic_rows.shape[0] :]
+    return out
+
+
+def _safe(cell: np.ndarray, det: np.ndarray) -> np.ndarray:
+    """``cell`` with singular matrices replaced by the identity (their heights are then masked out)."""
+    return np.where(np.abs(det)[:, None, None] > 1e-9, cell, np.eye(3))
 
 
 def average_num_neighbours(structures: StructureSet, graphs: list[NeighbourGraph]) -> float:

@@ -20,7 +20,7 @@ Supported inputs:
 
 All npz files are opened with ``allow_pickle=False``. Positions, energies, forces and stress stored as integers
 or float16, or in a shape the format does not document, are refused (:mod:`equiforce.data.checks`); the files of
-formats without a checksum (extended XYZ, ASE db) are also checked for overlapping atoms.
+formats without a checksum (extended XYZ, ASE db, DeePMD sets) are also checked for overlapping atoms.
 """
 
 from __future__ import annotations

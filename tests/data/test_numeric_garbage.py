@@ -1,6 +1,6 @@
 """Readers refuse numbers a file has already lost: integer or float16 positions and labels, arrays of the wrong
-shape; and the readers of formats without a checksum (extended XYZ, ASE db) refuse what a damaged file can still
-be caught by: overlapping atoms, forces of the wrong shape, non-finite values.
+shape; and the readers of formats without a checksum (extended XYZ, ASE db, DeePMD sets) refuse what a damaged
+file can still be caught by: overlapping atoms, forces of the wrong shape, non-finite values.
 
 Each refused file is the valid one below with one array changed, so each test fails if its check is removed
 (the unchanged file reads; see ``test_the_valid_files_read``).
@@ -16,9 +16,11 @@ import pytest
 from ase import Atoms
 from ase.build import bulk
 from ase.calculators.singlepoint import SinglePointCalculator
+from ase.neighborlist import primitive_neighbor_list
 
 from equiforce.data.errors import DataError
 from equiforce.data.hdf5 import write_hdf5
+from equiforce.data.neighbours import check_no_overlap
 from equiforce.data.readers import read_structures
 from equiforce.data.structures import StructureSet
 
@@ -222,6 +224,19 @@ def test_deepmd_documented_alternative_layouts_read(tmp_path):
     np.testing.assert_array_equal(s.forces, d["forces"].reshape(-1, 3))
 
 
+def test_deepmd_overlapping_atoms_are_refused(tmp_path):
+    """DeePMD sets carry no checksum either: an atom moved onto another (here across the periodic boundary of the
+    10 Å box, atom 3 at 9.98 Å from atom 0 at the origin) is refused, naming the system, frame and atoms."""
+    pos = _frames()["pos"].copy()
+    pos[1, 3] = pos[1, 0] + [9.98, 0.0, 0.0]
+    folder = _deepmd(tmp_path / "sys", coord=pos.reshape(N_FRAMES, -1))
+    with pytest.raises(DataError) as info:
+        read_structures(folder)
+    message = str(info.value)
+    assert str(folder) in message and "structure 1: atoms " in message and "(distance 0.02 Å" in message, message
+    assert "atoms 0 and 3 overlap" in message or "atoms 3 and 0 overlap" in message, message
+
+
 # ---------------------------------------------------------------------------------------------------- extxyz, ASE db
 def _molecule(k: int = 0) -> Atoms:
     d = _frames()
@@ -290,3 +305,63 @@ def test_the_valid_files_read(tmp_path):
     crystal.calc = SinglePointCalculator(crystal, energy=-1.0, forces=np.zeros((2, 3)))
     ase.io.write(tmp_path / "cu.extxyz", crystal)
     assert len(read_structures(tmp_path / "cu.extxyz")) == 1
+
+
+def _random_frame(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pbc, cell, positions) of a random structure: skewed cells, thin ones (a height under 1 Å), partly
+    periodic ones, slabs with a zero lattice vector along a free direction; now and then a 1,100-atom one."""
+    big = rng.random() < 0.05
+    n = 1100 if big else int(rng.integers(1, 10))
+    pbc = rng.random(3) < 0.6
+    cell = np.diag(rng.uniform(0.8, 4, 3)) + rng.uniform(-0.3, 0.3, (3, 3))
+    if big:
+        cell *= 12.0
+    elif rng.random() < 0.15 and not pbc.all():
+        cell[np.flatnonzero(~pbc)[0]] = 0.0
+    return pbc, cell, rng.uniform(0, 1, (n, 3)) @ cell + rng.normal(0, 0.3, (n, 3))
+
+
+def _closest_pair(pbc: np.ndarray, cell: np.ndarray, pos: np.ndarray) -> float | None:
+    """The shortest distance (Å) between two atoms or an atom and a periodic image, if under 0.5 Å: by brute
+    force over every image shift up to 4 cells along each periodic direction for small structures, by
+    ``ase.neighborlist`` for the large ones."""
+    if len(pos) > 100:
+        box = cell if pbc.any() else np.diag(np.ptp(pos, axis=0) + 2.0)
+        d = primitive_neighbor_list("d", pbc, box, pos, 0.5, self_interaction=False)
+    else:
+        ranges = [range(-4, 5) if p else range(1) for p in pbc]
+        shifts = np.array(np.meshgrid(*ranges, indexing="ij")).reshape(3, -1).T @ cell  # [images, 3]
+        vectors = pos[None, :, None, :] - pos[:, None, None, :] + shifts[None, None, :, :]  # [i, j, image, 3]
+        d = np.linalg.norm(vectors, axis=-1)
+        d[np.arange(len(pos)), np.arange(len(pos)), np.flatnonzero(np.all(shifts == 0, axis=1))[0]] = np.inf
+        d = d[d < 0.5]
+    return float(d.min()) if d.size else None
+
+
+def test_overlap_check_agrees_with_brute_force():
+    """The vectorised minimum-image check finds the same first overlapping structure, and its closest pair's
+    distance, as a brute-force search over periodic images (``ase.neighborlist`` for 1,100-atom cells)."""
+    rng = np.random.default_rng(7)
+    outcomes = set()
+    for _ in range(40):
+        frames = [_random_frame(rng) for _ in range(int(rng.integers(1, 10)))]
+        closest = [
+            None if pbc.all() and abs(np.linalg.det(c)) < 1e-9 else _closest_pair(pbc, c, p) for pbc, c, p in frames
+        ]
+        s = StructureSet(
+            atomic_numbers=np.ones(sum(len(p) for *_, p in frames), int),
+            positions=np.concatenate([p for *_, p in frames]),
+            n_atoms=[len(p) for *_, p in frames],
+            cell=np.stack([c for _, c, _ in frames]),
+            pbc=np.stack([b for b, *_ in frames]),
+        )
+        first = next((k for k, d in enumerate(closest) if d is not None), None)
+        outcomes.add(first is None)
+        if first is None:
+            check_no_overlap(s)
+            continue
+        with pytest.raises(DataError, match=rf"^structure {first}: atoms \d+ and \d+ overlap \(distance ") as info:
+            check_no_overlap(s)
+        reported = float(str(info.value).split("distance ")[1].split(" ")[0])
+        assert reported == pytest.approx(closest[first], rel=5e-3, abs=1e-3)
+    assert outcomes == {True, False}  # both kinds of set were drawn
