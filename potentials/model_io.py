@@ -185,6 +185,9 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, Any], Any]:
         raise ModelFileError(f"{path} is not a valid equiforce model file (corrupt or truncated): {err}") from err
     if not isinstance(doc, dict) or "header" not in doc or "params" not in doc:
         raise ModelFileError(f"{path} is not an equiforce model file (no header/params)")
+    extra = sorted(map(str, set(doc) - {"header", "params", "checksum"}))
+    if extra:  # e.g. a damaged "checksum" key, which would otherwise read as a file without one
+        raise ModelFileError(f"{path} is corrupt or foreign: unexpected top-level entries {extra}")
     if "checksum" in doc:
         try:
             ok = isinstance(doc["checksum"], str) and doc["checksum"] == _checksum(doc)

@@ -14,6 +14,7 @@ about a third faster on 2 cores).
 
 import atexit
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -32,6 +33,9 @@ for _name, _value in (
     ("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0"),
 ):
     os.environ.setdefault(_name, _value)
+# the open-ended fuzz target's seed (tests/test_fuzz_open.py): drawn here, before any xdist worker starts, so that
+# the workers inherit it and the header below shows it
+os.environ.setdefault("EQUIFORCE_FUZZ_SEED", str(secrets.randbelow(2**32)))
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -54,6 +58,11 @@ LONG_FIRST = (
     "tests/training/test_finetune.py",
     "tests/training/test_trainer.py",
 )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    seed = os.environ["EQUIFORCE_FUZZ_SEED"]
+    return f"fuzz seed {seed} (tests/test_fuzz_open.py, -m slow; reproduce with EQUIFORCE_FUZZ_SEED={seed})"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -297,6 +297,21 @@ def test_checksum_detects_a_flipped_weight_bit(saved, tmp_path):
     _load_fails(path, "checksum")
 
 
+def test_a_damaged_checksum_key_does_not_pass_as_a_file_without_checksum(saved, tmp_path):
+    """Two bit flips, one in the key ``checksum`` and one in a weight (found by the open-ended fuzzing,
+    tests/test_fuzz_open.py): without the check for unknown top-level entries the file read as one written
+    before checksums existed, with another weight."""
+    _, raw, doc = saved
+    leaf = np.asarray(jax.tree.leaves(doc["params"])[0])
+    damaged = bytearray(raw)
+    damaged[raw.find(leaf.tobytes())] ^= 0x01
+    key = raw.find(b"checksum")
+    damaged[key + 7] ^= 0x01  # "checksum" -> "checksul"
+    path = tmp_path / "flipped.eqf"
+    path.write_bytes(bytes(damaged))
+    _load_fails(path, "unexpected top-level entries")
+
+
 @pytest.mark.parametrize("where", ["weight", "e0", "scale", "shift", "r_max"])
 def test_non_finite_values_are_refused_at_load(saved, tmp_path, where):
     """NaN weights (a diverged run) or a NaN/inf E0, scale, shift or r_max never load as a model."""
