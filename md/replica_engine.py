@@ -66,6 +66,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax_md import partition, quantity, simulate, space
 
 from equiforce.md import integrators
+from equiforce.md.all_pairs import all_pairs_neighbor_list
 from equiforce.md.engine import ThermoFrame
 from equiforce.md.replica_inputs import REPLICA_ENSEMBLES, check_replicas, per_replica, resolve_replica_devices
 from equiforce.md.system import _check_precision, with_precision
@@ -295,14 +296,12 @@ class ReplicaEngine:
             real = (idx < n) & atom_mask[:, None] & atom_mask[jnp.minimum(idx, n - 1)]
             return jnp.where(real, idx, n)
 
-        return partition.neighbor_list(
+        return all_pairs_neighbor_list(  # no cell list: the box lives in the displacement
             displacement,
-            jnp.asarray(1.0, self.dtype),  # no cell list: the box lives in the displacement
             self.r_max + self.skin if forced else self.r_max,
             dr_threshold=0.0 if forced else self.skin,
             capacity_multiplier=self.capacity_multiplier,
             format=partition.NeighborListFormat.OrderedSparse,
-            disable_cell_list=True,
             custom_mask_function=without_padding,
         )
 

@@ -17,6 +17,7 @@ from jax_md import partition, space
 
 from equiforce.data.errors import DataError
 from equiforce.data.neighbours import MIN_PAIR_DISTANCE, check_finite_positions, check_pair_distances
+from equiforce.md.all_pairs import all_pairs_neighbor_list
 from equiforce.potentials import layers
 from equiforce.potentials.potential import Potential
 from equiforce.potentials.uncertainty import predict_with_uncertainty
@@ -227,17 +228,21 @@ def make_system(
             )
         use_cells = available if cell_list is None else bool(cell_list)
         # jax-md's cell list takes the box as side lengths; periodicity itself lives in displacement_fn
-        nl_box = jnp.asarray(np.diag(cell), dtype) if use_cells else box
-        neighbor_fn = partition.neighbor_list(
-            displacement_fn,
-            nl_box,
-            cutoff,
-            dr_threshold=skin,
-            capacity_multiplier=capacity_multiplier,
-            format=list_format,
-            disable_cell_list=not use_cells,
-            fractional_coordinates=fractional,
-        )
+        if use_cells:
+            neighbor_fn = partition.neighbor_list(
+                displacement_fn,
+                jnp.asarray(np.diag(cell), dtype),
+                cutoff,
+                dr_threshold=skin,
+                capacity_multiplier=capacity_multiplier,
+                format=list_format,
+                disable_cell_list=False,
+                fractional_coordinates=fractional,
+            )
+        else:  # jax-md's own all-pairs list scatters int64 into int32 under x64 (see equiforce.md.all_pairs)
+            neighbor_fn = all_pairs_neighbor_list(
+                displacement_fn, cutoff, dr_threshold=skin, capacity_multiplier=capacity_multiplier, format=list_format
+            )
     else:
         if fractional:
             raise DataError("fractional coordinates (NPT) need a periodic structure")
@@ -246,14 +251,8 @@ def make_system(
         use_cells = False
         box = None
         displacement_fn, shift_fn = space.free()
-        neighbor_fn = partition.neighbor_list(
-            displacement_fn,
-            jnp.asarray(1.0, dtype),
-            cutoff,
-            dr_threshold=skin,
-            capacity_multiplier=capacity_multiplier,
-            format=list_format,
-            disable_cell_list=True,
+        neighbor_fn = all_pairs_neighbor_list(
+            displacement_fn, cutoff, dr_threshold=skin, capacity_multiplier=capacity_multiplier, format=list_format
         )
     node_mask = jnp.ones((n,), bool)
     layout = edge_layout or (lambda *edge_arrays: edge_arrays)
