@@ -782,7 +782,9 @@ def test_wrong_value_per_key(key, value, work):
 def test_every_numeric_key_declares_its_documented_range():
     """Each numeric key of the config declares the range the docs give it (a key without one, or a declared
     range that differs from :data:`RANGES`, fails)."""
-    assert sorted(NUMERIC_KEYS) == sorted(RANGES)
+    missing, stale = sorted(set(NUMERIC_KEYS) - set(RANGES)), sorted(set(RANGES) - set(NUMERIC_KEYS))
+    assert not missing, f"numeric config key(s) {missing}: write their documented range into RANGES (this file)"
+    assert not stale, f"RANGES lists {stale}, which are no numeric config keys"
     for key in NUMERIC_KEYS:
         section, _, leaf = key.rpartition(".")
         cls = typing.get_type_hints(TrainConfig)[section] if section else TrainConfig
