@@ -105,7 +105,9 @@ class EquiforceCalculator(Calculator):
     Raises (when constructing):
       ModelFileError: an unreadable model file.
       ValueError: an ``edge_headroom`` below 1.
-      RuntimeError: a float64 potential while ``jax_enable_x64`` is off (it would silently run in float32).
+      RuntimeError: a float64 potential while ``jax_enable_x64`` is off and JAX arrays exist already (it
+        would silently run in float32). Where no JAX array exists yet (a fresh program), a float64 potential
+        switches JAX's 64-bit types on instead (:func:`equiforce.potentials.precision.enable_x64`).
     """
 
     implemented_properties: ClassVar[list[str]] = [
@@ -139,7 +141,9 @@ class EquiforceCalculator(Calculator):
             raise TypeError("give a model file path, or use EquiforceCalculator.from_potential(potential, params)")
         if model_path is not None:
             from equiforce.potentials.model_io import load_model
+            from equiforce.potentials.precision import enable_x64_for
 
+            enable_x64_for(model_path)  # a float64 file in a fresh program: JAX's 64-bit types on (if safe)
             potential, params, header = load_model(model_path)
             self.header: dict[str, Any] = header
         else:
@@ -147,7 +151,10 @@ class EquiforceCalculator(Calculator):
             self.header = {}
         if not edge_headroom >= 1.0:
             raise ValueError(f"edge_headroom must be >= 1, got {edge_headroom}")
-        potential.check_precision()
+        if potential.dtype == "float64":
+            from equiforce.potentials.precision import enable_x64
+
+            enable_x64("the potential computes in float64")
         self.potential: Potential = potential
         self.params = jax.tree.map(lambda x: jnp.asarray(x, potential.jnp_dtype), params)
         self.edge_headroom = float(edge_headroom)

@@ -55,6 +55,7 @@ from equiforce.md.replica_inputs import (
     resolve_replica_devices,
 )
 from equiforce.potentials.potential import Potential
+from equiforce.potentials.precision import enable_x64
 
 __all__ = [
     "REPLICA_ENSEMBLES",
@@ -285,7 +286,7 @@ def run_replicas(
         raise ValueError("more_steps needs restart=True (a new run takes its length from steps)")
     potential, params = load_potential(model)
     if precision in ("float64", "mixed"):
-        jax.config.update("jax_enable_x64", True)
+        enable_x64(f"precision={precision!r}")
     structures = load_replica_structures(structures)
     engine = ReplicaEngine(
         potential,

@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -28,8 +27,9 @@ from equiforce.md.replicas import ReplicasResult, run_replicas
 from equiforce.md.reporters import NoRestartStateError, clear_stale_write_flags, read_h5md, read_restart_state
 from equiforce.md.sharded import make_sharded_system
 from equiforce.md.uncertainty_monitor import UncertaintyMonitor, uncertain_frames_path
-from equiforce.potentials.model_io import enable_x64_for, load_model
+from equiforce.potentials.model_io import load_model
 from equiforce.potentials.potential import Potential
+from equiforce.potentials.precision import enable_x64, enable_x64_for
 
 __all__ = ["MDResult", "energy_drift", "load_potential", "load_structure", "run_md"]
 
@@ -52,7 +52,7 @@ class MDResult:
       uncertainty_events: the uncertainty crossings (step, time_ps, atom, max_forces_uncertainty eV/Å,
         energy_uncertainty eV), see :mod:`equiforce.md.uncertainty_monitor`.
       stopped_because: None for a run that ran its steps, else why it stopped early (the uncertainty
-        threshold with ``uncertainty_action="stop"``).
+        threshold with ``uncertainty_action="stop"``, or ``time_limit_s``).
     """
 
     frames: list[ThermoFrame]
@@ -102,11 +102,12 @@ def load_structure(spec: str | Path) -> Any:
 
 
 def load_potential(model: str | Path | tuple[Potential, Any]) -> tuple[Potential, Any]:
-    """``(potential, params)`` of a model file (JAX's 64-bit types switched on for a float64 model), or the
-    pair itself.
+    """``(potential, params)`` of a model file (JAX's 64-bit types switched on for a float64 model where that
+    is safe, see :func:`~equiforce.potentials.precision.enable_x64`), or the pair itself.
 
     Raises:
       ModelFileError: an unreadable model file (see :func:`~equiforce.potentials.load_model`).
+      RuntimeError: a float64 model file while JAX's 64-bit types are off and JAX arrays exist already.
     """
     if isinstance(model, tuple):
         return model
@@ -154,6 +155,8 @@ def run_md(
     uncertainty_min_spacing: int = 100,
     uncertain_frames: str | Path | None = None,
     devices: int | str | None = None,
+    time_limit_s: float | None = None,
+    progress_log_s: float | None = None,
     log: Callable[[str], None] | None = None,
 ) -> MDResult | ReplicasResult:
     """Run MD of ``atoms`` with a trained potential.
@@ -198,9 +201,16 @@ def run_md(
       more_steps: with ``restart=True``, run this many steps beyond the stored step instead of up to
         ``steps`` (rounded up to whole chunks).
       progress: show a progress bar with ns/day and ETA.
+      time_limit_s: a wall-clock limit, s, compilation included (one structure only): the run stops after the
+        chunk past which the next one would end beyond it (at least two chunks run, so that a drift can be fitted),
+        and ``MDResult.steps`` / ``stopped_because`` say how far it got; None: no limit.
+      progress_log_s: also report progress through ``log``: after the first timed chunk, the expected wall time of
+        the whole run (extrapolated from that chunk; with ``time_limit_s``, where the limit will stop it), then a
+        line (step, steps/s, time left) at most every ``progress_log_s`` seconds; None: no such lines.
       precision: ``float32``, ``float64`` or ``mixed`` (float32 network; float64 positions, per-atom energy
-        sums and integrator); default: the potential's dtype. ``float64`` and ``mixed`` switch on JAX's
-        64-bit types (``jax_enable_x64``) if they are off.
+        sums and integrator); default: the potential's dtype. ``float64`` and ``mixed`` (and a float64 model
+        file) switch on JAX's 64-bit types (``jax_enable_x64``) if they are off and no JAX array exists yet;
+        with arrays made already, a RuntimeError says to switch them on at start-up.
       uncertainty_threshold: σ_F in eV/Å (for a potential with an uncertainty; its σ_E and largest σ_F are
         computed at every step and written to the thermo log and trajectory). A step whose largest σ_F
         exceeds it is acted on as ``uncertainty_action`` says: ``record`` writes the configuration to
@@ -240,6 +250,8 @@ def run_md(
             "barostat_tau_fs": barostat_tau_fs is not None,
             "uncertainty_threshold": uncertainty_threshold is not None,
             "uncertain_frames": uncertain_frames is not None,
+            "time_limit_s": time_limit_s is not None,
+            "progress_log_s": progress_log_s is not None,
         }
         if any(given.values()):
             raise ValueError(f"{[k for k, v in given.items() if v]} not supported with a list of structures (replicas)")
@@ -270,7 +282,7 @@ def run_md(
         raise ValueError("more_steps needs restart=True (a new run takes its length from steps)")
     potential, params = load_potential(model)
     if precision in ("float64", "mixed"):
-        jax.config.update("jax_enable_x64", True)
+        enable_x64(f"precision={precision!r}")
     if not hasattr(atoms, "get_positions"):
         atoms = load_structure(atoms)
     atoms = atoms.copy()
@@ -344,6 +356,7 @@ def run_md(
     t_first = t_start = time.perf_counter()
     first_chunk_s = float("nan")
     stopped = None
+    pace = _Pace(n_chunks, report_interval, time_limit_s, progress_log_s, log)
     try:
         if not restart:
             frames.append(engine.observe(state))
@@ -369,6 +382,8 @@ def run_md(
                 rate = k * report_interval / (time.perf_counter() - t_start)
                 bar.set_postfix(T=f"{frame.temperature:.0f}K", ns_day=f"{rate * timestep_fs * 86400 / 1e6:.3g}")
             stopped = None if monitor is None else monitor.after_chunk(engine)
+            if stopped is None and k > 0:
+                stopped = pace.after_chunk(k, time.perf_counter() - t_first, time.perf_counter() - t_start)
             if stopped is not None:
                 log(stopped)
                 n_chunks = k + 1
@@ -385,6 +400,56 @@ def run_md(
     )
     events = [] if monitor is None else monitor.events
     return dataclasses.replace(result, uncertainty_events=events, stopped_because=stopped)
+
+
+class _Pace:
+    """Progress lines and the wall-clock limit of :func:`run_md` (``progress_log_s``, ``time_limit_s``)."""
+
+    def __init__(
+        self,
+        n_chunks: int,
+        report_interval: int,
+        time_limit_s: float | None,
+        progress_log_s: float | None,
+        log: Callable[[str], None],
+    ) -> None:
+        if time_limit_s is not None and not time_limit_s > 0:
+            raise ValueError(f"time_limit_s must be > 0 (or None), got {time_limit_s}")
+        if progress_log_s is not None and not progress_log_s > 0:
+            raise ValueError(f"progress_log_s must be > 0 (or None), got {progress_log_s}")
+        self.n_chunks, self.interval = n_chunks, report_interval
+        self.limit, self.every, self.log = time_limit_s, progress_log_s, log
+        self.last_line = 0.0
+
+    def after_chunk(self, k: int, elapsed: float, timed: float) -> str | None:
+        """After chunk ``k >= 1`` (``elapsed``: wall time since the start, compilation included; ``timed``: since
+        the end of the first chunk): log progress, and return why the run stops here (or None)."""
+        per_chunk = timed / k
+        done, total = (k + 1) * self.interval, self.n_chunks * self.interval
+        left = (self.n_chunks - k - 1) * per_chunk
+        rate = self.interval / per_chunk if per_chunk > 0 else float("inf")
+        if self.every is not None and k == 1:
+            line = f"MD: {total} steps expected to take {_duration(elapsed + left)} ({rate:.3g} steps/s after a first "
+            line += f"chunk of {_duration(elapsed - per_chunk)} with compilation)"
+            if self.limit is not None and elapsed + left > self.limit:
+                fit = k + 1 + max(0, int((self.limit - elapsed) // per_chunk)) if per_chunk > 0 else self.n_chunks
+                line += f"; the time limit of {_duration(self.limit)} stops it at about step {fit * self.interval}"
+            self.log(line)
+            self.last_line = elapsed
+        elif self.every is not None and elapsed - self.last_line >= self.every and k + 1 < self.n_chunks:
+            pct = 100 * done / total
+            self.log(f"MD: step {done}/{total} ({pct:.0f} %), {rate:.3g} steps/s, {_duration(left)} left")
+            self.last_line = elapsed
+        if self.limit is not None and k + 1 < self.n_chunks and elapsed + per_chunk > self.limit:
+            return (
+                f"time limit of {_duration(self.limit)} reached: {done} of {total} steps run "
+                f"({_duration(elapsed)}, {rate:.3g} steps/s)"
+            )
+        return None
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def _read_restart_point(

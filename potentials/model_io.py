@@ -46,6 +46,7 @@ __all__ = [
     "ModelFileError",
     "atomic_write_bytes",
     "enable_x64_for",
+    "header_and_parameter_count",
     "load_model",
     "read_header",
     "save_model",
@@ -173,6 +174,18 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     return _read(path)[0]
 
 
+def header_and_parameter_count(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
+    """The header of a model file (as :func:`read_header`) and the number of its network parameters (array
+    elements of the parameter tree; a committee's members together, an LLPR model's projections left out).
+
+    Raises:
+      ModelFileError: as :func:`read_header`.
+    """
+    header, state = _read(path)
+    leaves = jax.tree.leaves({k: v for k, v in state.items() if k != "llpr"} if isinstance(state, dict) else state)
+    return header, int(sum(np.size(leaf) for leaf in leaves))
+
+
 def _read(path: str | os.PathLike) -> tuple[dict[str, Any], Any]:
     path = Path(path)
     try:
@@ -273,10 +286,16 @@ def _check_potential_description(pot: Any, path: Path) -> None:
 
 
 def enable_x64_for(path: str | os.PathLike) -> None:
-    """Switch on JAX's 64-bit types if the model file holds a float64 potential (an application-level
-    choice: call it at start-up, before any array is created)."""
-    if read_header(path)["potential"].get("dtype") == "float64":
-        jax.config.update("jax_enable_x64", True)
+    """Switch on JAX's 64-bit types if the model file holds a float64 potential, where that is safe (no JAX
+    array made yet); see :func:`equiforce.potentials.precision.enable_x64_for`.
+
+    Raises:
+      ModelFileError: an unreadable model file.
+      RuntimeError: a float64 model, 64-bit types off, and JAX arrays made already.
+    """
+    from equiforce.potentials.precision import enable_x64_for as enable
+
+    enable(path)
 
 
 def load_model(path: str | os.PathLike) -> tuple[Potential, Any, dict[str, Any]]:

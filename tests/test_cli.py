@@ -62,10 +62,45 @@ def test_evaluate_writes_parity_and_json(trained_run, tmp_path, capsys):
     assert "(1000 structures)" in out and "forces_mae_meV_per_A" in out and "parity plot written" in out
 
 
-def test_info_prints_json(trained_run, capsys):
+def test_info_describes_the_model_for_a_person(trained_run, capsys):
+    """Labelled plain-text lines, each checked against the header's own values (and the parameter count against
+    the loaded parameter tree), not JSON."""
+    import jax
+
+    from equiforce.potentials import load_model, read_header
+
+    _, folder, _ = trained_run
+    path = folder / "run" / "model.eqf"
+    capsys.readouterr()
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    header = read_header(path)
+    meta = header["metadata"]
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(out)
+    lines = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in out.splitlines()[1:] if ":" in line[:14]}
+    _, params, _ = load_model(path)
+    network = {k: v for k, v in params.items() if k != "llpr"}  # LLPR's projections are not network weights
+    n_params = sum(np.size(x) for x in jax.tree.leaves(network))
+    r_max = header["potential"]["r_max"]
+    assert lines["model"].startswith(f"nequip, {n_params:,} parameters, float32, r_max {r_max:g}")
+    assert lines["species"] == "H, C, O"
+    e0 = header["potential"]["atomic_energies"]
+    assert lines["E0s"].startswith(f"H {e0[0]:.4f}") and f"O {e0[2]:.4f}" in lines["E0s"]
+    sizes = f"{meta['n_train']} train / {meta['n_valid']} valid / 10 test structures"
+    assert lines["trained on"] == f"sample:train (test: sample:test); {sizes}"
+    assert lines["training"].startswith("1 epochs")
+    assert f"energy MAE {meta['test_metrics']['energy_mae_meV']:.1f} meV" in lines["test errors"]
+    nve = meta["nve_check"]
+    assert lines["NVE check"].startswith(nve["status"].replace("failed", "FAILED"))
+    assert "100 steps of 0.5 fs = 0.05 ps" in lines["NVE check"]
+    assert "uncertainty" in lines and "lineage" not in lines  # trained from scratch
+
+
+def test_info_json_prints_the_raw_header(trained_run, capsys):
     _, folder, _ = trained_run
     capsys.readouterr()
-    assert main(["info", str(folder / "run" / "model.eqf")]) == 0
+    assert main(["info", str(folder / "run" / "model.eqf"), "--json"]) == 0
     header = json.loads(capsys.readouterr().out)
     assert header["format"] == "equiforce-model"
     assert header["potential"]["species"] == [1, 6, 8]

@@ -9,7 +9,7 @@
                  [--steps N] [--out traj.h5] [--thermo thermo.csv] [--restart [--more-steps N]]
                  [--no-progress] [--uncertainty-threshold S [--uncertainty-action record|stop]]
     equiforce md --repair traj.h5
-    equiforce info MODEL.eqf
+    equiforce info MODEL.eqf [--json]
     [mpirun -n N] equiforce lammps MODEL.eqf INPUT.in [--var NAME VALUE ...] [--log log.lammps] [--no-screen]
     equiforce preprocess INPUT [INPUT ...] OUT.h5 --r-max R [--format F] [--energy-unit U] [--chunk-size 1000]
                  [--workers N] [--no-edges] [--compression lzf|gzip|none] [--overwrite]
@@ -417,10 +417,13 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from equiforce.model_info import describe_model
     from equiforce.potentials.model_io import read_header
 
-    header = read_header(args.model)
-    print(json.dumps(header, indent=2, default=str))
+    if args.json:
+        print(json.dumps(read_header(args.model), indent=2, default=str))
+    else:
+        print(describe_model(args.model))
     return 0
 
 
@@ -717,8 +720,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-atoms", type=int, default=None, help="draw energies per atom")
     p.set_defaults(func=_cmd_plot)
 
-    p = sub.add_parser("info", help="print a model file's header (config, species, E0s, metrics)")
+    p = sub.add_parser(
+        "info",
+        help="describe a model file: model and size, species, E0s, training data, errors, NVE check, uncertainty, "
+        "lineage",
+    )
     p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="print the raw JSON header instead")
     p.set_defaults(func=_cmd_info)
 
     imports = sub.add_parser("import", help="convert a model of another code into an equiforce model file")

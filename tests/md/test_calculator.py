@@ -311,3 +311,66 @@ def test_bad_input_errors(calc):
         overlap.get_potential_energy()
 
     assert issubclass(DataError, ValueError) and issubclass(UnknownSpeciesError, ValueError)
+
+
+# ------------------------------------------------------------------------------- float64 file, x64 off
+FLOAT64_FILE_X64_OFF = """
+import json, sys
+import jax
+import jax.numpy as jnp
+assert not jax.config.jax_enable_x64
+from ase.build import molecule
+from equiforce.md import EquiforceCalculator, run_md
+
+path = sys.argv[1]
+out = {"refused": []}
+held = jnp.ones(3)  # the program made a (float32) JAX array first: switching x64 on now is refused
+for make in (
+    lambda: EquiforceCalculator(path),
+    lambda: run_md(path, molecule("H2O"), steps=2, report_interval=1, progress=False, log=lambda _: None),
+):
+    try:
+        make()
+        out["refused"].append(None)
+    except RuntimeError as err:
+        out["refused"].append(str(err))
+out["x64_after_refusal"] = bool(jax.config.jax_enable_x64)
+del held  # nothing of the program's own left: as a fresh program, where it just works
+atoms = molecule("CH3CH2OH")
+atoms.calc = EquiforceCalculator(path)
+out["energy"] = float(atoms.get_potential_energy())
+out["forces"] = atoms.get_forces().tolist()
+out["x64"] = bool(jax.config.jax_enable_x64)
+print(json.dumps(out))
+"""
+
+
+def test_float64_file_switches_x64_on_where_safe(calc, tmp_path):
+    """A float64 model file in an interpreter with JAX's 64-bit types off (JAX's default): while the program
+    holds a JAX array of its own, the calculator and run_md refuse with the start-up advice and leave x64 off;
+    with none, the calculator switches x64 on and gives this process's float64 results (a float32 evaluation
+    differs by ~1e-6 eV)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "f64.eqf"
+    save_model(path, calc.potential, calc.params)
+    atoms = molecule("CH3CH2OH")
+    atoms.calc = calc
+    energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
+    proc = subprocess.run(
+        [sys.executable, "-c", FLOAT64_FILE_X64_OFF, str(path)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["x64_after_refusal"] is False
+    assert len(out["refused"]) == 2 and all(
+        m is not None and "float64" in m and "1 JAX array(s) (float32[3])" in m and "at start-up" in m
+        for m in out["refused"]
+    ), out["refused"]
+    assert out["x64"] is True
+    assert abs(out["energy"] - energy) < 1e-10
+    np.testing.assert_allclose(out["forces"], forces, rtol=0, atol=1e-10)

@@ -1,5 +1,7 @@
 """run_md: outputs, exact restart from the H5MD file, the post-training NVE gate, float32 drift."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -143,3 +145,52 @@ def test_blow_up_keeps_trajectory_and_writes_last_good_frame(trained_aspirin_mod
     assert np.all(np.isfinite(frames["positions"]))  # only good chunks were committed
     if len(frames["step"]):
         np.testing.assert_allclose(frames["positions"][-1], good.get_positions(), atol=1e-8)
+
+
+def test_nve_check_stops_at_its_time_limit_and_says_how_far_it_ran(aspirin_potential, monkeypatch):
+    """md_check.max_minutes: the check logs its expected time after a timed chunk, stops at the limit and records
+    the steps and picoseconds it ran. run_md reads a fake clock that advances 1 s per reading (no real timing);
+    the same check without a limit runs every step."""
+    from equiforce.data import load_sample
+    from equiforce.md import run as md_run
+    from equiforce.training.config import MDCheckConfig
+    from equiforce.training.nve_check import energy_conservation_check
+
+    class Clock:
+        now = 0.0
+
+        def perf_counter(self) -> float:
+            self.now += 1.0
+            return self.now
+
+    potential, params = aspirin_potential
+    valid = load_sample("test").subset([0])
+    check = MDCheckConfig(steps=1000, timestep_fs=0.25, report_interval=50, max_minutes=0.5)
+    monkeypatch.setattr(md_run, "time", Clock())
+    lines: list[str] = []
+    limited = energy_conservation_check(potential, params, valid, check, lines.append)
+    assert limited["time_limit_s"] == 30.0 and limited["stopped_by_time_limit"] is True
+    assert limited["steps_requested"] == 1000 and 100 <= limited["steps"] < 1000 and limited["steps"] % 50 == 0
+    assert limited["time_ps"] == pytest.approx(limited["steps"] * 0.25e-3, rel=1e-12)
+    expected = next(i for i, line in enumerate(lines) if "1000 steps expected to take" in line)
+    stop = next(i for i, line in enumerate(lines) if "time limit of 30 s reached" in line)
+    assert expected < stop and "stops it at about step" in lines[expected]
+    verdict = lines[-1]
+    assert f"{limited['steps']} steps = " in verdict and "of 1000 asked (stopped by the time limit" in verdict
+
+    lines.clear()
+    unlimited = dataclasses.replace(check, max_minutes=None)
+    full = energy_conservation_check(potential, params, valid, unlimited, lines.append)
+    assert full["time_limit_s"] is None and full["stopped_by_time_limit"] is False
+    assert full["steps"] == 1000 and full["time_ps"] == pytest.approx(0.25)
+    assert any("1000 steps expected to take" in line for line in lines)
+
+
+def test_nve_check_time_limit_follows_the_training_budget():
+    from equiforce.training.config import MDCheckConfig
+    from equiforce.training.nve_check import check_time_limit_s
+
+    assert check_time_limit_s(MDCheckConfig(), None) is None
+    assert check_time_limit_s(MDCheckConfig(), 10.0) == 150.0  # a quarter of a 10-minute budget
+    assert check_time_limit_s(MDCheckConfig(), 2.0) == 60.0  # at least a minute
+    assert check_time_limit_s(MDCheckConfig(max_minutes=4.0), 10.0) == 240.0  # asked for: wins

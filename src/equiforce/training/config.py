@@ -268,6 +268,8 @@ class MDCheckConfig:
       on_failure: ``warn`` or ``fail`` (see below); either way the model file is saved first and the
         verdict (``nve_check.status``: passed / failed / blew_up / error) is in its metadata.
       supercell: minimal repetitions of a periodic start cell (see below).
+      max_minutes: wall-clock limit of the check, minutes, compilation included (see below); ``None``: a quarter
+        of ``optim.time_budget_minutes`` (at least 1 minute) when training has a time budget, else no limit.
 
     ``steps: 0`` switches it off. The drift (meV/atom/ps) and fluctuation (meV/atom) of the total energy
     go into the final report and the model file's metadata next to the MAE.
@@ -281,6 +283,11 @@ class MDCheckConfig:
     ``supercell``: repeat a periodic start structure at least ``(n1, n2, n3)`` times along its lattice
     vectors (the cutoff may need more, see :func:`~equiforce.training.nve_check.supercell_for_cutoff`);
     ``None``: only what the cutoff needs. Ignored for molecules.
+
+    ``max_minutes`` keeps the check proportionate to the run: after its first chunks it logs the expected time
+    (extrapolated from a timed chunk) and then its progress, and it stops at the chunk where the limit would be
+    passed (at least two chunks run). The verdict then rests on fewer steps: ``nve_check`` records the steps and
+    picoseconds run, the steps asked for, and the limit.
     """
 
     steps: int = _num(2000, ">= 0")
@@ -290,6 +297,7 @@ class MDCheckConfig:
     max_drift_meV_per_atom_per_ps: float = _num(1.0, "> 0")
     on_failure: str = "warn"
     supercell: tuple[int, ...] | None = _num(None, ">= 1")
+    max_minutes: float | None = _num(None, "> 0")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -281,6 +281,10 @@ def _log_summary(
             f"drift {nve['drift_meV_per_atom_per_ps']:.3f} meV/atom/ps (limit ±{limit}), "
             f"fluctuation {nve['fluctuation_meV_per_atom']:.3f} meV/atom"
         )
+        if "time_ps" in nve:
+            figures += f", over {nve['steps']} steps = {nve['time_ps']:.3g} ps"
+            if nve.get("stopped_by_time_limit"):
+                figures += f" of {nve['steps_requested']} asked (time limit {nve['time_limit_s'] / 60:.1f} min)"
     else:
         figures = nve.get("message", "")
     verdict = {"passed": "PASSED", "failed": "FAILED", "blew_up": "FAILED (blew up)", "error": "FAILED (no run)"}
@@ -327,7 +331,12 @@ def _nve_gate(
     """The NVE check's verdict; a check that raised counts as a failed gate (status ``error``)."""
     from equiforce.training.nve_check import energy_conservation_check
 
-    nve = steps.run("nve_check", lambda: energy_conservation_check(potential, params, valid, cfg.md_check, log))
+    nve = steps.run(
+        "nve_check",
+        lambda: energy_conservation_check(
+            potential, params, valid, cfg.md_check, log, training_budget_minutes=cfg.optim.time_budget_minutes
+        ),
+    )
     if nve is None:  # the check itself raised (it reports MD failures on its own)
         return {
             "status": "error",

@@ -6,11 +6,16 @@ standard deviation around that fit) next to the test errors, and compares the dr
 ``md_check.max_drift_meV_per_atom_per_ps``. A periodic structure smaller than twice the cutoff is
 repeated along its lattice vectors until every cell height exceeds ``2 r_max`` (the MD engine's
 minimum-image neighbour list needs that; see :func:`equiforce.md.system.check_structure`).
+
+The check is kept proportionate to the run (``md_check.max_minutes``, by default a quarter of the training's
+time budget): it logs its expected time after a first timed chunk, then its progress, and stops at the time
+limit; the verdict records how many steps and picoseconds it rests on.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +25,23 @@ from equiforce.data.structures import StructureSet
 from equiforce.potentials.potential import Potential
 from equiforce.training.config import MDCheckConfig
 
-__all__ = ["energy_conservation_check", "supercell_for_cutoff"]
+__all__ = ["check_time_limit_s", "energy_conservation_check", "supercell_for_cutoff"]
+
+#: seconds between the check's progress lines
+PROGRESS_LOG_S = 30.0
+
+#: the share of the training's time budget the check may take when ``md_check.max_minutes`` is not set
+BUDGET_SHARE = 0.25
+
+
+def check_time_limit_s(md_check: MDCheckConfig, training_budget_minutes: float | None) -> float | None:
+    """The NVE check's wall-clock limit, s: ``md_check.max_minutes``; else :data:`BUDGET_SHARE` of the training's
+    time budget (at least a minute); None without either."""
+    if md_check.max_minutes is not None:
+        return 60.0 * md_check.max_minutes
+    if training_budget_minutes is not None:
+        return 60.0 * max(1.0, BUDGET_SHARE * training_budget_minutes)
+    return None
 
 
 def supercell_for_cutoff(
@@ -66,6 +87,8 @@ def energy_conservation_check(
     structures: StructureSet,
     md_check: MDCheckConfig | Any,
     log: Callable[[str], None],
+    *,
+    training_budget_minutes: float | None = None,
 ) -> dict[str, Any]:
     """NVE from the first structure of ``structures`` (a supercell of it where the cutoff needs one).
 
@@ -74,20 +97,27 @@ def energy_conservation_check(
       structures: where the start structure comes from (the validation set).
       md_check: steps, time step (fs), initial temperature (K), sampling interval, drift threshold
         (meV/atom/ps) and the action on failure (a whole :class:`TrainConfig` is accepted too).
-      log: receives progress and the result.
+      log: receives progress (the expected time, then a line about every 30 s) and the result.
+      training_budget_minutes: the training's time budget, minutes (the default time limit, see
+        :func:`check_time_limit_s`); a whole :class:`TrainConfig` as ``md_check`` gives it itself.
 
     Returns:
       A JSON-serialisable dict: ``status`` (``"passed"``, ``"failed"``: |drift| above the threshold or not
       measurable, ``"blew_up"``: the run became unphysical, ``"error"``: the check could not run), ``passed``,
       ``blew_up``, ``threshold_meV_per_atom_per_ps``, ``on_failure``, ``steps``, ``timestep_fs``,
-      ``temperature_K``, ``supercell`` (repetitions), ``n_atoms``, and after a run ``drift_meV_per_atom_per_ps``,
-      ``fluctuation_meV_per_atom``, ``mean_temperature_K``, ``steps_per_s``; ``message`` where it did not pass.
+      ``temperature_K``, ``supercell`` (repetitions), ``n_atoms``, ``steps_requested``, ``time_limit_s`` (None:
+      none), and after a run ``steps`` (run), ``time_ps`` (simulated), ``stopped_by_time_limit``,
+      ``drift_meV_per_atom_per_ps``, ``fluctuation_meV_per_atom``, ``mean_temperature_K``, ``steps_per_s``,
+      ``wall_s`` (compilation included); ``message`` where it did not pass.
       Nothing is raised for a blow-up or an error: the caller decides (``md_check.on_failure``).
     """
     from equiforce.md.engine import MDBlowUpError
     from equiforce.md.run import run_md
 
     c: MDCheckConfig = getattr(md_check, "md_check", md_check)
+    if training_budget_minutes is None and hasattr(md_check, "optim"):
+        training_budget_minutes = md_check.optim.time_budget_minutes
+    time_limit_s = check_time_limit_s(c, training_budget_minutes)
     result: dict[str, Any] = {
         "status": "error",
         "passed": False,
@@ -95,8 +125,10 @@ def energy_conservation_check(
         "threshold_meV_per_atom_per_ps": c.max_drift_meV_per_atom_per_ps,
         "on_failure": c.on_failure,
         "steps": c.steps,
+        "steps_requested": c.steps,
         "timestep_fs": c.timestep_fs,
         "temperature_K": c.temperature_K,
+        "time_limit_s": time_limit_s,
     }
     try:
         atoms = structures.to_atoms(0)
@@ -111,6 +143,9 @@ def energy_conservation_check(
             if any(r > a for r, a in zip(reps, asked, strict=True)):
                 why.append(f"the cell must be wider than 2 r_max = {2 * potential.r_max:.2f} Å")
             log(f"NVE check: running a {reps[0]}x{reps[1]}x{reps[2]} supercell ({len(atoms)} atoms): {'; '.join(why)}")
+        limit = "no time limit" if time_limit_s is None else f"at most {time_limit_s / 60:.1f} min"
+        log(f"NVE check: {c.steps} steps of {c.timestep_fs} fs on {len(atoms)} atoms ({limit}); timing a first chunk")
+        started = time.perf_counter()
         r = run_md(
             (potential, params),
             atoms,
@@ -120,8 +155,11 @@ def energy_conservation_check(
             steps=c.steps,
             report_interval=c.report_interval,
             progress=False,
-            log=log,
+            time_limit_s=time_limit_s,
+            progress_log_s=PROGRESS_LOG_S,
+            log=lambda line: log(f"NVE check: {line.removeprefix('MD: ')}"),
         )
+        wall = time.perf_counter() - started
     except MDBlowUpError as err:
         log(f"NVE check: {err}")
         result.update(status="blew_up", blew_up=True, message=str(err))
@@ -137,6 +175,9 @@ def energy_conservation_check(
         status="passed" if passed else "failed",
         passed=passed,
         steps=r.steps,
+        time_ps=r.steps * c.timestep_fs / 1000.0,
+        stopped_by_time_limit=r.stopped_because is not None,
+        wall_s=wall,
         drift_meV_per_atom_per_ps=drift,
         fluctuation_meV_per_atom=fluct,
         mean_temperature_K=float(np.mean([f.temperature for f in r.frames])),
@@ -149,8 +190,11 @@ def energy_conservation_check(
             if np.isfinite(drift)
             else "the drift could not be measured (non-finite energies or fewer than two samples)"
         )
+    ran = f"{r.steps} steps = {result['time_ps']:.3g} ps"
+    if r.stopped_because is not None:
+        ran += f" of {c.steps} asked (stopped by the time limit of {time_limit_s / 60:.1f} min)"
     log(
-        f"NVE check ({r.steps} steps of {c.timestep_fs} fs, {potential.dtype}, {len(atoms)} atoms): energy drift "
-        f"{drift:.3f} meV/atom/ps, fluctuation {fluct:.3f} meV/atom, {r.steps_per_s:.1f} steps/s"
+        f"NVE check ({ran} of {c.timestep_fs} fs, {potential.dtype}, {len(atoms)} atoms): energy drift "
+        f"{drift:.3f} meV/atom/ps, fluctuation {fluct:.3f} meV/atom, {r.steps_per_s:.1f} steps/s, {wall:.0f} s"
     )
     return result
