@@ -201,9 +201,10 @@ def run_md(
       more_steps: with ``restart=True``, run this many steps beyond the stored step instead of up to
         ``steps`` (rounded up to whole chunks).
       progress: show a progress bar with ns/day and ETA.
-      time_limit_s: a wall-clock limit, s, compilation included (one structure only): the run stops after the
-        chunk past which the next one would end beyond it (at least two chunks run, so that a drift can be fitted),
-        and ``MDResult.steps`` / ``stopped_because`` say how far it got; None: no limit.
+      time_limit_s: a wall-clock limit, s, from the call (set-up and compilation included; one structure only):
+        the run stops after the chunk past which the next one would end beyond it (at least two chunks run, so
+        that a drift can be fitted), and ``MDResult.steps`` / ``stopped_because`` say how far it got; None: no
+        limit.
       progress_log_s: also report progress through ``log``: after the first timed chunk, the expected wall time of
         the whole run (extrapolated from that chunk; with ``time_limit_s``, where the limit will stop it), then a
         line (step, steps/s, time left) at most every ``progress_log_s`` seconds; None: no such lines.
@@ -244,6 +245,7 @@ def run_md(
         for a potential without an uncertainty, an unknown ``uncertainty_action``.
     """
     log = log or tqdm.write
+    t_call = time.perf_counter()  # time_limit_s counts from here: set-up and compilation included
     if isinstance(atoms, (list, tuple)):  # many replicas in one program
         given = {
             "pressure_GPa": pressure_GPa != 0.0,
@@ -383,7 +385,7 @@ def run_md(
                 bar.set_postfix(T=f"{frame.temperature:.0f}K", ns_day=f"{rate * timestep_fs * 86400 / 1e6:.3g}")
             stopped = None if monitor is None else monitor.after_chunk(engine)
             if stopped is None and k > 0:
-                stopped = pace.after_chunk(k, time.perf_counter() - t_first, time.perf_counter() - t_start)
+                stopped = pace.after_chunk(k, time.perf_counter() - t_call, time.perf_counter() - t_start)
             if stopped is not None:
                 log(stopped)
                 n_chunks = k + 1
@@ -422,15 +424,15 @@ class _Pace:
         self.last_line = 0.0
 
     def after_chunk(self, k: int, elapsed: float, timed: float) -> str | None:
-        """After chunk ``k >= 1`` (``elapsed``: wall time since the start, compilation included; ``timed``: since
-        the end of the first chunk): log progress, and return why the run stops here (or None)."""
+        """After chunk ``k >= 1`` (``elapsed``: wall time since run_md was called, set-up and compilation included;
+        ``timed``: since the end of the first chunk): log progress, and return why the run stops here (or None)."""
         per_chunk = timed / k
         done, total = (k + 1) * self.interval, self.n_chunks * self.interval
         left = (self.n_chunks - k - 1) * per_chunk
         rate = self.interval / per_chunk if per_chunk > 0 else float("inf")
         if self.every is not None and k == 1:
-            line = f"MD: {total} steps expected to take {_duration(elapsed + left)} ({rate:.3g} steps/s after a first "
-            line += f"chunk of {_duration(elapsed - per_chunk)} with compilation)"
+            line = f"MD: {total} steps expected to take {_duration(elapsed + left)} ({rate:.3g} steps/s after "
+            line += f"{_duration(elapsed - per_chunk)} of set-up, compilation and a first chunk)"
             if self.limit is not None and elapsed + left > self.limit:
                 fit = k + 1 + max(0, int((self.limit - elapsed) // per_chunk)) if per_chunk > 0 else self.n_chunks
                 line += f"; the time limit of {_duration(self.limit)} stops it at about step {fit * self.interval}"

@@ -176,7 +176,7 @@ def test_nve_check_stops_at_its_time_limit_and_says_how_far_it_ran(aspirin_poten
     stop = next(i for i, line in enumerate(lines) if "time limit of 30 s reached" in line)
     assert expected < stop and "stops it at about step" in lines[expected]
     verdict = lines[-1]
-    assert f"{limited['steps']} steps = " in verdict and "of 1000 asked (stopped by the time limit" in verdict
+    assert f"{limited['steps']} steps of 0.25 fs = " in verdict and "1000 asked, stopped by the time limit" in verdict
 
     lines.clear()
     unlimited = dataclasses.replace(check, max_minutes=None)

@@ -190,11 +190,11 @@ def energy_conservation_check(
             if np.isfinite(drift)
             else "the drift could not be measured (non-finite energies or fewer than two samples)"
         )
-    ran = f"{r.steps} steps = {result['time_ps']:.3g} ps"
+    ran = f"{r.steps} steps of {c.timestep_fs} fs = {result['time_ps']:.3g} ps, {potential.dtype}, {len(atoms)} atoms"
     if r.stopped_because is not None:
-        ran += f" of {c.steps} asked (stopped by the time limit of {time_limit_s / 60:.1f} min)"
+        ran += f"; {c.steps} asked, stopped by the time limit of {time_limit_s / 60:.1f} min"
     log(
-        f"NVE check ({ran} of {c.timestep_fs} fs, {potential.dtype}, {len(atoms)} atoms): energy drift "
-        f"{drift:.3f} meV/atom/ps, fluctuation {fluct:.3f} meV/atom, {r.steps_per_s:.1f} steps/s, {wall:.0f} s"
+        f"NVE check ({ran}): energy drift {drift:.3f} meV/atom/ps, fluctuation {fluct:.3f} meV/atom, "
+        f"{r.steps_per_s:.1f} steps/s, {wall:.0f} s"
     )
     return result
