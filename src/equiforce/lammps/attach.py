@@ -159,7 +159,7 @@ class EquiforceFix:
         self.layers = message_passing_layers(potential)
         self.r_max = float(potential.r_max)
         self.single_rank = self.comm.Get_size() == 1
-        self.half_list = not self.single_rank
+        self.half_list = True
         # one rank: ghosts are images of its own atoms, folded onto them (edges need ghosts within r_max);
         # several ranks: the 2·L·r_max shell (module docstring)
         self.ghost_cutoff = self.r_max if self.single_rank else 2.0 * self.layers * self.r_max
@@ -322,8 +322,10 @@ class EquiforceFix:
 
     def _graph_single(self, x_all: np.ndarray, types: np.ndarray, tags: np.ndarray, nlocal: int):
         """One rank: every ghost is a periodic image of a local atom, so the graph is the periodic structure's own
-        (nodes: the local atoms; an edge to a ghost goes to its owner, with the image's offset as the shift;
-        full edge list, receivers local), as the ASE calculator builds it; ghosts within ``r_max`` suffice."""
+        (nodes: the local atoms; an edge to a ghost goes to its owner, with the image's offset as the shift), as
+        the ASE calculator builds it; ghosts within ``r_max`` suffice. Half list: each periodic pair ``(i, j,
+        shift) ≡ (j, i, −shift)`` once (kept where the owner's index is larger, or for an atom and its own image
+        where the shift is lexicographically positive)."""
         owner_of_tag = np.full(int(tags.max()) + 1, -1, np.int64)
         owner_of_tag[tags[:nlocal]] = np.arange(nlocal)
         owner = owner_of_tag[tags]
@@ -333,12 +335,22 @@ class EquiforceFix:
         self._check_overlap(pos, pairs, centre)
         a, b = pairs[:, 0], pairs[:, 1]
         a_local, b_local = a < nlocal, b < nlocal
-        # directed edges with a local receiver: (receiver a, sender b) where a is local, and (b, a) where b is
-        receivers = np.concatenate([a[a_local], b[b_local]])
-        senders = np.concatenate([b[a_local], a[b_local]])
-        shifts = pos[senders] - pos[owner[senders]]  # the sender image's offset from its owner (a lattice vector)
-        arrays = self._pad(pos[:nlocal], shifts, self.type_species[types[:nlocal]], owner[senders], receivers, nlocal)
-        return arrays, len(x_all)
+        both = a_local & b_local
+        # a local receiver with a ghost sender (either order in the pair)
+        recv = np.concatenate([a[a_local & ~b_local], b[b_local & ~a_local]])
+        img = np.concatenate([b[a_local & ~b_local], a[b_local & ~a_local]])
+        own = owner[img]
+        shift = pos[img] - pos[own]  # the image's offset from its owner (a lattice vector)
+        eps = 1e-6
+        positive = (shift[:, 0] > eps) | (
+            (np.abs(shift[:, 0]) <= eps) & ((shift[:, 1] > eps) | ((np.abs(shift[:, 1]) <= eps) & (shift[:, 2] > eps)))
+        )
+        keep = (own > recv) | ((own == recv) & positive)
+        receivers = np.concatenate([a[both], recv[keep]])
+        senders = np.concatenate([b[both], own[keep]])
+        shifts = np.concatenate([np.zeros((int(both.sum()), 3)), shift[keep]])
+        arrays = self._pad(pos[:nlocal], shifts, self.type_species[types[:nlocal]], senders, receivers, nlocal)
+        return arrays, nlocal  # the graph holds the local atoms only
 
     def _compute(self, ntimestep: int, nlocal: int, f: np.ndarray) -> tuple[float, float, np.ndarray]:
         """This rank's forces (written into ``f``); returns (largest displacement since the last rebuild, the
