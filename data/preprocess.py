@@ -10,9 +10,9 @@ renamed to ``OUT`` last; then the parts folder is removed.
 
 Resuming: the parts folder records the job (inputs with size and modification time, cutoff, options). Run
 the same command again after an interruption and the parts already written are kept; a part that is
-missing, half-written (only its temporary file exists) or unreadable is done again. The result is the same
-file, byte for byte, as an uninterrupted run's. Different settings for the same ``OUT`` are an error (remove
-the parts folder to start over).
+missing, half-written (only its temporary file exists) or unreadable is done again, and the temporary file of
+an interrupted join is removed. The result is the same file, byte for byte, as an uninterrupted run's.
+Different settings for the same ``OUT`` are an error (remove the parts folder to start over).
 
 Memory: one input file at a time (the readers load a whole file), plus the parts in flight.
 """
@@ -158,6 +158,8 @@ def preprocess(
         tmp.write_text(json.dumps(job, indent=1))
         os.replace(tmp, job_file)
     for stale in parts.glob(".*.tmp"):  # temporary files of parts a kill interrupted
+        stale.unlink(missing_ok=True)
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):  # the joined file's, when a kill interrupted the join
         stale.unlink(missing_ok=True)
 
     kwargs = {} if energy_unit == "eV" else {"energy_unit": energy_unit}

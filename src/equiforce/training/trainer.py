@@ -405,6 +405,8 @@ def _train_with(
             metrics_path.unlink()
         if resume:  # a kill between an epoch's metrics line and its checkpoint left one line too many
             atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in host["history"]).encode())
+        for stale in [*out.glob(".*.tmp"), *ckpt_path.parent.glob(".*.tmp")]:  # a kill inside an atomic write's
+            stale.unlink(missing_ok=True)  # temporary files (model files, checkpoint): this run is their only writer
 
     n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params)) // potential.ensemble_size
     committee = f" x {potential.ensemble_size} committee members" if potential.ensemble_size > 1 else ""
