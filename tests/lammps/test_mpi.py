@@ -126,3 +126,20 @@ def test_cli_uncertainty_dump_thermo_and_halt(model_file, tmp_path):
     step0 = next(r for r in rows if len(r) == 3 and r[0] == "0")
     assert abs(float(step0[2]) - sigma.max()) < 1e-6 * sigma.max()
     assert int(frames[-1].split()[0]) == halted_at
+
+
+@pytest.mark.parametrize("ranks", [1, 4])
+def test_box_smaller_than_the_cutoff(ranks, model_file, tmp_path):
+    """A 2.6-2.9 Å triclinic cell of 2 atoms (r_max 3 Å): every neighbour is an image, many of an atom itself (the
+    one-rank half list's self-image pairs); on 4 ranks two subdomains hold no atom at all."""
+    import ase
+
+    cell = np.array([[2.6, 0.0, 0.0], [0.3, 2.7, 0.0], [-0.2, 0.4, 2.9]])
+    atoms = ase.Atoms("CO", scaled_positions=[[0.1, 0.2, 0.3], [0.6, 0.55, 0.8]], cell=cell, pbc=True)
+    structure = tmp_path / "tiny.extxyz"
+    atoms.write(structure)
+    atoms = ase.io.read(structure)
+    model = model_file("mace")
+    result = run_worker(ranks, model, structure, tmp_path / "out.npz")
+    assert "error" not in result, result.get("error")
+    print(f"tiny box ranks={ranks} {_compare(result, atoms, model)}")
