@@ -599,6 +599,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "md_check.report_interval": (1, INF, False, True),
     "md_check.max_drift_meV_per_atom_per_ps": (0, INF, True, True),
     "md_check.supercell": (1, INF, False, True),  # every entry
+    "md_check.max_minutes": (0, INF, True, True),  # None (the default): a quarter of the training budget
     "finetune.frozen_learning_rate": (0, INF, False, True),
     "finetune.frozen_warmup_epochs": (0, INF, False, True),
     "finetune.replay_fraction": (0, 10, False, False),
