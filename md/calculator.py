@@ -140,8 +140,7 @@ class EquiforceCalculator(Calculator):
         if (model_path is None) == (_potential is None):
             raise TypeError("give a model file path, or use EquiforceCalculator.from_potential(potential, params)")
         if model_path is not None:
-            from equiforce.potentials.model_io import load_model
-            from equiforce.potentials.precision import enable_x64_for
+            from equiforce.potentials.model_io import enable_x64_for, load_model
 
             enable_x64_for(model_path)  # a float64 file in a fresh program: JAX's 64-bit types on (if safe)
             potential, params, header = load_model(model_path)

@@ -12,6 +12,7 @@ in H5MD and GPa in the CSV, time ps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from equiforce.data.errors import DataError
 from equiforce.md.engine import MDEngine, ThermoFrame
-from equiforce.md.reporters import ASE_VELOCITY_TO_A_PER_PS, H5MDWriter, ThermoLog
+from equiforce.md.reporters import (
+    ASE_VELOCITY_TO_A_PER_PS,
+    H5MDWriter,
+    NoRestartStateError,
+    ThermoLog,
+    clear_stale_write_flags,
+    read_h5md,
+    read_restart_state,
+)
 
-__all__ = ["RunOutputs", "restore_state", "state_arrays"]
+__all__ = ["RunOutputs", "energy_drift", "read_restart_point", "restore_state", "state_arrays"]
 
 
 def write_last_good(atoms: Any, stem: str | Path) -> Path:
@@ -191,3 +201,44 @@ class RunOutputs:
             self.writer.close()
         if self.thermo_log is not None:
             self.thermo_log.close()
+
+
+def energy_drift(frames: list[ThermoFrame], n_atoms: int) -> tuple[float, float]:
+    """(drift in meV/atom/ps, fluctuation in meV/atom) of the conserved quantity over ``frames``."""
+    t = np.array([f.time_ps for f in frames])
+    e = np.array([f.conserved for f in frames]) / n_atoms
+    if len(frames) < 2 or not np.all(np.isfinite(e)):
+        return float("nan"), float("nan")
+    slope, intercept = np.polyfit(t, e, 1)
+    residual = e - (slope * t + intercept)
+    return 1e3 * float(slope), 1e3 * float(np.std(residual))
+
+
+def read_restart_point(
+    trajectory: str | Path | None, log: Callable[[str], None]
+) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """The restart state ``(arrays, meta)`` stored in ``trajectory``, or None when there is no run to continue:
+    a missing file, or one a kill left before its first committed frame (the run then starts from step 0,
+    like GROMACS ``-cpi``)."""
+    if trajectory is None:
+        raise ValueError("restart=True needs the trajectory file of the run to continue")
+    path = Path(trajectory)
+    if not path.is_file():
+        log(f"restart: no trajectory {path} yet; starting a new run")
+        return None
+    try:
+        if clear_stale_write_flags(path):  # killed while it had left SWMR mode (see equiforce.md.reporters)
+            log(f"restart: cleared the write flags a killed writer left in {path} (as `h5clear -s` does)")
+        return read_restart_state(path)
+    except DataError as err:
+        try:
+            n_frames = len(read_h5md(path)["step"])
+        except DataError:
+            n_frames = 0 if path.stat().st_size < 4096 else -1
+        # a kill while the first frame's restart state was written (its slot is created then, not double
+        # buffered) leaves that one frame committed and no state: the run starts over (it is deterministic)
+        first_state_lost = n_frames == 1 and isinstance(err, NoRestartStateError)
+        if n_frames != 0 and not first_state_lost:
+            raise
+        log(f"restart: {path} holds no committed frame with a restart state ({err}); starting a new run")
+        return None

@@ -132,14 +132,14 @@ def replica_paths(spec: str | Path | Sequence[str | Path] | None, n: int) -> lis
 
 def load_replica_structures(specs: Sequence[Any]) -> list[Any]:
     """Copies of the replicas' ``ase.Atoms``: each entry an ``ase.Atoms``, a spec for
-    :func:`~equiforce.md.run.load_structure` (``path``, ``path@K``, ``sample:...``), or a file with a frame
+    :func:`~equiforce.md.inputs.load_structure` (``path``, ``path@K``, ``sample:...``), or a file with a frame
     selection that picks several frames (``path@:``, ``path@0:8``), which gives one replica per frame.
     Periodic structures are wrapped into their cells (as :func:`~equiforce.md.run.run_md` does).
 
     Raises:
       FileNotFoundError: a missing file. DataError: an unreadable file or one without atoms.
     """
-    from equiforce.md.run import load_structure
+    from equiforce.md.inputs import load_structure
 
     structures: list[Any] = []
     for spec in specs:

@@ -45,7 +45,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from equiforce.md.engine import ThermoFrame
-from equiforce.md.outputs import RunOutputs, restore_state, write_last_good
+from equiforce.md.inputs import load_potential
+from equiforce.md.outputs import RunOutputs, energy_drift, read_restart_point, restore_state, write_last_good
 from equiforce.md.replica_engine import ReplicaEngine
 from equiforce.md.replica_inputs import (
     REPLICA_ENSEMBLES,
@@ -83,7 +84,7 @@ class ReplicaResult:
       stopped_because: None if it is still running (or ran all its steps), else why it stopped (step,
         energy, temperature); kept across restarts.
       drift_meV_per_atom_per_ps, fluctuation_meV_per_atom: of its conserved quantity over ``frames`` (see
-        :func:`equiforce.md.run.energy_drift`).
+        :func:`equiforce.md.outputs.energy_drift`).
     """
 
     index: int
@@ -155,11 +156,10 @@ def _read_restart_points(
 ) -> list[tuple[dict[str, np.ndarray], dict[str, Any]] | None] | None:
     """Each replica's stored restart state (None for one without a committed frame), or None when no replica
     has one (a new run)."""
-    from equiforce.md.run import _read_restart_point
 
     if any(p is None for p in paths):
         raise ValueError("restart=True needs the trajectory files of the run to continue (trajectory=...)")
-    stored = [_read_restart_point(p, log) for p in paths]
+    stored = [read_restart_point(p, log) for p in paths]
     return None if all(s is None for s in stored) else stored
 
 
@@ -279,7 +279,6 @@ def run_replicas(
         ``trajectory``, ``more_steps`` without ``restart``, a restart file of another ensemble or structure
         (naming the replica).
     """
-    from equiforce.md.run import energy_drift, load_potential
 
     log = log or tqdm.write
     if more_steps is not None and not restart:

@@ -20,16 +20,14 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from equiforce.data.errors import DataError
 from equiforce.md.engine import MDBlowUpError, MDConfig, MDEngine, ThermoFrame
-from equiforce.md.outputs import RunOutputs, restore_state, write_last_good
+from equiforce.md.inputs import load_potential, load_structure
+from equiforce.md.outputs import RunOutputs, energy_drift, read_restart_point, restore_state, write_last_good
 from equiforce.md.replicas import ReplicasResult, run_replicas
-from equiforce.md.reporters import NoRestartStateError, clear_stale_write_flags, read_h5md, read_restart_state
 from equiforce.md.sharded import make_sharded_system
 from equiforce.md.uncertainty_monitor import UncertaintyMonitor, uncertain_frames_path
-from equiforce.potentials.model_io import load_model
 from equiforce.potentials.potential import Potential
-from equiforce.potentials.precision import enable_x64, enable_x64_for
+from equiforce.potentials.precision import enable_x64
 
 __all__ = ["MDResult", "energy_drift", "load_potential", "load_structure", "run_md"]
 
@@ -67,64 +65,6 @@ class MDResult:
     final_atoms: Any
     uncertainty_events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     stopped_because: str | None = None
-
-
-def load_structure(spec: str | Path) -> Any:
-    """An ``ase.Atoms`` from a file ase reads (``path`` or ``path@index``, default the last frame) or from
-    the shipped samples (``sample:train:K`` / ``sample:test:K`` for aspirin, ``sample:salicylic:test:K``;
-    default frame 0).
-
-    Raises:
-      FileNotFoundError: no such file.
-      DataError: a file ase cannot read (unknown format, empty, truncated) or holding no atoms.
-    """
-    spec = str(spec)
-    if spec.startswith("sample:"):
-        from equiforce.data.readers import load_sample
-
-        parts = spec.split(":")[1:]  # [molecule:]split[:index]
-        index = int(parts.pop()) if len(parts) > 1 and parts[-1].lstrip("-").isdigit() else 0
-        return load_sample(":".join(parts)).to_atoms(index)
-    import ase.io
-
-    path, _, index = spec.partition("@")
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no such structure file: {path}")
-    try:
-        atoms = ase.io.read(path, index=index or -1)
-    except Exception as err:  # ase raises many types (UnknownFileTypeError, StopIteration, ...) for bad files
-        raise DataError(f"{path}: cannot read a structure ({type(err).__name__}: {err})") from err
-    if isinstance(atoms, list):
-        raise DataError(f"{spec}: selects {len(atoms)} frames; give one index (path@K)")
-    if len(atoms) == 0:
-        raise DataError(f"{spec}: the structure has no atoms")
-    return atoms
-
-
-def load_potential(model: str | Path | tuple[Potential, Any]) -> tuple[Potential, Any]:
-    """``(potential, params)`` of a model file (JAX's 64-bit types switched on for a float64 model where that
-    is safe, see :func:`~equiforce.potentials.precision.enable_x64`), or the pair itself.
-
-    Raises:
-      ModelFileError: an unreadable model file (see :func:`~equiforce.potentials.load_model`).
-      RuntimeError: a float64 model file while JAX's 64-bit types are off and JAX arrays exist already.
-    """
-    if isinstance(model, tuple):
-        return model
-    enable_x64_for(model)
-    potential, params, _ = load_model(model)
-    return potential, params
-
-
-def energy_drift(frames: list[ThermoFrame], n_atoms: int) -> tuple[float, float]:
-    """(drift in meV/atom/ps, fluctuation in meV/atom) of the conserved quantity over ``frames``."""
-    t = np.array([f.time_ps for f in frames])
-    e = np.array([f.conserved for f in frames]) / n_atoms
-    if len(frames) < 2 or not np.all(np.isfinite(e)):
-        return float("nan"), float("nan")
-    slope, intercept = np.polyfit(t, e, 1)
-    residual = e - (slope * t + intercept)
-    return 1e3 * float(slope), 1e3 * float(np.std(residual))
 
 
 def run_md(
@@ -325,7 +265,7 @@ def run_md(
         )
     velocities = atoms.get_velocities() if np.any(atoms.get_velocities()) else None
     state = engine.init(atoms.get_positions(), velocities)
-    stored = _read_restart_point(trajectory, log) if restart else None
+    stored = read_restart_point(trajectory, log) if restart else None
     if stored is None:
         restart, more_steps = False, None  # a new run: its length is ``steps``
     else:
@@ -452,36 +392,6 @@ class _Pace:
 
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
-def _read_restart_point(
-    trajectory: str | Path | None, log: Callable[[str], None]
-) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
-    """The restart state ``(arrays, meta)`` stored in ``trajectory``, or None when there is no run to continue:
-    a missing file, or one a kill left before its first committed frame (the run then starts from step 0,
-    like GROMACS ``-cpi``)."""
-    if trajectory is None:
-        raise ValueError("restart=True needs the trajectory file of the run to continue")
-    path = Path(trajectory)
-    if not path.is_file():
-        log(f"restart: no trajectory {path} yet; starting a new run")
-        return None
-    try:
-        if clear_stale_write_flags(path):  # killed while it had left SWMR mode (see equiforce.md.reporters)
-            log(f"restart: cleared the write flags a killed writer left in {path} (as `h5clear -s` does)")
-        return read_restart_state(path)
-    except DataError as err:
-        try:
-            n_frames = len(read_h5md(path)["step"])
-        except DataError:
-            n_frames = 0 if path.stat().st_size < 4096 else -1
-        # a kill while the first frame's restart state was written (its slot is created then, not double
-        # buffered) leaves that one frame committed and no state: the run starts over (it is deterministic)
-        first_state_lost = n_frames == 1 and isinstance(err, NoRestartStateError)
-        if n_frames != 0 and not first_state_lost:
-            raise
-        log(f"restart: {path} holds no committed frame with a restart state ({err}); starting a new run")
-        return None
 
 
 def _resume(

@@ -176,7 +176,7 @@ def _cmd_vibrations(args: argparse.Namespace) -> int:
     from ase.optimize import BFGS
 
     from equiforce.md.calculator import EquiforceCalculator
-    from equiforce.md.run import load_structure
+    from equiforce.md.inputs import load_structure
     from equiforce.potentials.model_io import atomic_write_bytes
     from equiforce.vibrations import vibrations
 
@@ -228,7 +228,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 def _cmd_benchmark_stability(args: argparse.Namespace) -> int:
     from equiforce.benchmark.stability import run_stability, stability_table, write_results
-    from equiforce.md.run import load_structure
+    from equiforce.md.inputs import load_structure
     from equiforce.potentials.model_io import load_model
 
     _enable_x64_for(args.model)

@@ -96,7 +96,7 @@ def run_stability(
       ValueError: a periodic structure, non-positive times, a threshold for a model without uncertainty.
     """
     from equiforce.md.engine import MDBlowUpError, MDConfig, MDEngine
-    from equiforce.md.run import load_potential
+    from equiforce.md.inputs import load_potential
     from equiforce.md.system import make_system
 
     log = log or print
