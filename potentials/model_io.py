@@ -25,8 +25,6 @@ import hashlib
 import json
 import math
 import os
-import secrets
-import shutil
 import types
 import typing
 from pathlib import Path
@@ -37,7 +35,7 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-from equiforce import faults
+from equiforce.atomic import atomic_write_bytes
 from equiforce.potentials.potential import Potential
 
 __all__ = [
@@ -68,48 +66,6 @@ def _package_version() -> str:
     from equiforce import __version__
 
     return __version__
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fault: str = "file") -> None:
-    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, fsync, ``os.replace``.
-
-    ``fault`` names this write for the kill-recovery tests' fault injection (:mod:`equiforce.faults`).
-
-    The file gets the permissions a plain ``open(path, "wb")`` would give: those of the file it replaces,
-    or ``0o666`` less the process umask for a new file (``tempfile.mkstemp`` would make it 0600).
-    Parent folders are created.
-
-    Raises:
-      OSError: the folder is not writable, the disk is full, ...
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(100):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            # O_EXCL: never follows or reuses someone else's file; mode 0o666 is reduced by the umask
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        except FileExistsError:
-            continue
-        break
-    else:
-        raise FileExistsError(f"cannot create a temporary file beside {path}")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            if path.exists():
-                shutil.copymode(path, tmp)
-            faults.point(fault, "tmp-created")
-            fh.write(data)
-            fh.flush()
-            faults.point(fault, "tmp-written")
-            os.fsync(fh.fileno())
-            faults.point(fault, "tmp-synced")
-        os.replace(tmp, path)
-        faults.point(fault, "replaced")
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def to_jsonable(value: Any) -> Any:
@@ -286,16 +242,17 @@ def _check_potential_description(pot: Any, path: Path) -> None:
 
 
 def enable_x64_for(path: str | os.PathLike) -> None:
-    """Switch on JAX's 64-bit types if the model file holds a float64 potential, where that is safe (no JAX
-    array made yet); see :func:`equiforce.potentials.precision.enable_x64_for`.
+    """Switch on JAX's 64-bit types if the model file at ``path`` holds a float64 potential (only its header is
+    read), where that is safe (no JAX array made yet); see :func:`equiforce.potentials.precision.enable_x64`.
 
     Raises:
       ModelFileError: an unreadable model file.
       RuntimeError: a float64 model, 64-bit types off, and JAX arrays made already.
     """
-    from equiforce.potentials.precision import enable_x64_for as enable
+    from equiforce.potentials.precision import enable_x64
 
-    enable(path)
+    if read_header(path)["potential"].get("dtype") == "float64":
+        enable_x64(f"{path} holds a float64 potential")
 
 
 def load_model(path: str | os.PathLike) -> tuple[Potential, Any, dict[str, Any]]:

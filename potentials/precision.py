@@ -12,13 +12,12 @@ what exists and what to do. A float64 model file thus just works in a fresh prog
 
 from __future__ import annotations
 
-import os
 import sys
 import types
 
 import jax
 
-__all__ = ["enable_x64", "enable_x64_for", "user_arrays"]
+__all__ = ["enable_x64", "user_arrays"]
 
 #: libraries that make JAX arrays when imported (jax-md: the example shapes of ``jax_md.rigid_body``)
 _LIBRARIES_WITH_CONSTANTS = ("jax_md",)
@@ -91,17 +90,3 @@ def enable_x64(reason: str) -> None:
             "JAX_ENABLE_X64=1 in the environment), or use a float32 model"
         )
     jax.config.update("jax_enable_x64", True)
-
-
-def enable_x64_for(path: str | os.PathLike) -> None:
-    """:func:`enable_x64` if the model file at ``path`` holds a float64 potential (only its header is read).
-
-    Raises:
-      ModelFileError: an unreadable model file.
-      RuntimeError: a float64 model, JAX's 64-bit types off, and JAX arrays exist already (see
-        :func:`enable_x64`).
-    """
-    from equiforce.potentials.model_io import read_header
-
-    if read_header(path)["potential"].get("dtype") == "float64":
-        enable_x64(f"{path} holds a float64 potential")

@@ -19,10 +19,10 @@ def pyplot() -> Any:
 
 
 def save_png(fig: Any, path: str | Path, *, dpi: int = 120) -> Path:
-    """Write ``fig`` as a PNG atomically (:func:`~equiforce.potentials.model_io.atomic_write_bytes`) and close it."""
+    """Write ``fig`` as a PNG atomically (:func:`~equiforce.atomic.atomic_write_bytes`) and close it."""
     import io
 
-    from equiforce.potentials.model_io import atomic_write_bytes
+    from equiforce.atomic import atomic_write_bytes
 
     buf = io.BytesIO()
     try:
