@@ -666,6 +666,56 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _resolve(path: str, base_dir: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(base_dir) / p
+
+
+def resolve_model_section(model: dict[str, Any], base_dir: str) -> dict[str, Any]:
+    """The config's ``model`` mapping with the architecture of ``model["init_from"]`` filled in.
+
+    Keys the config sets explicitly must agree with the source: ``name``, ``r_max`` (to 1e-9 Å), each given
+    ``hyperparameters`` entry, ``ensemble_size``. ``dtype`` may differ (the weights are cast).
+
+    Raises:
+      ConfigError: unreadable source file, or a conflict (the message names the key and both values).
+    """
+    from equiforce.potentials.model_io import ModelFileError, read_header
+
+    path = _resolve(str(model["init_from"]), base_dir)
+    try:
+        header = read_header(path)
+    except (ModelFileError, OSError) as err:
+        raise ConfigError(f"model.init_from: cannot read {path}: {err}") from err
+    pot = header["potential"]
+    src = dict(pot["model"])
+    name = src.pop("name")
+    model = {k: v for k, v in model.items() if v is not None}  # `key=null` on the command line: not set
+    conflicts = []
+    if "name" in model and model["name"] != name:
+        conflicts.append(f"model.name is {model['name']!r} but the source is a {name!r} model")
+    if "r_max" in model and abs(float(model["r_max"]) - float(pot["r_max"])) > 1e-9:
+        conflicts.append(f"model.r_max is {model['r_max']} Å but the source's cutoff is {pot['r_max']} Å")
+    for key, value in dict(model.get("hyperparameters") or {}).items():
+        if key not in src:
+            conflicts.append(f"model.hyperparameters.{key} is not a hyperparameter of the source's {name!r} model")
+        elif src[key] != value and not (isinstance(src[key], list) and list(value or []) == src[key]):
+            conflicts.append(f"model.hyperparameters.{key} is {value!r} but the source's is {src[key]!r}")
+    k_src = int(pot.get("ensemble_size", 1))
+    if "ensemble_size" in model and int(model["ensemble_size"]) != k_src:
+        conflicts.append(f"model.ensemble_size is {model['ensemble_size']} but the source has {k_src} member(s)")
+    if conflicts:
+        raise ConfigError(f"model.init_from {path}: the config conflicts with the source model: {'; '.join(conflicts)}")
+    return {
+        **model,
+        "name": name,
+        "r_max": float(pot["r_max"]),
+        "hyperparameters": src,
+        "ensemble_size": k_src,
+        "dtype": model.get("dtype", pot.get("dtype", "float32")),
+    }
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config (or the defaults when ``path`` is None) and apply overrides.
 
@@ -712,8 +762,6 @@ def _load_config(path: str | Path | None, overrides: list[str] | None) -> TrainC
     data.setdefault("base_dir", base)
     model = data.get("model")
     if isinstance(model, dict) and model.get("init_from"):  # fine-tuning: the architecture is the source's
-        from equiforce.training.finetune import resolve_model_section
-
         data["model"] = resolve_model_section(model, str(data["base_dir"]))
     try:
         return _build(TrainConfig, data, "")

@@ -50,7 +50,6 @@ from equiforce.data.splits import random_split
 from equiforce.data.streaming import HDF5Stream, sample_rows
 from equiforce.data.structures import StructureSet
 from equiforce.training.config import ConfigError, TrainConfig
-from equiforce.training.finetune import replay_structures
 
 __all__ = ["Datasets", "TrainingData", "load_datasets", "load_training_data"]
 
@@ -310,3 +309,26 @@ def _species(ds: Any, chunk: int = 1 << 22) -> tuple[int, ...]:
     for a in range(0, ds.n_total_atoms, chunk):
         found.update(int(v) for v in np.unique(z[a : min(a + chunk, ds.n_total_atoms)]))
     return tuple(sorted(found))
+
+
+def replay_structures(cfg: TrainConfig, n_train: int, read: Callable[[str], StructureSet]) -> StructureSet | None:
+    """The replayed part of the source's training data: ``round(replay_fraction · n_train)`` structures of
+    ``finetune.replay_data`` (a seeded random draw without replacement), or None.
+
+    Raises:
+      ConfigError: the file has fewer structures than asked for, or no energy and forces labels.
+    """
+    f = cfg.finetune
+    if f.replay_data is None or f.replay_fraction <= 0:
+        return None
+    pool = read(f.replay_data)
+    n = max(1, round(f.replay_fraction * n_train))
+    if n > len(pool):
+        raise ConfigError(
+            f"finetune.replay_fraction={f.replay_fraction} asks for {n} replay structures but "
+            f"{f.replay_data} has {len(pool)}"
+        )
+    if pool.energy is None or pool.forces is None:
+        raise ConfigError(f"finetune.replay_data {f.replay_data} needs energy and forces labels")
+    pick = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0x4E91A7])).choice(len(pool), n, replace=False)
+    return pool.subset(np.sort(pick))

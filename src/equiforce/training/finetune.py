@@ -34,9 +34,9 @@ import jax
 import numpy as np
 
 from equiforce.data.errors import DataError
-from equiforce.potentials.model_io import ModelFileError, enable_x64_for, load_model, read_header
+from equiforce.potentials.model_io import ModelFileError, enable_x64_for, load_model
 from equiforce.potentials.potential import Potential
-from equiforce.training.config import ConfigError
+from equiforce.training.config import ConfigError, resolve_model_section
 
 if TYPE_CHECKING:
     from equiforce.data.structures import StructureSet
@@ -47,61 +47,12 @@ __all__ = [
     "freeze_labels",
     "lineage_record",
     "load_source",
-    "replay_structures",
     "resolve_model_section",
     "start_from_source",
     "transfer_params",
 ]
 
 _DEFAULT_NAME, _DEFAULT_R_MAX = "nequip", 5.0
-
-
-def _resolve(path: str, base_dir: str) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else Path(base_dir) / p
-
-
-def resolve_model_section(model: dict[str, Any], base_dir: str) -> dict[str, Any]:
-    """The config's ``model`` mapping with the architecture of ``model["init_from"]`` filled in.
-
-    Keys the config sets explicitly must agree with the source: ``name``, ``r_max`` (to 1e-9 Å), each given
-    ``hyperparameters`` entry, ``ensemble_size``. ``dtype`` may differ (the weights are cast).
-
-    Raises:
-      ConfigError: unreadable source file, or a conflict (the message names the key and both values).
-    """
-    path = _resolve(str(model["init_from"]), base_dir)
-    try:
-        header = read_header(path)
-    except (ModelFileError, OSError) as err:
-        raise ConfigError(f"model.init_from: cannot read {path}: {err}") from err
-    pot = header["potential"]
-    src = dict(pot["model"])
-    name = src.pop("name")
-    model = {k: v for k, v in model.items() if v is not None}  # `key=null` on the command line: not set
-    conflicts = []
-    if "name" in model and model["name"] != name:
-        conflicts.append(f"model.name is {model['name']!r} but the source is a {name!r} model")
-    if "r_max" in model and abs(float(model["r_max"]) - float(pot["r_max"])) > 1e-9:
-        conflicts.append(f"model.r_max is {model['r_max']} Å but the source's cutoff is {pot['r_max']} Å")
-    for key, value in dict(model.get("hyperparameters") or {}).items():
-        if key not in src:
-            conflicts.append(f"model.hyperparameters.{key} is not a hyperparameter of the source's {name!r} model")
-        elif src[key] != value and not (isinstance(src[key], list) and list(value or []) == src[key]):
-            conflicts.append(f"model.hyperparameters.{key} is {value!r} but the source's is {src[key]!r}")
-    k_src = int(pot.get("ensemble_size", 1))
-    if "ensemble_size" in model and int(model["ensemble_size"]) != k_src:
-        conflicts.append(f"model.ensemble_size is {model['ensemble_size']} but the source has {k_src} member(s)")
-    if conflicts:
-        raise ConfigError(f"model.init_from {path}: the config conflicts with the source model: {'; '.join(conflicts)}")
-    return {
-        **model,
-        "name": name,
-        "r_max": float(pot["r_max"]),
-        "hyperparameters": src,
-        "ensemble_size": k_src,
-        "dtype": model.get("dtype", pot.get("dtype", "float32")),
-    }
 
 
 def load_source(path: str | Path) -> tuple[Potential, Any, dict[str, Any], str]:
@@ -251,29 +202,6 @@ def lineage_record(path: str | Path, digest: str, header: dict[str, Any]) -> lis
         "source": meta.get("source"),  # an imported model's origin (e.g. a mace-torch file)
     }
     return [entry, *list(meta.get("lineage") or [])]
-
-
-def replay_structures(cfg: TrainConfig, n_train: int, read: Callable[[str], StructureSet]) -> StructureSet | None:
-    """The replayed part of the source's training data: ``round(replay_fraction · n_train)`` structures of
-    ``finetune.replay_data`` (a seeded random draw without replacement), or None.
-
-    Raises:
-      ConfigError: the file has fewer structures than asked for, or no energy and forces labels.
-    """
-    f = cfg.finetune
-    if f.replay_data is None or f.replay_fraction <= 0:
-        return None
-    pool = read(f.replay_data)
-    n = max(1, round(f.replay_fraction * n_train))
-    if n > len(pool):
-        raise ConfigError(
-            f"finetune.replay_fraction={f.replay_fraction} asks for {n} replay structures but "
-            f"{f.replay_data} has {len(pool)}"
-        )
-    if pool.energy is None or pool.forces is None:
-        raise ConfigError(f"finetune.replay_data {f.replay_data} needs energy and forces labels")
-    pick = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0x4E91A7])).choice(len(pool), n, replace=False)
-    return pool.subset(np.sort(pick))
 
 
 def start_from_source(
