@@ -35,7 +35,7 @@ def lammps_module():
     return _lammps_or_skip()
 
 
-def _make_model(folder: Path, name: str, ensemble_size: int = 1) -> str:
+def _make_model(folder: Path, name: str, ensemble_size: int = 1, dtype: str = "float64") -> str:
     from equiforce.potentials import Potential, save_model
     from tests.potentials.property_suite import (
         AVG_NUM_NEIGHBOURS,
@@ -56,22 +56,24 @@ def _make_model(folder: Path, name: str, ensemble_size: int = 1) -> str:
         scale=SCALE,
         shift=SHIFT,
         avg_num_neighbours=AVG_NUM_NEIGHBOURS,
-        dtype="float64",
+        dtype=dtype,
         ensemble_size=ensemble_size,
     )
     params = potential.init(jax.random.PRNGKey(0))
-    path = folder / f"{name}_{ensemble_size}.eqf"
+    path = folder / f"{name}_{ensemble_size}_{dtype}.eqf"
     save_model(path, potential, params)
     return str(path)
 
 
 @pytest.fixture(scope="session")
 def model_file(tmp_path_factory):
-    """``model_file(name, ensemble_size=1)``: path of a tiny float64 model (r_max 3 Å, species H C O)."""
+    """``model_file(name, ensemble_size=1, dtype="float64")``: path of a tiny model (r_max 3 Å, species H C O)."""
 
-    def get(name: str, ensemble_size: int = 1) -> str:
+    def get(name: str, ensemble_size: int = 1, dtype: str = "float64") -> str:
         return built_once(
-            tmp_path_factory, f"lammps-model-{name}-{ensemble_size}", lambda f: _make_model(f, name, ensemble_size)
+            tmp_path_factory,
+            f"lammps-model-{name}-{ensemble_size}-{dtype}",
+            lambda f: _make_model(f, name, ensemble_size, dtype),
         )
 
     return get

@@ -15,16 +15,17 @@ graph of its local and ghost atoms (explicit periodic images: no cell shifts) an
   on the local atoms in the rank's graph either, so ``F_j = −∂E_all/∂x_j`` is exactly the whole system's force
   on every local atom ``j``;
 * the rank's energy ``E_rank = Σ_{i local} e_i`` (exact; summed over ranks by LAMMPS it is the total energy);
-* the rank's virial ``W_rank = −Σ_a r_a ⊗ ∂E_rank/∂r_a`` over all its atoms ``a`` (local and ghost, unwrapped
-  coordinates): the strain derivative of its local atoms' energies, whose sum over ranks is the total virial
-  ``W = −∂E/∂ε`` (LAMMPS' sign: ``P = (N k T + tr W / 3) / V``; ASE's stress is ``σ = −W / V``).
+* the rank's virial ``W_rank = −Σ_e v_e ⊗ ∂E_rank/∂v_e`` over the edges of its graph (local and ghost atoms,
+  unwrapped coordinates, so every edge vector ``v_e`` follows a strain): the strain derivative of its local
+  atoms' energies (equal to ``−Σ_a r_a ⊗ ∂E_rank/∂r_a``, which cancels large terms), whose sum over ranks is
+  the total virial ``W = −∂E/∂ε`` (LAMMPS' sign: ``P = (N k T + tr W / 3) / V``; ASE's stress is ``σ = −W / V``).
   It costs a second backward pass, taken only on steps where LAMMPS asks for the virial (``vflag_global``).
 
 On a single rank every ghost is a periodic image of one of the rank's own atoms, so no shell is needed: the
 graph is the periodic structure's own (nodes are the local atoms; an edge to a ghost goes to the ghost's owner,
 found by its atom ID, with the image offset as its shift, as the ASE calculator's graph), ghosts within ``r_max``
-suffice, and the virial is ``W = −Σ_a x_a ⊗ ∂E/∂x_a − Σ_e s_e ⊗ ∂E/∂s_e`` (positions and image shifts both
-follow the strain). Its cost is the calculator's, whatever the box size.
+suffice, and the virial is ``W = −Σ_e v_e ⊗ ∂E/∂v_e`` over the edge vectors (image shifts included). Its cost
+is the calculator's, whatever the box size.
 
 Alternatives and why not: a per-layer halo exchange needs a communication inside the network's forward and
 backward pass (not possible from a fix callback); reverse communication of ghost forces would halve the shell
@@ -239,17 +240,23 @@ class EquiforceFix:
                     sigma = jnp.zeros(pos.shape[0], pos.dtype)
                     if virial:
                         # one forward pass; backward passes for the forces (all atoms' energies) and the virial
-                        # (the rank's own atoms' energies); one pass when they coincide (a single rank)
+                        # (the rank's own atoms' energies), one after the other (vmapped over the two cotangents,
+                        # the virial of a float32 model on several ranks came out wrong)
                         e, vjp = jax.vjp(lambda x, sh: node_e(params, x, sh), pos, shifts)
-                        cot = jnp.stack([node_mask, local_mask]).astype(e.dtype)
-                        g_x_both, g_sh_both = jax.vmap(vjp)(cot)
-                        forces, g_x, g_sh = -g_x_both[0], g_x_both[1], g_sh_both[1]
+                        forces = -vjp(node_mask.astype(e.dtype))[0]
+                        g_x, g_sh = vjp(local_mask.astype(e.dtype))
                     else:
                         e, vjp = jax.vjp(lambda x: node_e(params, x, shifts), pos)
                         forces = -vjp(node_mask.astype(e.dtype))[0]
                     energy = jnp.sum(jnp.where(local_mask, e, 0.0))
-                if virial:  # W = −∂E_rank/∂ε: positions and image shifts both follow the strain
-                    w = -(jnp.einsum("ai,aj->ij", pos, g_x) + jnp.einsum("ei,ej->ij", shifts, g_sh))
+                if virial:
+                    # W = −∂E_rank/∂ε = −Σ_e v_e ⊗ ∂E_rank/∂v_e: the energy depends on positions only through the
+                    # edge vectors v_e = x_s − x_r + shift_e, which all follow the strain, and ∂E/∂v_e = ∂E/∂shift_e.
+                    # (The equal −Σ_a x_a ⊗ ∂E/∂x_a over a rank's atoms cancels terms of |x| ~ the shell's size and
+                    # lost the virial entirely in float32 on several ranks.)
+                    del g_x
+                    vectors = pos[senders] - pos[receivers] + shifts
+                    w = -jnp.einsum("ei,ej->ij", jnp.where(edge_mask[:, None], vectors, 0.0), g_sh)
                 else:
                     w = jnp.zeros((3, 3), pos.dtype)
                 return energy, forces, 0.5 * (w + w.T), sigma
