@@ -12,8 +12,11 @@
   and round-off no longer accumulates in the positions over long runs.
 * ``float64``: everything in float64 (the network's weights are cast). Slowest; the reference.
 
-All three switch JAX's 64-bit types on where they need them (``jax_enable_x64``); a float32 run leaves them
-as they are. The table printed at the end has the drift of the total energy (meV/atom/ps), its fluctuation
+``mixed`` and ``float64`` need JAX's 64-bit types (``jax_enable_x64``). ``run_md`` switches them on itself
+while the program holds no JAX array yet, and refuses otherwise (arrays made before would silently stay 32-bit);
+this script runs several precisions in one program, so it switches them on at start-up. A float32 run keeps
+its float32 network, positions and integrator either way.
+The table printed at the end has the drift of the total energy (meV/atom/ps), its fluctuation
 and the steps per second of each run.
 """
 
@@ -47,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if any(p != "float32" for p in args.precisions):
+        import jax
+
+        jax.config.update("jax_enable_x64", True)  # before any JAX array exists (see the docstring)
     from equiforce.md import load_structure, run_md
 
     atoms = load_structure(args.structure)
