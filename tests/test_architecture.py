@@ -107,7 +107,9 @@ def upward_imports() -> list[str]:
             if theirs == mine:
                 continue
             if LAYERS[theirs] >= LAYERS[mine]:
-                wrong.append(f"{module} ({mine}, layer {LAYERS[mine]}) imports {target} ({theirs}, layer {LAYERS[theirs]})")
+                wrong.append(
+                    f"{module} ({mine}, layer {LAYERS[mine]}) imports {target} ({theirs}, layer {LAYERS[theirs]})"
+                )
     return wrong
 
 
