@@ -37,7 +37,7 @@ import numpy as np
 from equiforce import faults
 from equiforce.atomic import atomic_write_bytes
 
-__all__ = ["LABELLED", "FAILURES", "label_batch", "read_failures", "read_frames"]
+__all__ = ["FAILURES", "LABELLED", "label_batch", "read_failures", "read_frames"]
 
 LABELLED = "labelled.extxyz"
 FAILURES = "failures.jsonl"
