@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from equiforce.atomic import atomic_path, atomic_write_bytes
 from equiforce.data.errors import DataError
 from equiforce.data.readers import read_md17_npz, read_rmd17_npz
 from equiforce.data.splits import read_index_file, split_by_indices
@@ -140,16 +141,6 @@ def sha256_file(path: PathLike, block: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def _verify(dest: Path, expected: str | None) -> None:
     """Check ``dest`` against ``expected`` or its recorded digest; record the digest if neither exists."""
     actual = sha256_file(dest)
@@ -166,7 +157,7 @@ def _verify(dest: Path, expected: str | None) -> None:
                 "use; the file changed (delete both files to re-download)"
             )
         return
-    _write_text_atomic(record, f"{actual}  {dest.name}\n")
+    atomic_write_bytes(record, f"{actual}  {dest.name}\n".encode())
     logger.warning(
         "no known SHA-256 for %s; recorded the computed digest %s in %s (later uses are checked against it)",
         dest.name,
@@ -185,7 +176,8 @@ def fetch(
     """Return the cached file ``<cache>/<filename>``, downloading it from ``url`` if absent.
 
     The download streams into a temporary file in the cache directory, is hashed, verified and
-    renamed into place (``os.replace``), so a partial download never appears under the final name.
+    renamed into place (:func:`equiforce.atomic.atomic_path`), so a partial download never appears under the final
+    name; the file gets the usual permissions (``0o666`` less the umask).
     The SHA-256 is checked against ``sha256``, else :data:`KNOWN_SHA256`, else the digest recorded
     in ``<file>.sha256`` (which is written on first use when no digest is known).
 
@@ -200,11 +192,9 @@ def fetch(
         _verify(dest, expected)
         return dest
     logger.info("downloading %s to %s", url, dest)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{filename}.", suffix=".part", dir=root)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(dest) as tmp:
         try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
                 shutil.copyfileobj(resp, out, 1 << 20)
         except (urllib.error.URLError, OSError, ValueError) as err:
             raise DataError(
@@ -215,9 +205,6 @@ def fetch(
             actual = sha256_file(tmp)
             if actual != expected.lower():
                 raise DataError(f"download of {url} has SHA-256 {actual}, expected {expected}")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     _verify(dest, expected)
     return dest
 

@@ -48,10 +48,10 @@ counted within the structure, the convention of :class:`~equiforce.data.neighbou
 ``n_edges`` may be present without the three edge datasets (sizes only): the trainer's padding budget is
 then known without reading any frame, and the graphs are built on the fly.
 
-Writes are atomic: :func:`write_hdf5` (and :func:`append_hdf5` with ``atomic=True``) write a
-temporary file in the same directory and ``os.replace`` it over the target; a new file gets the usual
-permissions (``0o666`` less the umask), a replaced or appended one keeps its mode. Values round-trip
-bit-exactly.
+Writes are atomic (:mod:`equiforce.atomic`): :func:`write_hdf5`, :func:`append_hdf5` with ``atomic=True``
+and :class:`HDF5Writer` write a temporary file in the same directory, fsync it and ``os.replace`` it over the
+target; a new file gets the usual permissions (``0o666`` less the umask), a replaced or appended one keeps its
+mode. Values round-trip bit-exactly.
 
 Corruption is detected, not read: files are written with HDF5 1.8+ metadata (superblock v2 and object
 headers with checksums; ``libver=("v108", "v110")``), the string attributes are fixed-length (stored in
@@ -70,7 +70,6 @@ import io
 import json
 import os
 import re
-import secrets
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -81,6 +80,7 @@ import h5py
 import numpy as np
 
 from equiforce import faults
+from equiforce.atomic import AtomicFile, atomic_path
 from equiforce.data.checks import check_float_array
 from equiforce.data.errors import DataError
 from equiforce.data.neighbours import NeighbourGraph
@@ -376,22 +376,6 @@ def _check_schema(f: h5py.File, path: PathLike) -> tuple[int, int, tuple[str, ..
     return n, n_total, labels
 
 
-def _tmp_path(path: Path) -> Path:
-    """A new empty file beside ``path`` with the permissions ``open(path, "w")`` would give: those of
-    ``path`` if it exists, else ``0o666`` less the umask (``tempfile.mkstemp`` would give 0600)."""
-    for _ in range(100):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        os.close(fd)
-        if path.exists():
-            shutil.copymode(path, tmp)
-        return tmp
-    raise DataError(f"{path}: cannot create a temporary file in {path.parent}")
-
-
 def write_hdf5(
     path: PathLike, structures: StructureSet, overwrite: bool = False, compression: str | None = None
 ) -> Path:
@@ -414,13 +398,8 @@ def write_hdf5(
         raise DataError(f"{path}: file exists (pass overwrite=True to replace it)")
     if not path.parent.is_dir():
         raise DataError(f"{path}: directory {path.parent} does not exist")
-    tmp = _tmp_path(path)
-    try:
-        with _h5_errors(path, "write"), h5py.File(tmp, "w", libver=_LIBVER) as f:
-            _create_datasets(f, structures, compression)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with _h5_errors(path, "write"), atomic_path(path, fault="hdf5") as tmp, h5py.File(tmp, "w", libver=_LIBVER) as f:
+        _create_datasets(f, structures, compression)
     return path
 
 
@@ -471,14 +450,10 @@ def append_hdf5(path: PathLike, structures: StructureSet, atomic: bool = True) -
         with _h5_errors(path, "append to"), h5py.File(path, "r+") as f:
             _append_into(f, path, structures)
         return path
-    tmp = _tmp_path(path)
-    try:
+    with _h5_errors(path, "append to"), atomic_path(path, fault="hdf5") as tmp:
         shutil.copyfile(path, tmp)
-        with _h5_errors(path, "append to"), h5py.File(tmp, "r+") as f:
+        with h5py.File(tmp, "r+") as f:
             _append_into(f, path, structures)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -529,15 +504,22 @@ class HDF5Writer:
         self.r_max = r_max
         self.edges = bool(edges) and r_max is not None
         self.compression = compression
-        self._tmp = _tmp_path(self.path)
+        self._target = AtomicFile(self.path, fault=fault)
+        self._tmp = self._target.tmp
         self._labels: tuple[str, ...] | None = None
         self._counts = {"structure": 0, "atom": 0, "edge": 0}
-        with _h5_errors(self.path, "write"):
-            # metadata gathered in 1 MiB blocks from the start of the file, not appended at its end on closing:
-            # a file cut short then still names its lost frames
-            self._file = h5py.File(self._tmp, "w", libver=_LIBVER, meta_block_size=1 << 20)
-            _write_header(self._file)
-            self._commit_counts()
+        try:
+            with _h5_errors(self.path, "write"):
+                # metadata gathered in 1 MiB blocks from the start of the file, not appended at its end on closing:
+                # a file cut short then still names its lost frames
+                self._file = h5py.File(self._tmp, "w", libver=_LIBVER, meta_block_size=1 << 20)
+                _write_header(self._file)
+                self._commit_counts()
+        except BaseException:
+            if getattr(self, "_file", None) is not None and self._file.id.valid:
+                self._file.close()
+            self._target.discard()
+            raise
 
     def __enter__(self) -> HDF5Writer:
         return self
@@ -639,18 +621,15 @@ class HDF5Writer:
                 self._file.close()
         faults.point(self._fault, "closed")
         try:
-            os.replace(self._tmp, self.path)
+            return self._target.commit()
         except OSError as err:
-            self._tmp.unlink(missing_ok=True)
             raise DataError(f"{self.path}: cannot move the finished file into place ({err})") from err
-        faults.point(self._fault, "replaced")
-        return self.path
 
     def abort(self) -> None:
         """Discard the temporary file; ``path`` stays as it was."""
         if self._file.id.valid:
             self._file.close()
-        self._tmp.unlink(missing_ok=True)
+        self._target.discard()
 
 
 class HDF5Dataset:

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from equiforce.atomic import atomic_write_bytes
 from equiforce.data.errors import DataError
 from equiforce.data.hdf5 import HDF5Dataset, HDF5Writer
 from equiforce.data.neighbours import build_neighbour_graphs
@@ -154,9 +155,7 @@ def preprocess(
         log(f"resuming from {parts}")
     else:
         parts.mkdir(parents=True, exist_ok=True)
-        tmp = parts / f".{JOB_FILE}.tmp"
-        tmp.write_text(json.dumps(job, indent=1))
-        os.replace(tmp, job_file)
+        atomic_write_bytes(job_file, json.dumps(job, indent=1).encode())
     for stale in parts.glob(".*.tmp"):  # temporary files of parts a kill interrupted
         stale.unlink(missing_ok=True)
     for stale in out.parent.glob(f".{out.name}.*.tmp"):  # the joined file's, when a kill interrupted the join

@@ -155,7 +155,7 @@ def test_download_hash_recording_and_verification(tmp_path, monkeypatch, caplog)
     with pytest.raises(DataError, match="SHA-256"):
         dl.fetch("http://example.invalid/y.bin", "y.bin", cache=tmp_path, sha256="0" * 64)
     assert not (tmp_path / "y.bin").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
     ok = dl.fetch("http://example.invalid/z.bin", "z.bin", cache=tmp_path, sha256=digest)
     assert ok.read_bytes() == payload and not (tmp_path / "z.bin.sha256").exists()
 
