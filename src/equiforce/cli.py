@@ -5,6 +5,7 @@
                  [--uncertainty [--plot-dir DIR]]
     equiforce calibrate MODEL.eqf TRAIN_DATA [--valid VALID_DATA] [--out MODEL_calibrated.eqf]
     equiforce select POOL --model MODEL.eqf --n N --out to_label.extxyz [--candidates 5]
+    equiforce learn CONFIG.yaml
     equiforce md MODEL.eqf STRUCTURE [--ensemble nvt_langevin] [--temperature 300] [--timestep 0.5]
                  [--steps N] [--out traj.h5] [--thermo thermo.csv] [--restart [--more-steps N]]
                  [--no-progress] [--uncertainty-threshold S [--uncertainty-action record|stop]]
@@ -223,6 +224,14 @@ def _cmd_select(args: argparse.Namespace) -> int:
         f"{len(idx)} of {len(pool)} structures selected (mean σ_F {1e3 * sigma[idx].mean():.1f} meV/Å against "
         f"{1e3 * sigma.mean():.1f} meV/Å over the pool), written to {args.out}"
     )
+    return 0
+
+
+def _cmd_learn(args: argparse.Namespace) -> int:
+    from equiforce.learning import run_active_learning
+
+    result = run_active_learning(args.config)
+    print(f"{result.finished}: {result.labels_used} labels used; model {result.model_path}")
     return 0
 
 
@@ -611,6 +620,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default=None)
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=_cmd_select)
+
+    p = sub.add_parser(
+        "learn",
+        help="on-the-fly active learning: MD, pick uncertain frames, label them, retrain, repeat (resumable)",
+        description="Run (or resume: the same command continues a killed run) the active-learning loop of CONFIG: "
+        "MD under each condition with σ in the compiled chunk, uncertain frames picked by σ and diversity, "
+        "labelled by the configured labeller (EMT, GFN-xTB via tblite, or any ASE calculator), the model "
+        "fine-tuned and recalibrated, a report per generation (docs/active_learning.md).",
+    )
+    p.add_argument("config", help="active-learning YAML config (see docs/active_learning.md)")
+    p.set_defaults(func=_cmd_learn)
 
     p = sub.add_parser("md", help="molecular dynamics with a trained model (jax-md, jit-compiled)")
     p.add_argument("model", nargs="?", help="model file (.eqf)")
