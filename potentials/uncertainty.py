@@ -34,6 +34,12 @@ The stored LLPR state is the matrices ``L`` with ``Lᵀ L = A⁻¹`` (``projecti
 ``L_Fᵀ L_F = A_F⁻¹`` (``force_projection``), so ``σ² = |L g|²``, a sum of squares that float32 cannot make
 negative, in the parameter collection ``"llpr"`` beside the network's ``"params"``.
 Calibration factors (``α``) are in :class:`UncertaintyConfig`.
+
+Calibration maps the raw σ of either method to ``σ = α · σ_raw^b``: ``b = 1`` (the default) is one scale
+factor; ``b ≠ 1`` is the power-law recalibration of :func:`equiforce.uncertainty.calibration.recalibrate`,
+fitted by Gaussian NLL on data that include a spread of σ (e.g. freshly labelled shifted frames), for a raw σ
+that rises too little (``b > 1``) or too much (``b < 1``) with the error. With ``b ≠ 1``, ``α`` carries the
+unit eV^(1-b) (energies) or (eV/Å)^(1-b) (forces), for σ_raw in eV and eV/Å.
 """
 
 from __future__ import annotations
@@ -66,14 +72,16 @@ class UncertaintyConfig:
 
     Attributes:
       method: ``"committee"`` (needs ``Potential.ensemble_size > 1``) or ``"llpr"``.
-      energy_scale: calibration factor multiplying the raw ``σ_E`` (1: uncalibrated).
-      forces_scale: calibration factor multiplying the raw ``σ_F``.
+      energy_scale: calibration factor ``α_E`` of ``σ_E = α_E · σ_E,raw^b_E`` (1: uncalibrated).
+      forces_scale: calibration factor ``α_F`` of ``σ_F = α_F · σ_F,raw^b_F``.
+      energy_exponent: the power ``b_E`` (1: one scale factor, the default).
+      forces_exponent: the power ``b_F`` (1: one scale factor, the default).
       regularizer: LLPR's ``ς²`` (in units of the features squared); unused by committees.
       force_regularizer: the ``ς_F²`` of the atom-level Gram matrix of LLPR's σ_F.
       calibration: a short description of the data the factors were fitted on ("" when uncalibrated).
 
     Raises:
-      ValueError: an unknown method, or a scale or regularizer that is not finite and positive.
+      ValueError: an unknown method, or a scale, exponent or regularizer that is not finite and positive.
     """
 
     method: str = "committee"
@@ -82,11 +90,13 @@ class UncertaintyConfig:
     regularizer: float = 0.0
     force_regularizer: float = 0.0
     calibration: str = ""
+    energy_exponent: float = 1.0
+    forces_exponent: float = 1.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"uncertainty method must be one of {METHODS}, got {self.method!r}")
-        for name in ("energy_scale", "forces_scale"):
+        for name in ("energy_scale", "forces_scale", "energy_exponent", "forces_exponent"):
             v = float(getattr(self, name))
             if not (v > 0 and v < float("inf")):
                 raise ValueError(f"uncertainty {name} must be finite and positive, got {v}")
@@ -159,6 +169,13 @@ def split_last_layer(patterns: tuple[str, ...], params: Any) -> tuple[jnp.ndarra
     return w, rebuild
 
 
+def _calibrated(scale: float, exponent: float, raw: jnp.ndarray) -> jnp.ndarray:
+    """``scale · raw^exponent`` (``raw`` ≥ 0; zero stays zero, so padding stays zero)."""
+    if float(exponent) == 1.0:
+        return scale * raw
+    return scale * jnp.power(raw, exponent)
+
+
 def _segment_sum(x: jnp.ndarray, node_graph: jnp.ndarray, n_graphs: int) -> jnp.ndarray:
     return jax.ops.segment_sum(x, node_graph, num_segments=n_graphs)
 
@@ -202,8 +219,8 @@ def predict_with_uncertainty(
         return UncertainPrediction(
             jnp.mean(e_k, axis=0),
             jnp.mean(f_k, axis=0),
-            config.energy_scale * sigma_e,
-            config.forces_scale * sigma_f,
+            _calibrated(config.energy_scale, config.energy_exponent, sigma_e),
+            _calibrated(config.forces_scale, config.forces_exponent, sigma_f),
             member_energies,
         )
     proj = params["llpr"]["projection"]
@@ -219,7 +236,11 @@ def predict_with_uncertainty(
     z_graphs = proj @ _segment_sum(g.T, node_graph, n_graphs).T  # [P, G]
     sigma_e = jnp.sqrt(jnp.sum(z_graphs**2, axis=0))
     return UncertainPrediction(
-        e, -grad, config.energy_scale * sigma_e, config.forces_scale * sigma_f.astype(e.dtype), None
+        e,
+        -grad,
+        _calibrated(config.energy_scale, config.energy_exponent, sigma_e),
+        _calibrated(config.forces_scale, config.forces_exponent, sigma_f.astype(e.dtype)),
+        None,
     )
 
 

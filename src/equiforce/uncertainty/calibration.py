@@ -7,6 +7,9 @@
 * :func:`calibrate`: the factors of a committee (one scale per quantity, the maximum-likelihood
   ``s² = mean(ε²/σ²)`` of a Gaussian error model), or :func:`fit_llpr` for a single network.
 * :func:`predict_uncertainties`: energies, forces, σ_E and σ_F of every structure of a set (host arrays).
+* :func:`recalibrate`: refit the calibration of a model's σ (either method) on newly labelled frames, e.g.
+  the shifted frames an active-learning generation has just labelled: the power law ``σ = a · σ_raw^b``
+  (:func:`fit_power_law`; ``b = 1`` is one scale factor), with the coverage before and after.
 
 Errors are energies per structure (eV) and force components (eV/Å); a force component is given its atom's
 σ_F.
@@ -35,9 +38,14 @@ __all__ = [
     "UncertaintyError",
     "calibrate",
     "fit_llpr",
+    "fit_power_law",
     "fit_scale",
     "predict_uncertainties",
+    "recalibrate",
 ]
+
+#: the range searched for the exponent ``b`` of :func:`fit_power_law`
+POWER_LAW_EXPONENT_RANGE = (0.1, 10.0)
 
 #: LLPR regularisers tried, relative to the mean eigenvalue of the training features' Gram matrix
 LLPR_REGULARIZERS = tuple(10.0 ** np.arange(-10, 1))
@@ -343,3 +351,162 @@ def calibrate(
         log(f"committee uncertainty ({potential.ensemble_size} members): scale σ_E x {s_e:.4g}, σ_F x {s_f:.4g}")
     record = {"method": "committee", "energy_scale": s_e, "forces_scale": s_f, "n_valid": len(valid)}
     return potential.replace(uncertainty=config), network_params(params), record
+
+
+def fit_power_law(errors: np.ndarray, sigma: np.ndarray) -> tuple[float, float]:
+    """Maximum-likelihood ``(a, b)`` of the Gaussian error model ``ε ~ N(0, (a σ^b)²)``.
+
+    For a given ``b`` the best ``a`` is closed-form, ``a² = mean(ε² σ^(-2b))``, so the Gaussian NLL is
+    minimised over ``b`` alone (its profile ``½ log mean(ε² σ^(-2b)) + b · mean(log σ)`` is convex in ``b``),
+    within :data:`POWER_LAW_EXPONENT_RANGE`. ``b = 1`` is :func:`fit_scale`. ``b`` is determined only when the
+    data hold a spread of σ; with all σ equal, ``b = 1`` is returned. ``a`` carries the unit of σ^(1-b).
+
+    Args:
+      errors: any shape, the signed or absolute errors (e.g. force components, eV/Å).
+      sigma: the same shape, the raw σ of each error (same unit), finite and > 0 where used.
+
+    Raises:
+      UncertaintyError: no finite, positive σ, or all errors zero.
+    """
+    from scipy.optimize import minimize_scalar
+    from scipy.special import logsumexp
+
+    err = np.asarray(errors, np.float64).ravel()
+    sig = np.asarray(sigma, np.float64).ravel()
+    if err.shape != sig.shape:
+        raise UncertaintyError(f"errors and sigma differ in size: {err.shape} and {sig.shape}")
+    ok = np.isfinite(sig) & (sig > 0) & np.isfinite(err)
+    if not np.any(ok):
+        raise UncertaintyError("cannot calibrate: no finite, positive uncertainty to scale")
+    err2, log_s = err[ok] ** 2, np.log(sig[ok])
+    if not np.any(err2 > 0):
+        raise UncertaintyError("cannot calibrate: the errors are all zero")
+    log_e2 = np.log(np.where(err2 > 0, err2, 1.0))
+    keep = err2 > 0
+
+    def log_a2(b: float) -> float:
+        # log mean(ε² σ^(-2b)), stable for large b (zero errors add nothing to the mean)
+        return float(logsumexp(log_e2[keep] - 2 * b * log_s[keep]) - np.log(err2.size))
+
+    def profile(b: float) -> float:
+        return 0.5 * log_a2(b) + b * float(np.mean(log_s))
+
+    if np.ptp(log_s) < 1e-12:
+        b = 1.0
+    else:
+        lo, hi = POWER_LAW_EXPONENT_RANGE
+        b = float(minimize_scalar(profile, bounds=(lo, hi), method="bounded", options={"xatol": 1e-6}).x)
+    a = float(np.exp(0.5 * log_a2(b)))
+    if not (a > 0 and np.isfinite(a)):
+        raise UncertaintyError("cannot calibrate: the fitted scale is not finite")
+    return a, b
+
+
+def _coverage_95(errors: np.ndarray, sigma: np.ndarray) -> float:
+    from scipy import stats
+
+    return float(np.mean(np.abs(errors) <= stats.norm.ppf(0.975) * sigma))
+
+
+def _as_structures(frames: Any) -> StructureSet:
+    if isinstance(frames, StructureSet):
+        return frames
+    try:
+        return StructureSet.from_atoms(list(frames), require_labels=True)
+    except TypeError as exc:
+        raise UncertaintyError(f"frames must be a StructureSet or a list of ase.Atoms, got {type(frames)}") from exc
+
+
+def recalibrate(
+    potential: Potential,
+    params: Any,
+    frames: Any,
+    *,
+    exponent: bool = True,
+    min_energy_structures: int = 20,
+    batch_size: int = 16,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Potential, Any, dict[str, Any]]:
+    """Refit the calibration of a model's σ (LLPR or committee) on labelled ``frames``.
+
+    Meant for the active-learning loop: after each generation, call it with the frames just labelled (they are
+    the shifted ones) together with the earlier calibration frames, so that a σ threshold means the same thing
+    in every generation. The raw σ (LLPR's quadratic form or the committee's spread, as the model computes it)
+    is kept; only its calibration ``σ = a · σ_raw^b`` (:class:`~equiforce.potentials.uncertainty.UncertaintyConfig`
+    ``forces_scale``/``forces_exponent`` and ``energy_scale``/``energy_exponent``) is refitted by Gaussian NLL:
+    forces per Cartesian component with the atom's σ_F (:func:`fit_power_law`), energies per structure with
+    the power law when there are at least ``min_energy_structures`` frames and one scale factor otherwise.
+    Parameters are returned unchanged (LLPR's projections are not refitted: after retraining, call
+    :func:`fit_llpr` first).
+
+    Args:
+      potential, params: a model with an uncertainty (LLPR or committee).
+      frames: a :class:`StructureSet` or a list of ``ase.Atoms`` with energy (eV) and forces (eV/Å) labels;
+        at least 2 structures.
+      exponent: fit ``b`` (True) or keep ``b = 1`` and fit one scale factor per quantity (False).
+
+    Returns:
+      ``(potential, params, record)``: the potential with the new calibration and a JSON-serialisable record
+      with, per quantity, the fitted ``scale`` and ``exponent`` and the 95 % coverage and Gaussian NLL on
+      ``frames`` before (the model's current calibration) and after.
+
+    Raises:
+      UncertaintyError: a model without uncertainty, frames without labels or fewer than 2, degenerate σ.
+    """
+    structures = _as_structures(frames)
+    _require_labels(structures, "recalibration")
+    current = potential.uncertainty_config
+    if current is None:
+        raise UncertaintyError(
+            "this model has no uncertainty to recalibrate: train a committee or fit LLPR (`equiforce calibrate`)"
+        )
+    raw_config = dataclasses.replace(
+        current, energy_scale=1.0, forces_scale=1.0, energy_exponent=1.0, forces_exponent=1.0
+    )
+    pred = predict_uncertainties(potential.replace(uncertainty=raw_config), params, structures, batch_size=batch_size)
+    err_f = (pred.forces - structures.forces).ravel()
+    raw_f = np.repeat(pred.forces_uncertainty, 3)
+    err_e = pred.energy - structures.energy
+    raw_e = pred.energy_uncertainty
+
+    def apply(a: float, b: float, raw: np.ndarray) -> np.ndarray:
+        return a * np.power(raw, b)
+
+    if exponent:
+        a_f, b_f = fit_power_law(err_f, raw_f)
+    else:
+        a_f, b_f = fit_scale(err_f, raw_f), 1.0
+    if exponent and len(structures) >= min_energy_structures:
+        a_e, b_e = fit_power_law(err_e, raw_e)
+    else:
+        a_e, b_e = fit_scale(err_e, raw_e), 1.0
+    record: dict[str, Any] = {"method": current.method, "n_frames": len(structures), "exponent_fitted": exponent}
+    for name, err, raw, (a0, b0), (a1, b1) in (
+        ("forces", err_f, raw_f, (current.forces_scale, current.forces_exponent), (a_f, b_f)),
+        ("energy", err_e, raw_e, (current.energy_scale, current.energy_exponent), (a_e, b_e)),
+    ):
+        before, after = apply(a0, b0, raw), apply(a1, b1, raw)
+        ok = (before > 0) & (after > 0)
+        record[name] = {
+            "scale": a1,
+            "exponent": b1,
+            "coverage_95_before": _coverage_95(err[ok], before[ok]),
+            "coverage_95_after": _coverage_95(err[ok], after[ok]),
+            "nll_before": _nll(err[ok], before[ok] ** 2),
+            "nll_after": _nll(err[ok], after[ok] ** 2),
+        }
+    config = dataclasses.replace(
+        current,
+        energy_scale=a_e,
+        energy_exponent=b_e,
+        forces_scale=a_f,
+        forces_exponent=b_f,
+        calibration=f"{current.method} σ recalibrated (σ = a σ_raw^b) on {len(structures)} labelled structures",
+    )
+    if log:
+        f = record["forces"]
+        log(
+            f"σ recalibrated on {len(structures)} frames: σ_F = {a_f:.4g} σ_raw^{b_f:.3f}; 95 % coverage of the "
+            f"force errors {f['coverage_95_before']:.3f} -> {f['coverage_95_after']:.3f}"
+        )
+    return potential.replace(uncertainty=config), params, record
