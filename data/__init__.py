@@ -6,6 +6,7 @@ Units are ASE's everywhere (Å, eV, eV/Å, eV/Å³); readers convert at the edge
 from equiforce.data.deepmd import read_deepmd
 from equiforce.data.errors import DataError
 from equiforce.data.graph import Batch, Graph, PaddingBudget, batch_iterator, collate, estimate_budget
+from equiforce.data.h5md import H5MDWriter, read_h5md, read_h5md_structures, read_restart_state, repair_h5md
 from equiforce.data.hdf5 import HDF5Dataset, append_hdf5, read_hdf5, write_hdf5
 from equiforce.data.neighbours import (
     MIN_PAIR_DISTANCE,
@@ -43,6 +44,7 @@ __all__ = [
     "DataError",
     "DatasetStatistics",
     "Graph",
+    "H5MDWriter",
     "HDF5Dataset",
     "NeighbourGraph",
     "PaddingBudget",
@@ -68,12 +70,16 @@ __all__ = [
     "random_split",
     "read_ase",
     "read_deepmd",
+    "read_h5md",
+    "read_h5md_structures",
     "read_hdf5",
     "read_index_file",
     "read_md17_npz",
     "read_nequip_npz",
+    "read_restart_state",
     "read_rmd17_npz",
     "read_structures",
+    "repair_h5md",
     "sample_path",
     "split_by_indices",
     "voigt_to_full_3x3",

@@ -12,17 +12,11 @@
 * :class:`UncertaintyMonitor` — what a run does when σ_F crosses ``uncertainty_threshold`` (record / stop).
 """
 
+from equiforce.data.h5md import ASE_VELOCITY_TO_A_PER_PS, H5MDWriter, read_h5md, read_restart_state, repair_h5md
 from equiforce.md.calculator import EquiforceCalculator, bucket_size
 from equiforce.md.engine import ENSEMBLES, MDBlowUpError, MDConfig, MDEngine, ThermoFrame, UncertaintyCrossing
 from equiforce.md.replicas import ReplicaEngine, ReplicaResult, ReplicasResult, run_replicas
-from equiforce.md.reporters import (
-    ASE_VELOCITY_TO_A_PER_PS,
-    H5MDWriter,
-    ThermoLog,
-    read_h5md,
-    read_restart_state,
-    repair_h5md,
-)
+from equiforce.md.reporters import ThermoLog
 from equiforce.md.run import MDResult, energy_drift, load_structure, run_md
 from equiforce.md.sharded import make_sharded_system
 from equiforce.md.system import MDSystem, check_structure, make_system

@@ -5,8 +5,8 @@ order, the thermo row, the trajectory frame, then the restart state; a kill betw
 rows/frames after the last restart state, and a restart (a :class:`RunOutputs` made with
 ``restart_step``) drops exactly those, so the files never hold a duplicated or missing frame.
 
-Units (see :mod:`equiforce.md.reporters`): positions Å, velocities Å/ps (ASE velocities ×
-:data:`~equiforce.md.reporters.ASE_VELOCITY_TO_A_PER_PS`), forces eV/Å, energies eV, pressure eV/Å³
+Units (see :mod:`equiforce.data.h5md`): positions Å, velocities Å/ps (ASE velocities ×
+:data:`~equiforce.data.h5md.ASE_VELOCITY_TO_A_PER_PS`), forces eV/Å, energies eV, pressure eV/Å³
 in H5MD and GPa in the CSV, time ps.
 """
 
@@ -21,16 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from equiforce.data.errors import DataError
-from equiforce.md.engine import MDEngine, ThermoFrame
-from equiforce.md.reporters import (
+from equiforce.data.h5md import (
     ASE_VELOCITY_TO_A_PER_PS,
     H5MDWriter,
     NoRestartStateError,
-    ThermoLog,
     clear_stale_write_flags,
     read_h5md,
     read_restart_state,
 )
+from equiforce.md.engine import MDEngine, ThermoFrame
+from equiforce.md.reporters import ThermoLog
 
 __all__ = ["RunOutputs", "energy_drift", "read_restart_point", "restore_state", "state_arrays"]
 
@@ -227,7 +227,7 @@ def read_restart_point(
         log(f"restart: no trajectory {path} yet; starting a new run")
         return None
     try:
-        if clear_stale_write_flags(path):  # killed while it had left SWMR mode (see equiforce.md.reporters)
+        if clear_stale_write_flags(path):  # killed while it had left SWMR mode (see equiforce.data.h5md)
             log(f"restart: cleared the write flags a killed writer left in {path} (as `h5clear -s` does)")
         return read_restart_state(path)
     except DataError as err:

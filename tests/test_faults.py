@@ -18,7 +18,7 @@ import pytest
 
 from equiforce import faults
 from equiforce.data.errors import DataError
-from equiforce.md.reporters import _lookup3, clear_stale_write_flags
+from equiforce.data.h5md import _lookup3, clear_stale_write_flags
 
 _SCRIPT = """
 from equiforce import faults

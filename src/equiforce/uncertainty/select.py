@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from equiforce.data.errors import DataError
+from equiforce.data.h5md import is_h5md, read_h5md_structures
 from equiforce.data.structures import StructureSet
 from equiforce.potentials.model_io import atomic_write_bytes
 from equiforce.potentials.potential import Potential
@@ -44,37 +45,14 @@ def read_pool(path: str | os.PathLike, format: str | None = None) -> StructureSe
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such pool file: {path}")
-    if path.suffix.lower() in (".h5", ".hdf5", ".h5md") and format is None and _is_h5md(path):
-        from equiforce.md.reporters import read_h5md
-
-        traj = read_h5md(path)
-        n, n_atoms = traj["positions"].shape[:2]
-        if n == 0:
-            raise DataError(f"{path}: the trajectory holds no committed frame")
-        box = traj.get("box")
-        return StructureSet(
-            atomic_numbers=np.tile(traj["species"], n).astype(np.int32),
-            positions=traj["positions"].reshape(-1, 3).astype(np.float64),
-            n_atoms=np.full(n, n_atoms),
-            cell=np.zeros((n, 3, 3)) if box is None else np.asarray(box, np.float64),
-            pbc=np.tile(traj["pbc"], (n, 1)),
-        )
+    if path.suffix.lower() in (".h5", ".hdf5", ".h5md") and format is None and is_h5md(path):
+        return read_h5md_structures(path)
     from equiforce.data.readers import read_structures
 
     s = read_structures(path, format=format)
     if len(s) == 0:
         raise DataError(f"{path}: no structures in the pool")
     return s
-
-
-def _is_h5md(path: Path) -> bool:
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            return "h5md" in f
-    except OSError:
-        return False
 
 
 def farthest_point_sampling(x: np.ndarray, n: int, first: int = 0) -> np.ndarray:
