@@ -12,7 +12,8 @@ set, the process sends itself ``SIGKILL`` (``os._exit(137)`` where there is no `
 landed there. With ``EQUIFORCE_FAULT_TRACE=<file>`` every point reached is appended to that file as a line
 ``<write>:<part>`` (used to list the points a run passes).
 
-The points (write: parts, in order):
+The points (write: parts, in order). Every atomic file write (:mod:`equiforce.atomic`) passes
+``tmp-created``, ``tmp-synced`` and ``replaced``; a writer adds its own parts between the first two.
 
 ==================  ==========================================================  ===========================
 write               parts                                                       where
@@ -20,13 +21,17 @@ write               parts                                                       
 ``checkpoint``      ``tmp-created``, ``tmp-written``, ``tmp-synced``,           training checkpoint
                     ``replaced``
 ``model``           the same four                                               ``best.eqf``, ``model.eqf``
-``file``            the same four                                               other atomic files
+``file``            the same four (``atomic_path``: no ``tmp-written``)         other atomic files (JSON,
+                                                                                plots, repaired H5MD,
+                                                                                downloads, ...)
 ``h5md-frame``      ``appended``, ``flushed``, ``committed``                    MD trajectory frame
 ``restart-state``   ``slot-written``, ``slot-flushed``, ``activated``           MD restart state
 ``h5md-structure``  ``changed`` (objects created outside SWMR, not flushed)      first restart state, truncation
 ``metrics-line``    ``half-written``, ``written``                               training ``metrics.jsonl``
-``preprocess-part`` ``appended``, ``closed``, ``replaced``                      ``OUT.parts/*.h5``
-``hdf5``            the same three                                              other native HDF5 files
+``preprocess-part`` ``tmp-created``, ``appended``, ``closed``, ``tmp-synced``,  ``OUT.parts/*.h5``
+                    ``replaced``
+``hdf5``            the same five (``write_hdf5``, ``append_hdf5``: no           other native HDF5 files
+                    ``appended``, ``closed``)
 ``al-label``        (reserved: the active-learning label, once it exists)
 ==================  ==========================================================  ===========================
 
