@@ -483,9 +483,11 @@ def test_training_recovers_from_kills_inside_each_write(tmp_path):
 PREPROCESS_INJECTED = [
     "preprocess-part:appended:2",  # part 1 in its temporary file, not closed
     "preprocess-part:closed:1",  # part 1 closed, not renamed into place
+    "preprocess-part:tmp-synced:1",  # part 1 on disk in its temporary file, not renamed
     "preprocess-part:replaced:2",  # parts 1 and 2 in place
     "hdf5:appended:2",  # all parts there, the joined file half written
     "hdf5:closed:1",  # the joined file complete in its temporary file, not renamed
+    "hdf5:tmp-synced:1",  # ... and on disk, not renamed
 ]
 
 
@@ -501,7 +503,7 @@ def test_preprocess_recovers_from_kills_inside_each_write(tmp_path):
     subprocess.run(cmd, cwd=ref_dir, check=True, env=ENV, capture_output=True)
 
     def evidence(write: str, part: str) -> None:
-        if part in ("appended", "closed"):
+        if part in ("appended", "closed", "tmp-synced"):
             assert list(run_dir.rglob(".*.tmp")), f"{write}:{part}: no temporary file"
         assert not (run_dir / "out.h5").exists(), "the output appeared before it was complete"
 
