@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from equiforce.atomic import atomic_path
 from equiforce.data.errors import DataError
 from equiforce.data.h5md import (
     ASE_VELOCITY_TO_A_PER_PS,
@@ -41,7 +42,8 @@ def write_last_good(atoms: Any, stem: str | Path) -> Path:
     import ase.io
 
     path = Path(stem).with_name(Path(stem).stem + "_last_good.extxyz")
-    ase.io.write(path, atoms)
+    with atomic_path(path) as tmp:
+        ase.io.write(tmp, atoms, format="extxyz")
     return path
 
 

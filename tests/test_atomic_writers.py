@@ -240,3 +240,20 @@ def test_preprocess_job_file(tmp_path, umask, monkeypatch):
         pp.preprocess([src], tmp_path / "out.h5", r_max=3.0, workers=1)
     job = pp.parts_folder(tmp_path / "out.h5") / pp.JOB_FILE
     assert _mode(job) == umask and _left(job.parent) == []
+
+
+def test_last_good_frame(tmp_path, umask):
+    """The last good frame of a blown-up run (extxyz beside the trajectory)."""
+    import ase
+    import ase.io
+
+    from equiforce.md.outputs import write_last_good
+
+    atoms = ase.Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    path = write_last_good(atoms, tmp_path / "traj.h5")
+    assert path == tmp_path / "traj_last_good.extxyz" and _mode(path) == umask
+    np.testing.assert_allclose(ase.io.read(path).get_positions(), atoms.get_positions())
+    old = path.read_bytes()
+    with pytest.raises(Exception):  # noqa: B017  # ase cannot write this: fails inside the write
+        write_last_good(object(), tmp_path / "traj.h5")
+    assert path.read_bytes() == old and _left(tmp_path) == []
