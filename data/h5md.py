@@ -137,7 +137,6 @@ OBSERVABLE_UNITS: dict[str, str] = {
 }
 _BASE_OBSERVABLES = ("potential_energy", "kinetic_energy", "total_energy", "temperature")
 _PERIODIC_OBSERVABLES = ("pressure", "volume")
-_PARTICLE_UNITS = {"position": "Angstrom", "velocity": "Angstrom ps-1", "force": "eV Angstrom-1"}
 _RESERVED_META_KEY = "committed_frames"
 _EQ_UNITS = {
     "length": "Å",
@@ -238,18 +237,30 @@ def _read_particles(f: h5py.File, path: PathLike) -> tuple[int, np.ndarray, np.n
     return n, species, masses, np.array([b == "periodic" for b in boundary], dtype=bool)
 
 
-def _td_groups(f: h5py.File) -> dict[str, h5py.Group]:
-    """All time-dependent element groups of the file, by path."""
-    out: dict[str, h5py.Group] = {}
-    allp = f["particles/all"]
-    for name in ("position", "velocity", "force"):
-        if name in allp:
-            out[f"particles/all/{name}"] = allp[name]
-    if "edges" in allp["box"]:
-        out["particles/all/box/edges"] = allp["box/edges"]
-    for name, g in f["observables"].items():
-        out[f"observables/{name}"] = g
+def _td_layout(
+    n_atoms: int, periodic: bool, forces: bool, observables: Iterable[str]
+) -> dict[str, tuple[tuple[int, ...], str | None]]:
+    """The time-dependent elements of a file: path -> (frame shape, H5MD unit). The one description of the
+    layout, used to create a file, to check it (reading, appending) and to cut its frames."""
+    out: dict[str, tuple[tuple[int, ...], str | None]] = {
+        "particles/all/position": ((n_atoms, 3), "Angstrom"),
+        "particles/all/velocity": ((n_atoms, 3), "Angstrom ps-1"),
+    }
+    if forces:
+        out["particles/all/force"] = ((n_atoms, 3), "eV Angstrom-1")
+    if periodic:
+        out["particles/all/box/edges"] = ((3, 3), "Angstrom")
+    for name in observables:
+        out[f"observables/{name}"] = ((), OBSERVABLE_UNITS.get(name))
     return out
+
+
+def _file_layout(f: h5py.File) -> dict[str, tuple[tuple[int, ...], str | None]]:
+    """:func:`_td_layout` of the elements an existing file declares (its species, box, force, observables)."""
+    allp = f["particles/all"]
+    if "observables" not in f:
+        raise DataError(f"{f.filename}: corrupt file (missing observables group)")
+    return _td_layout(allp["species"].shape[0], "edges" in allp["box"], "force" in allp, f["observables"].keys())
 
 
 def _resize_frames(groups: Iterable[h5py.Group], n: int) -> None:
@@ -260,13 +271,17 @@ def _resize_frames(groups: Iterable[h5py.Group], n: int) -> None:
                 g[ds].resize(n, axis=0)
 
 
-def _check_td(g: h5py.Group, path: PathLike, n: int, tail: tuple[int, ...] | None = None) -> None:
+def _check_td(f: h5py.File, element: str, path: PathLike, n: int, tail: tuple[int, ...]) -> None:
+    """The element is a group of ``step``, ``time``, ``value`` with at least ``n`` frames of shape ``tail``."""
+    g = f.get(element)
+    if not isinstance(g, h5py.Group):
+        raise DataError(f"{path}: corrupt file (missing {element})")
     for ds in ("step", "time", "value"):
         if not isinstance(g.get(ds), h5py.Dataset):
             raise DataError(f"{path}: time-dependent element {g.name} lacks dataset {ds!r}")
         if g[ds].shape[0] < n:
             raise DataError(f"{path}: {g.name}/{ds} has {g[ds].shape[0]} frames, fewer than committed {n}")
-    if tail is not None and tuple(g["value"].shape[1:]) != tail:
+    if tuple(g["value"].shape[1:]) != tail:
         raise DataError(f"{path}: {g.name}/value has shape {g['value'].shape}, expected (frames, *{tail})")
 
 
@@ -313,7 +328,7 @@ def _rewrite_clean(path: Path) -> None:
                 dst.attrs[key] = value
             for name in src:
                 src.copy(src[name], dst, name=name)
-            _resize_frames(_td_groups(dst).values(), n)
+            _resize_frames((dst[p] for p in _file_layout(dst)), n)
 
 
 def _lookup3(data: bytes) -> int:
@@ -414,7 +429,7 @@ def repair_h5md(path: PathLike) -> tuple[int, int, bool]:
     f, clean = _open_read(path)
     with f, _h5_errors(path, "repair"):
         n = _check_format(f, path)
-        lengths = {g[ds].shape[0] for g in _td_groups(f).values() for ds in ("step", "time", "value")}
+        lengths = {f[p][ds].shape[0] for p in _file_layout(f) for ds in ("step", "time", "value")}
     if clean and lengths <= {n}:
         return n, 0, False
     with _h5_errors(path, "repair"):
@@ -485,6 +500,7 @@ class H5MDWriter:
         if len(set(observables)) != len(observables):
             raise DataError(f"duplicate observable names in {observables}")
         self.observables: tuple[str, ...] = tuple(observables)
+        self._layout = _td_layout(self.n_atoms, self.periodic, self.forces, self.observables)
         self.author = author if author is not None else os.environ.get("USER", "unknown")
         self.swmr = bool(swmr)
         self._libver = "latest" if self.swmr else None
@@ -505,19 +521,6 @@ class H5MDWriter:
         self._start_swmr()
 
     # ------------------------------------------------------------------ layout
-    def _td_paths(self) -> dict[str, tuple[int, ...]]:
-        out: dict[str, tuple[int, ...]] = {
-            "particles/all/position": (self.n_atoms, 3),
-            "particles/all/velocity": (self.n_atoms, 3),
-        }
-        if self.forces:
-            out["particles/all/force"] = (self.n_atoms, 3)
-        if self.periodic:
-            out["particles/all/box/edges"] = (3, 3)
-        for name in self.observables:
-            out[f"observables/{name}"] = ()
-        return out
-
     def _create_layout(self) -> None:
         f = self._f
         h5 = f.create_group("h5md")
@@ -534,14 +537,8 @@ class H5MDWriter:
         box.attrs["dimension"] = np.int32(3)
         box.attrs["boundary"] = np.array([b"periodic" if x else b"none" for x in self.pbc], dtype="S8")
         f.create_group("observables")
-        for p, shape in self._td_paths().items():
+        for p, (shape, unit) in self._layout.items():
             parent, name = p.rsplit("/", 1)
-            if p.startswith("observables/"):
-                unit = OBSERVABLE_UNITS.get(name)
-            elif name == "edges":
-                unit = "Angstrom"
-            else:
-                unit = _PARTICLE_UNITS[name]
             _create_td(f[parent], name, shape, unit)
         eq = f.create_group("equiforce")
         eq.attrs["format"] = FORMAT_NAME
@@ -590,9 +587,9 @@ class H5MDWriter:
             problems.append(f"observables differ (file {sorted(file_obs)}, run {sorted(self.observables)})")
         if problems:
             raise DataError(f"{path}: cannot append: " + "; ".join(problems))
-        for p, shape in self._td_paths().items():
-            _check_td(f[p], path, n, shape)
-        _resize_frames((f[p] for p in self._td_paths()), n)  # drop an uncommitted tail left by a kill mid-write
+        for p, (shape, _) in self._layout.items():
+            _check_td(f, p, path, n, shape)
+        _resize_frames((f[p] for p in self._layout), n)  # drop an uncommitted tail left by a kill mid-write
         self.n_frames = n
         f.flush()
 
@@ -722,7 +719,7 @@ class H5MDWriter:
             with self._structural() as f:
                 f["equiforce/committed_frames"][()] = np.int64(keep)
                 f.flush()
-                _resize_frames((f[p] for p in self._td_paths()), keep)
+                _resize_frames((f[p] for p in self._layout), keep)
         self.n_frames = keep
         return keep
 
@@ -826,16 +823,9 @@ def read_h5md(path: PathLike) -> dict[str, Any]:
     with f, _h5_errors(path, "read"):
         n, species, masses, pbc = _read_particles(f, path)
         allp = f["particles/all"]
-        n_atoms = species.shape[0]
         out: dict[str, Any] = {"species": species, "masses": masses, "pbc": pbc}
-        if "observables" not in f:
-            raise DataError(f"{path}: corrupt file (missing observables group)")
-        for p, g in _td_groups(f).items():
-            tail = (3, 3) if p.endswith("edges") else () if p.startswith("observables/") else (n_atoms, 3)
-            _check_td(g, path, n, tail)
-        for name in ("position", "velocity"):
-            if name not in allp:
-                raise DataError(f"{path}: corrupt file (missing particles/all/{name})")
+        for p, (shape, _) in _file_layout(f).items():
+            _check_td(f, p, path, n, shape)
         pos = allp["position"]
         out["step"] = np.asarray(pos["step"][:n], dtype=np.int64)
         out["time"] = np.asarray(pos["time"][:n], dtype=np.float64)

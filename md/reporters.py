@@ -26,33 +26,11 @@ from pathlib import Path
 import numpy as np
 from ase import units
 
+from equiforce.data import h5md as _h5md
 from equiforce.data.errors import DataError
-from equiforce.data.h5md import (
-    ASE_VELOCITY_TO_A_PER_PS,
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    OBSERVABLE_UNITS,
-    H5MDWriter,
-    NoRestartStateError,
-    clear_stale_write_flags,
-    read_h5md,
-    read_restart_state,
-    repair_h5md,
-)
+from equiforce.data.h5md import *  # noqa: F403  (the H5MD names under their old import path)
 
-__all__ = [
-    "ASE_VELOCITY_TO_A_PER_PS",
-    "FORMAT_NAME",
-    "FORMAT_VERSION",
-    "OBSERVABLE_UNITS",
-    "H5MDWriter",
-    "NoRestartStateError",
-    "ThermoLog",
-    "clear_stale_write_flags",
-    "read_h5md",
-    "read_restart_state",
-    "repair_h5md",
-]
+__all__ = [*_h5md.__all__, "ThermoLog"]
 
 PathLike = str | os.PathLike
 
