@@ -24,6 +24,7 @@ weights on new data:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Callable, Sequence
@@ -43,11 +44,13 @@ if TYPE_CHECKING:
     from equiforce.training.config import TrainConfig
 
 __all__ = [
+    "FinetuneSource",
     "check_freeze_patterns",
     "freeze_labels",
     "lineage_record",
     "load_source",
     "resolve_model_section",
+    "resolve_source",
     "start_from_source",
     "transfer_params",
 ]
@@ -204,27 +207,42 @@ def lineage_record(path: str | Path, digest: str, header: dict[str, Any]) -> lis
     return [entry, *list(meta.get("lineage") or [])]
 
 
-def start_from_source(
-    cfg: TrainConfig, train: StructureSet, log: Callable[[str], None]
-) -> tuple[Potential, Any, list[dict[str, Any]]]:
-    """The potential and starting weights of a fine-tuning run, and its lineage.
+@dataclasses.dataclass(frozen=True)
+class FinetuneSource:
+    """A fine-tuning source, read once (:func:`resolve_source`) and checked against the config.
 
-    Species: the source's plus the training set's. E0s: given ones as they are; fitted ones start from the
-    source's (0 for a new species) plus the least-squares per-species offset of ``E_ref − E_pred`` on the
-    training set, so the starting model has the new data's energy reference.
+    Attributes:
+      path: the model file (``model.init_from`` resolved against the config's folder).
+      potential: the source's potential (architecture, species, E0s, scale, shift, dtype).
+      params: its weights (NumPy arrays in the source's dtype; an LLPR model's projections included).
+      header: the file's header (its metadata feeds the lineage).
+      sha256: hex digest of the file's bytes.
+    """
+
+    path: Path
+    potential: Potential
+    params: Any
+    header: dict[str, Any]
+    sha256: str
+
+
+def resolve_source(cfg: TrainConfig) -> FinetuneSource:
+    """Read ``cfg.model.init_from`` once and check that the config's architecture is the source's.
+
+    Called by :func:`~equiforce.training.train` before the training data are read, so a missing, unreadable or
+    mismatched source is reported at once; switches on JAX's 64-bit types for a float64 source.
 
     Raises:
-      ConfigError: unreadable source, or a config whose architecture differs from the source's.
-      DataError: species that cannot be added to the model.
+      ConfigError: no ``model.init_from``, an unreadable source, or a config whose model (name,
+        hyperparameters, ``r_max`` to 1e-9 Å, committee size) is not the source's.
     """
-    from equiforce.data.statistics import check_atomic_energies
     from equiforce.potentials.registry import config_from_dict
-    from equiforce.potentials.uncertainty import network_params
-    from equiforce.training.finish import refit_atomic_energies
 
     m = cfg.model
+    if m.init_from is None:
+        raise ConfigError("fine-tuning needs model.init_from (the model file to start from)")
     path = cfg.resolve_path(m.init_from)
-    source, src_params, header, digest = load_source(path)
+    source, params, header, digest = load_source(path)
     wanted = config_from_dict({"name": m.name, **m.hyperparameters})
     if wanted != source.model or abs(m.r_max - source.r_max) > 1e-9 or m.ensemble_size != source.ensemble_size:
         raise ConfigError(
@@ -232,22 +250,54 @@ def start_from_source(
             f"member(s)) is not the source's ({source.model.name}, r_max {source.r_max} Å, "
             f"{source.ensemble_size} member(s)); load the config with load_config, which takes the source's over"
         )
-    species = tuple(sorted(set(source.species) | {int(z) for z in train.species}))
-    new = [z for z in species if z not in source.species]
-    old_e0 = dict(zip(source.species, source.atomic_energies, strict=True))
+    return FinetuneSource(path, source, params, header, digest)
+
+
+def start_from_source(
+    cfg: TrainConfig,
+    train: StructureSet,
+    log: Callable[[str], None],
+    *,
+    source: FinetuneSource | None = None,
+) -> tuple[Potential, Any, list[dict[str, Any]]]:
+    """The potential and starting weights of a fine-tuning run, and its lineage.
+
+    Species: the source's plus the training set's. E0s: given ones as they are; fitted ones start from the
+    source's (0 for a new species) plus the least-squares per-species offset of ``E_ref − E_pred`` on the
+    training set, so the starting model has the new data's energy reference.
+
+    ``source``: the source as :func:`resolve_source` read it (the trainer reads it once, before the data);
+    default: read ``cfg.model.init_from`` now.
+
+    Raises:
+      ConfigError: unreadable source, or a config whose architecture differs from the source's.
+      DataError: species that cannot be added to the model.
+    """
+    from equiforce.data.statistics import check_atomic_energies
+    from equiforce.potentials.uncertainty import network_params
+    from equiforce.training.finish import refit_atomic_energies
+
+    m = cfg.model
+    if source is None:
+        source = resolve_source(cfg)
+    path, src_params = source.path, source.params
+    src = source.potential
+    species = tuple(sorted(set(src.species) | {int(z) for z in train.species}))
+    new = [z for z in species if z not in src.species]
+    old_e0 = dict(zip(src.species, src.atomic_energies, strict=True))
     base = Potential(
-        model=source.model,
+        model=src.model,
         species=species,
-        r_max=source.r_max,
+        r_max=src.r_max,
         atomic_energies=tuple(old_e0.get(z, 0.0) for z in species),
-        scale=source.scale,
-        shift=source.shift,
-        avg_num_neighbours=source.avg_num_neighbours,
+        scale=src.scale,
+        shift=src.shift,
+        avg_num_neighbours=src.avg_num_neighbours,
         dtype=m.dtype,
-        ensemble_size=source.ensemble_size,
+        ensemble_size=src.ensemble_size,
     )
     fresh = base.init(jax.random.PRNGKey(cfg.seed))
-    params, extended = transfer_params(source, network_params(src_params), base, fresh)
+    params, extended = transfer_params(src, network_params(src_params), base, fresh)
     if isinstance(m.atomic_energies, dict):
         given = check_atomic_energies({int(k): float(v) for k, v in m.atomic_energies.items()}, species)
         potential = base.replace(atomic_energies=tuple(given[z] for z in species))
@@ -258,5 +308,5 @@ def start_from_source(
     names = [chemical_symbols[z] for z in new]
     added = f"; adding {names}: {len(extended)} per-species weights extended" if new else ""
     how = "given" if isinstance(m.atomic_energies, dict) else "fitted on the residuals of the source network"
-    log(f"fine-tuning {path} ({source.model.name}, {len(source.species)} species{added}); E0s {how}")
-    return potential, params, lineage_record(path, digest, header)
+    log(f"fine-tuning {path} ({src.model.name}, {len(src.species)} species{added}); E0s {how}")
+    return potential, params, lineage_record(path, source.sha256, source.header)
