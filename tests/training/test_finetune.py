@@ -14,6 +14,7 @@ from equiforce.data.errors import DataError
 from equiforce.data.readers import load_sample
 from equiforce.potentials import MODELS, load_model
 from equiforce.potentials.potential import Potential
+from equiforce.training import finetune, trainer
 from equiforce.training.config import ConfigError, load_config
 from equiforce.training.evaluate import predict
 from equiforce.training.finetune import freeze_labels, transfer_params
@@ -122,10 +123,15 @@ def test_init_from_takes_the_source_architecture(source_file, tmp_path):
         load_config(None, [f"model.init_from={path}", "finetune.replay_fraction=0.5"])
 
 
-def test_finetuning_freezes_replays_and_records_lineage(source_file, tmp_path):
+def test_finetuning_freezes_replays_and_records_lineage(source_file, tmp_path, monkeypatch):
     """Frozen weights stay the source's bit for bit, the others move; replayed structures join the training
-    set; E0s are refitted; the lineage names the source by its sha256."""
+    set; E0s are refitted; the lineage names the source by its sha256. The source is read once, before the
+    training data."""
     path, _ = source_file
+    events: list[str] = []
+    real_source, real_data = finetune.load_source, trainer.load_training_data
+    monkeypatch.setattr(finetune, "load_source", lambda *a: events.append("source") or real_source(*a))
+    monkeypatch.setattr(trainer, "load_training_data", lambda *a: events.append("data") or real_data(*a))
     freeze = "params/interaction_0/"
     cfg = load_config(
         None,
@@ -148,6 +154,7 @@ def test_finetuning_freezes_replays_and_records_lineage(source_file, tmp_path):
     )
     lines: list[str] = []
     result = train(cfg, log=lines.append)
+    assert events == ["source", "data"]
     _, src_params, _ = load_model(path)
     moved = frozen = 0
     flat_src = dict(jax.tree_util.tree_flatten_with_path(src_params)[0])
@@ -165,6 +172,21 @@ def test_finetuning_freezes_replays_and_records_lineage(source_file, tmp_path):
     assert lineage[0]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert lineage[0]["model"] == "mace"
     assert any("fine-tuning" in line for line in lines)
+
+
+def test_an_unreadable_source_is_refused_before_the_data_are_read(source_file, tmp_path, monkeypatch):
+    """A source that went bad between load_config and train: a ConfigError naming it, and no data read."""
+    copy = tmp_path / "source.eqf"
+    copy.write_bytes(source_file[0].read_bytes())
+    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", f"model.init_from={copy}", "progress_bar=false"])
+    copy.write_bytes(copy.read_bytes()[:100])  # truncated
+
+    def no_data(*_args):
+        raise AssertionError("the training data were read before the source was checked")
+
+    monkeypatch.setattr(trainer, "load_training_data", no_data)
+    with pytest.raises(ConfigError, match=r"model\.init_from: cannot load .*source\.eqf"):
+        train(cfg, log=lambda _: None)
 
 
 def test_new_species_and_e0_fit(source_file, tmp_path):
