@@ -39,6 +39,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -99,7 +100,7 @@ def _config_key(cfg: LearnConfig) -> dict[str, Any]:
     for k in ("budget", "base_dir"):
         d.pop(k, None)
     d["labeller"].pop("workers", None)
-    return d
+    return json.loads(json.dumps(d))  # as the state file holds it (tuples become lists)
 
 
 def _diff(a: Any, b: Any, where: str = "") -> list[str]:
