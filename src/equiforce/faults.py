@@ -32,7 +32,7 @@ write               parts                                                       
                     ``replaced``
 ``hdf5``            the same five (``write_hdf5``, ``append_hdf5``: no           other native HDF5 files
                     ``appended``, ``closed``)
-``al-label``        (reserved: the active-learning label, once it exists)
+``al-label``        ``computed``, ``appended``                                  an active-learning label
 ==================  ==========================================================  ===========================
 
 This is a test hook, not a feature: nothing else reads these variables.
