@@ -35,11 +35,15 @@ The stored LLPR state is the matrices ``L`` with ``Lᵀ L = A⁻¹`` (``projecti
 negative, in the parameter collection ``"llpr"`` beside the network's ``"params"``.
 Calibration factors (``α``) are in :class:`UncertaintyConfig`.
 
-Calibration maps the raw σ of either method to ``σ = α · σ_raw^b``: ``b = 1`` (the default) is one scale
-factor; ``b ≠ 1`` is the power-law recalibration of :func:`equiforce.uncertainty.calibration.recalibrate`,
-fitted by Gaussian NLL on data that include a spread of σ (e.g. freshly labelled shifted frames), for a raw σ
-that rises too little (``b > 1``) or too much (``b < 1``) with the error. With ``b ≠ 1``, ``α`` carries the
-unit eV^(1-b) (energies) or (eV/Å)^(1-b) (forces), for σ_raw in eV and eV/Å.
+Calibration maps the raw σ of either method to ``σ_E = α_E · σ_E,raw^b_E`` and
+``σ_F,i = α_F · σ_F,raw,i^b_F · σ̄_F,raw,s^q`` with ``σ̄_F,raw,s`` the mean raw σ_F over the atoms of atom
+i's structure ``s`` (atoms with a zero raw σ, i.e. padding, left out). ``b = 1, q = 0`` (the defaults) is one
+scale factor. The power laws are fitted by Gaussian NLL (:func:`equiforce.uncertainty.calibration.recalibrate`)
+for a raw σ that rises too little with the error: LLPR's σ_F ranks atoms within a structure but rises too
+little when whole structures move away from the training data (a temperature shift), which the structure
+term ``q > 0`` corrects (``BENCHMARKS.md``). ``α`` then carries the unit of σ^(1-b-q) (eV, eV/Å). With
+``q ≠ 0`` σ_F depends on the whole structure: in LAMMPS over several ranks the mean runs over each rank's
+atoms and ghosts, so σ_F differs slightly from one rank's.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class UncertaintyConfig:
       forces_scale: calibration factor ``α_F`` of ``σ_F = α_F · σ_F,raw^b_F``.
       energy_exponent: the power ``b_E`` (1: one scale factor, the default).
       forces_exponent: the power ``b_F`` (1: one scale factor, the default).
+      forces_structure_exponent: the power ``q`` of the structure's mean raw σ_F (0, the default: none).
       regularizer: LLPR's ``ς²`` (in units of the features squared); unused by committees.
       force_regularizer: the ``ς_F²`` of the atom-level Gram matrix of LLPR's σ_F.
       calibration: a short description of the data the factors were fitted on ("" when uncalibrated).
@@ -92,6 +97,7 @@ class UncertaintyConfig:
     calibration: str = ""
     energy_exponent: float = 1.0
     forces_exponent: float = 1.0
+    forces_structure_exponent: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -100,6 +106,9 @@ class UncertaintyConfig:
             v = float(getattr(self, name))
             if not (v > 0 and v < float("inf")):
                 raise ValueError(f"uncertainty {name} must be finite and positive, got {v}")
+        q = float(self.forces_structure_exponent)
+        if not abs(q) < float("inf"):
+            raise ValueError(f"uncertainty forces_structure_exponent must be finite, got {q}")
         for name in ("regularizer", "force_regularizer"):
             v = float(getattr(self, name))
             if not (v >= 0 and v < float("inf")):
@@ -176,6 +185,21 @@ def _calibrated(scale: float, exponent: float, raw: jnp.ndarray) -> jnp.ndarray:
     return scale * jnp.power(raw, exponent)
 
 
+def _calibrated_forces(
+    config: UncertaintyConfig, raw: jnp.ndarray, node_graph: jnp.ndarray, n_graphs: int
+) -> jnp.ndarray:
+    """``α_F · raw_i^b_F · mean_s(raw)^q`` per atom (the structure mean over atoms with ``raw > 0``)."""
+    sigma = _calibrated(config.forces_scale, config.forces_exponent, raw)
+    q = float(config.forces_structure_exponent)
+    if q == 0.0:
+        return sigma
+    real = raw > 0
+    total = _segment_sum(raw, node_graph, n_graphs)
+    count = _segment_sum(real.astype(raw.dtype), node_graph, n_graphs)
+    mean = (total / jnp.maximum(count, 1.0))[node_graph]
+    return jnp.where(real, sigma * jnp.power(jnp.where(real, mean, 1.0), q), 0.0)
+
+
 def _segment_sum(x: jnp.ndarray, node_graph: jnp.ndarray, n_graphs: int) -> jnp.ndarray:
     return jax.ops.segment_sum(x, node_graph, num_segments=n_graphs)
 
@@ -220,7 +244,7 @@ def predict_with_uncertainty(
             jnp.mean(e_k, axis=0),
             jnp.mean(f_k, axis=0),
             _calibrated(config.energy_scale, config.energy_exponent, sigma_e),
-            _calibrated(config.forces_scale, config.forces_exponent, sigma_f),
+            _calibrated_forces(config, sigma_f, node_graph, n_graphs),
             member_energies,
         )
     proj = params["llpr"]["projection"]
@@ -239,7 +263,7 @@ def predict_with_uncertainty(
         e,
         -grad,
         _calibrated(config.energy_scale, config.energy_exponent, sigma_e),
-        _calibrated(config.forces_scale, config.forces_exponent, sigma_f.astype(e.dtype)),
+        _calibrated_forces(config, sigma_f.astype(e.dtype), node_graph, n_graphs),
         None,
     )
 

@@ -17,6 +17,7 @@ from equiforce.uncertainty.calibration import (
     UncertaintyError,
     fit_power_law,
     fit_scale,
+    fit_structure_power_law,
     predict_uncertainties,
     recalibrate,
 )
@@ -55,6 +56,34 @@ def test_one_scale_factor_cannot_cover_the_tails_the_power_law_covers():
     assert np.mean(np.abs(err[top]) <= Z95 * s * sig[top]) < 0.85
 
 
+def _synthetic_structures(rng: np.random.Generator, n_struct: int, a: float, b: float, q: float):
+    """9-atom structures: a structure level of σ log-uniform over a factor 4, atoms scattered ×/÷ 2 around it;
+    force errors of standard deviation a·σ_i^b·σ̄_s^q, σ̄_s the structure's mean σ (computed here with numpy)."""
+    n_atoms = np.full(n_struct, 9)
+    level = np.exp(rng.uniform(np.log(0.03), np.log(0.12), n_struct))
+    sigma = np.repeat(level, 9) * np.exp(rng.uniform(-np.log(2), np.log(2), 9 * n_struct))
+    bar = np.repeat(sigma.reshape(n_struct, 9).mean(1), 9)
+    err = (a * sigma**b * bar**q)[:, None] * rng.standard_normal((9 * n_struct, 3))
+    return err, sigma, bar, n_atoms
+
+
+def test_structure_power_law_recovers_known_exponents_and_covers_held_out_structures():
+    """σ rising with the structure more steeply (b + q = 2) than between atoms (b = 0.8): the fit finds both,
+    and its σ covers 95 % of held-out errors, also on the structures with the largest σ̄ (the shifted ones)."""
+    a, b, q = 20.0, 0.8, 1.2
+    err, sigma, _, n_atoms = _synthetic_structures(np.random.default_rng(40), 3000, a, b, q)
+    a_fit, b_fit, q_fit = fit_structure_power_law(err, sigma, n_atoms)
+    assert abs(b_fit - b) < 0.05 and abs(q_fit - q) < 0.1
+    err_h, sig_h, bar_h, _ = _synthetic_structures(np.random.default_rng(41), 3000, a, b, q)
+    inside = np.abs(err_h) <= Z95 * (a_fit * sig_h**b_fit * bar_h**q_fit)[:, None]
+    assert 0.94 < inside.mean() < 0.96
+    top = bar_h > np.quantile(bar_h, 0.9)
+    assert 0.93 < inside[top].mean() < 0.97
+    # the atom-level power law alone (q = 0) fitted on the same data misses the high-σ̄ structures
+    a1, b1 = fit_power_law(err, np.repeat(sigma[:, None], 3, axis=1))
+    assert np.mean(np.abs(err_h[top]) <= Z95 * (a1 * sig_h[top] ** b1)[:, None]) < 0.9
+
+
 def test_power_law_fit_bad_input():
     with pytest.raises(UncertaintyError, match="positive uncertainty"):
         fit_power_law(np.ones(4), np.zeros(4))
@@ -69,6 +98,10 @@ def test_power_law_fit_bad_input():
 def test_exponent_must_be_positive():
     with pytest.raises(ValueError, match="forces_exponent"):
         UncertaintyConfig("llpr", forces_exponent=0.0)
+    with pytest.raises(ValueError, match="forces_structure_exponent"):
+        UncertaintyConfig("llpr", forces_structure_exponent=float("nan"))
+    with pytest.raises(UncertaintyError, match="must match"):
+        fit_structure_power_law(np.ones((5, 3)), np.ones(5), np.array([2, 2]))
 
 
 def _labelled_frames() -> StructureSet:
@@ -80,8 +113,9 @@ def _labelled_frames() -> StructureSet:
 
 
 def test_recalibrate_a_committee_gives_the_power_law_of_its_raw_spread():
-    """The recalibrated model's σ_F equals a·σ_raw^b of the uncalibrated model's σ (independent prediction), its
-    padding stays zero, and the reported coverages are those of the predictions before and after."""
+    """The recalibrated model's σ_F equals a·σ_raw,i^b·σ̄_raw,s^q of the uncalibrated model's σ (independent
+    prediction, structure means by numpy over the real atoms only, so padding must not enter), and the reported
+    coverages are those of the predictions before and after."""
     jax.config.update("jax_enable_x64", True)
     frames = _labelled_frames()
     pot = Potential(
@@ -100,9 +134,10 @@ def test_recalibrate_a_committee_gives_the_power_law_of_its_raw_spread():
     assert cfg.energy_exponent == 1.0  # fewer frames than min_energy_structures: one scale factor
     raw = predict_uncertainties(pot.replace(uncertainty=UncertaintyConfig("committee")), params, frames)
     new = predict_uncertainties(new_pot, new_params, frames)
-    np.testing.assert_allclose(
-        new.forces_uncertainty, cfg.forces_scale * raw.forces_uncertainty**cfg.forces_exponent, rtol=1e-9
-    )
+    assert cfg.forces_structure_exponent == record["forces"]["structure_exponent"] != 0.0
+    bar = np.repeat(raw.forces_uncertainty.reshape(6, 7).mean(1), 7)
+    expected = cfg.forces_scale * raw.forces_uncertainty**cfg.forces_exponent * bar**cfg.forces_structure_exponent
+    np.testing.assert_allclose(new.forces_uncertainty, expected, rtol=1e-9)
     np.testing.assert_allclose(new.energy_uncertainty, cfg.energy_scale * raw.energy_uncertainty, rtol=1e-9)
     err = np.abs(new.forces - frames.forces)
     np.testing.assert_allclose(raw.forces, new.forces, atol=1e-12)

@@ -7,9 +7,11 @@
 * :func:`calibrate`: the factors of a committee (one scale per quantity, the maximum-likelihood
   ``s² = mean(ε²/σ²)`` of a Gaussian error model), or :func:`fit_llpr` for a single network.
 * :func:`predict_uncertainties`: energies, forces, σ_E and σ_F of every structure of a set (host arrays).
-* :func:`recalibrate`: refit the calibration of a model's σ (either method) on newly labelled frames, e.g.
-  the shifted frames an active-learning generation has just labelled: the power law ``σ = a · σ_raw^b``
-  (:func:`fit_power_law`; ``b = 1`` is one scale factor), with the coverage before and after.
+* :func:`recalibrate`: refit the calibration of a model's σ (either method) on labelled frames, e.g. the
+  validation frames plus the shifted frames an active-learning generation has just labelled: for forces the
+  power law ``σ_F,i = a · σ_raw,i^b · σ̄_raw,s^q`` with ``σ̄_raw,s`` the structure's mean raw σ_F
+  (:func:`fit_structure_power_law`), for energies ``a · σ_raw^b`` (:func:`fit_power_law`), with the coverage
+  before and after.
 
 Errors are energies per structure (eV) and force components (eV/Å); a force component is given its atom's
 σ_F.
@@ -40,12 +42,16 @@ __all__ = [
     "fit_llpr",
     "fit_power_law",
     "fit_scale",
+    "fit_structure_power_law",
     "predict_uncertainties",
     "recalibrate",
+    "structure_mean_sigma",
 ]
 
-#: the range searched for the exponent ``b`` of :func:`fit_power_law`
+#: the range searched for the exponent ``b`` of :func:`fit_power_law` and :func:`fit_structure_power_law`
 POWER_LAW_EXPONENT_RANGE = (0.1, 10.0)
+#: the range searched for the structure exponent ``q`` of :func:`fit_structure_power_law`
+STRUCTURE_EXPONENT_RANGE = (-5.0, 10.0)
 
 #: LLPR regularisers tried, relative to the mean eigenvalue of the training features' Gram matrix
 LLPR_REGULARIZERS = tuple(10.0 ** np.arange(-10, 1))
@@ -402,6 +408,74 @@ def fit_power_law(errors: np.ndarray, sigma: np.ndarray) -> tuple[float, float]:
     return a, b
 
 
+def structure_mean_sigma(sigma: np.ndarray, n_atoms: np.ndarray) -> np.ndarray:
+    """``[n_atoms_total]``: each atom's structure mean of the per-atom ``sigma`` (structures concatenated in
+    order, ``n_atoms`` ``[S]``), the σ̄ of :func:`fit_structure_power_law`."""
+    n_atoms = np.asarray(n_atoms)
+    sig = np.asarray(sigma, np.float64)
+    idx = np.repeat(np.arange(n_atoms.size), n_atoms)
+    return (np.bincount(idx, sig, minlength=n_atoms.size) / n_atoms)[idx]
+
+
+def fit_structure_power_law(errors: np.ndarray, sigma: np.ndarray, n_atoms: np.ndarray) -> tuple[float, float, float]:
+    """Maximum-likelihood ``(a, b, q)`` of ``ε_iα ~ N(0, (a σ_i^b σ̄_s^q)²)`` for force components.
+
+    ``σ_i`` is atom i's raw σ_F and ``σ̄_s`` the mean raw σ_F of its structure. The structure term lets σ rise
+    with a whole structure's distance from the training data more steeply than it varies between the atoms
+    of one structure (``b + q`` is the structure-level exponent, ``b`` the atom-level one). For given
+    ``(b, q)`` the best ``a`` is closed-form; the profile NLL ``½ log mean(ε² σ^(-2b) σ̄^(-2q)) + b·mean(log σ)
+    + q·mean(log σ̄)`` is convex in ``(b, q)`` and minimised within :data:`POWER_LAW_EXPONENT_RANGE` and
+    :data:`STRUCTURE_EXPONENT_RANGE`. With one structure, or no spread of σ̄, ``q = 0`` (:func:`fit_power_law`).
+
+    Args:
+      errors: ``[n_atoms_total, 3]`` force errors, eV/Å (structures concatenated in order).
+      sigma: ``[n_atoms_total]`` raw σ_F per atom, eV/Å, > 0.
+      n_atoms: ``[S]`` atoms per structure.
+
+    Raises:
+      UncertaintyError: mismatched shapes, a σ that is not finite and positive, all errors zero.
+    """
+    from scipy.optimize import minimize
+    from scipy.special import logsumexp
+
+    err = np.asarray(errors, np.float64)
+    sig = np.asarray(sigma, np.float64).ravel()
+    n_atoms = np.asarray(n_atoms)
+    if err.ndim != 2 or err.shape[0] != sig.size or int(np.sum(n_atoms)) != sig.size:
+        raise UncertaintyError(
+            f"errors [n_atoms, 3], sigma [n_atoms] and n_atoms must match, got {err.shape}, {sig.shape} and "
+            f"{int(np.sum(n_atoms))} atoms"
+        )
+    if not np.all(np.isfinite(sig) & (sig > 0)) or not np.all(np.isfinite(err)):
+        raise UncertaintyError("cannot calibrate: every σ must be finite and positive and every error finite")
+    bar = structure_mean_sigma(sig, n_atoms)
+    if n_atoms.size < 2 or np.ptp(np.log(bar)) < 1e-12:
+        a, b = fit_power_law(err, np.repeat(sig[:, None], err.shape[1], axis=1))
+        return a, b, 0.0
+    e2 = (err**2).ravel()
+    if not np.any(e2 > 0):
+        raise UncertaintyError("cannot calibrate: the errors are all zero")
+    keep = e2 > 0
+    log_e2 = np.log(e2[keep])
+    ls = np.repeat(np.log(sig), err.shape[1])
+    lb = np.repeat(np.log(bar), err.shape[1])
+
+    def log_a2(x: np.ndarray) -> float:
+        return float(logsumexp(log_e2 - 2 * x[0] * ls[keep] - 2 * x[1] * lb[keep]) - np.log(e2.size))
+
+    def profile(x: np.ndarray) -> float:
+        return 0.5 * log_a2(x) + x[0] * float(np.mean(ls)) + x[1] * float(np.mean(lb))
+
+    res = minimize(
+        profile, np.array([1.0, 0.0]), method="L-BFGS-B", bounds=[POWER_LAW_EXPONENT_RANGE, STRUCTURE_EXPONENT_RANGE]
+    )
+    b, q = (float(v) for v in res.x)
+    a = float(np.exp(0.5 * log_a2(res.x)))
+    if not (a > 0 and np.isfinite(a)):
+        raise UncertaintyError("cannot calibrate: the fitted scale is not finite")
+    return a, b, q
+
+
 def _coverage_95(errors: np.ndarray, sigma: np.ndarray) -> float:
     from scipy import stats
 
@@ -423,6 +497,7 @@ def recalibrate(
     frames: Any,
     *,
     exponent: bool = True,
+    structure_term: bool = True,
     min_energy_structures: int = 20,
     batch_size: int = 16,
     log: Callable[[str], None] | None = None,
@@ -432,10 +507,11 @@ def recalibrate(
     Meant for the active-learning loop: after each generation, call it with the frames just labelled (they are
     the shifted ones) together with the earlier calibration frames, so that a σ threshold means the same thing
     in every generation. The raw σ (LLPR's quadratic form or the committee's spread, as the model computes it)
-    is kept; only its calibration ``σ = a · σ_raw^b`` (:class:`~equiforce.potentials.uncertainty.UncertaintyConfig`
-    ``forces_scale``/``forces_exponent`` and ``energy_scale``/``energy_exponent``) is refitted by Gaussian NLL:
-    forces per Cartesian component with the atom's σ_F (:func:`fit_power_law`), energies per structure with
-    the power law when there are at least ``min_energy_structures`` frames and one scale factor otherwise.
+    is kept; only its calibration (:class:`~equiforce.potentials.uncertainty.UncertaintyConfig`
+    ``forces_scale``/``forces_exponent``/``forces_structure_exponent`` and ``energy_scale``/``energy_exponent``)
+    is refitted by Gaussian NLL: forces per Cartesian component, ``σ_F,i = a σ_raw,i^b σ̄_raw,s^q``
+    (:func:`fit_structure_power_law`), energies per structure with ``a σ_raw^b`` (:func:`fit_power_law`) when
+    there are at least ``min_energy_structures`` frames and one scale factor otherwise.
     Parameters are returned unchanged (LLPR's projections are not refitted: after retraining, call
     :func:`fit_llpr` first).
 
@@ -443,12 +519,13 @@ def recalibrate(
       potential, params: a model with an uncertainty (LLPR or committee).
       frames: a :class:`StructureSet` or a list of ``ase.Atoms`` with energy (eV) and forces (eV/Å) labels;
         at least 2 structures.
-      exponent: fit ``b`` (True) or keep ``b = 1`` and fit one scale factor per quantity (False).
+      exponent: fit the exponents (True) or keep ``b = 1, q = 0`` and fit one scale factor per quantity (False).
+      structure_term: with ``exponent``, fit the structure exponent ``q`` too (True) or keep ``q = 0``.
 
     Returns:
       ``(potential, params, record)``: the potential with the new calibration and a JSON-serialisable record
-      with, per quantity, the fitted ``scale`` and ``exponent`` and the 95 % coverage and Gaussian NLL on
-      ``frames`` before (the model's current calibration) and after.
+      with, per quantity, the fitted ``scale``, ``exponent`` (and, for forces, ``structure_exponent``) and the
+      95 % coverage and Gaussian NLL on ``frames`` before (the model's current calibration) and after.
 
     Raises:
       UncertaintyError: a model without uncertainty, frames without labels or fewer than 2, degenerate σ.
@@ -461,35 +538,60 @@ def recalibrate(
             "this model has no uncertainty to recalibrate: train a committee or fit LLPR (`equiforce calibrate`)"
         )
     raw_config = dataclasses.replace(
-        current, energy_scale=1.0, forces_scale=1.0, energy_exponent=1.0, forces_exponent=1.0
+        current,
+        energy_scale=1.0,
+        forces_scale=1.0,
+        energy_exponent=1.0,
+        forces_exponent=1.0,
+        forces_structure_exponent=0.0,
     )
     pred = predict_uncertainties(potential.replace(uncertainty=raw_config), params, structures, batch_size=batch_size)
-    err_f = (pred.forces - structures.forces).ravel()
-    raw_f = np.repeat(pred.forces_uncertainty, 3)
+    err_f = pred.forces - structures.forces  # [atoms, 3]
+    raw_f = pred.forces_uncertainty  # [atoms]
+    bar_f = structure_mean_sigma(raw_f, structures.n_atoms)
     err_e = pred.energy - structures.energy
     raw_e = pred.energy_uncertainty
 
-    def apply(a: float, b: float, raw: np.ndarray) -> np.ndarray:
-        return a * np.power(raw, b)
-
-    if exponent:
-        a_f, b_f = fit_power_law(err_f, raw_f)
+    if exponent and structure_term:
+        a_f, b_f, q_f = fit_structure_power_law(err_f, raw_f, structures.n_atoms)
+    elif exponent:
+        (a_f, b_f), q_f = fit_power_law(err_f, np.repeat(raw_f[:, None], 3, axis=1)), 0.0
     else:
-        a_f, b_f = fit_scale(err_f, raw_f), 1.0
+        a_f, b_f, q_f = fit_scale(err_f, np.repeat(raw_f[:, None], 3, axis=1)), 1.0, 0.0
     if exponent and len(structures) >= min_energy_structures:
         a_e, b_e = fit_power_law(err_e, raw_e)
     else:
         a_e, b_e = fit_scale(err_e, raw_e), 1.0
-    record: dict[str, Any] = {"method": current.method, "n_frames": len(structures), "exponent_fitted": exponent}
-    for name, err, raw, (a0, b0), (a1, b1) in (
-        ("forces", err_f, raw_f, (current.forces_scale, current.forces_exponent), (a_f, b_f)),
-        ("energy", err_e, raw_e, (current.energy_scale, current.energy_exponent), (a_e, b_e)),
+
+    def forces_sigma(a: float, b: float, q: float) -> np.ndarray:
+        return np.repeat(a * raw_f**b * bar_f**q, 3)
+
+    q0 = current.forces_structure_exponent
+    record: dict[str, Any] = {
+        "method": current.method,
+        "n_frames": len(structures),
+        "exponent_fitted": exponent,
+        "structure_term_fitted": exponent and structure_term,
+    }
+    for name, err, before, after, fitted in (
+        (
+            "forces",
+            err_f.ravel(),
+            forces_sigma(current.forces_scale, current.forces_exponent, q0),
+            forces_sigma(a_f, b_f, q_f),
+            {"scale": a_f, "exponent": b_f, "structure_exponent": q_f},
+        ),
+        (
+            "energy",
+            err_e,
+            current.energy_scale * raw_e**current.energy_exponent,
+            a_e * raw_e**b_e,
+            {"scale": a_e, "exponent": b_e},
+        ),
     ):
-        before, after = apply(a0, b0, raw), apply(a1, b1, raw)
         ok = (before > 0) & (after > 0)
         record[name] = {
-            "scale": a1,
-            "exponent": b1,
+            **fitted,
             "coverage_95_before": _coverage_95(err[ok], before[ok]),
             "coverage_95_after": _coverage_95(err[ok], after[ok]),
             "nll_before": _nll(err[ok], before[ok] ** 2),
@@ -501,12 +603,13 @@ def recalibrate(
         energy_exponent=b_e,
         forces_scale=a_f,
         forces_exponent=b_f,
-        calibration=f"{current.method} σ recalibrated (σ = a σ_raw^b) on {len(structures)} labelled structures",
+        forces_structure_exponent=q_f,
+        calibration=f"{current.method} σ recalibrated (power laws) on {len(structures)} labelled structures",
     )
     if log:
         f = record["forces"]
         log(
-            f"σ recalibrated on {len(structures)} frames: σ_F = {a_f:.4g} σ_raw^{b_f:.3f}; 95 % coverage of the "
-            f"force errors {f['coverage_95_before']:.3f} -> {f['coverage_95_after']:.3f}"
+            f"σ recalibrated on {len(structures)} frames: σ_F = {a_f:.4g} σ_raw^{b_f:.3f} σ̄_raw^{q_f:.3f}; 95 % "
+            f"coverage of the force errors {f['coverage_95_before']:.3f} -> {f['coverage_95_after']:.3f}"
         )
     return potential.replace(uncertainty=config), params, record
