@@ -2,7 +2,8 @@
 
 Every key of a training YAML file (:class:`~equiforce.training.config.TrainConfig` and its sections),
 every model's hyperparameters (the registered :class:`~equiforce.potentials.registry.ModelConfig` classes)
-and every MD setting (:class:`~equiforce.md.engine.MDConfig`) is listed with its type, its default and the
+every MD setting (:class:`~equiforce.md.engine.MDConfig`) and every key of an active-learning file
+(:class:`~equiforce.learning.config.LearnConfig`) is listed with its type, its default and the
 description from the class's ``Attributes:`` docstring section. The documentation build calls
 :func:`config_reference_markdown`, and a test checks that every field has a description, so the reference
 cannot drift from the code.
@@ -187,4 +188,27 @@ def config_reference_markdown() -> str:
         "",
     ]
     out += _section("MDConfig", MDConfig, "")
+    out += _learning_sections()
     return "\n".join(out)
+
+
+def _learning_sections() -> list[str]:
+    """The keys of an active-learning YAML file (``equiforce learn``)."""
+    from equiforce.learning.config import Condition, LearnConfig
+
+    out = [
+        "## Active learning",
+        "",
+        "The keys of an active-learning YAML file (`equiforce learn CONFIG.yaml`, `run_active_learning`; see "
+        "the active-learning page). `training.config` is a training configuration (above) without `output_dir`, "
+        "`data.train`, `data.valid`, `data.test` and `model.init_from`, which the loop sets.",
+        "",
+    ]
+    hints = typing.get_type_hints(LearnConfig)
+    out += _section("Top level", LearnConfig, "")
+    for f in dataclasses.fields(LearnConfig):
+        sub = hints[f.name]
+        if dataclasses.is_dataclass(sub):
+            out += _section(f"`{f.name}` ({sub.__name__})", sub, f"{f.name}.")
+    out += _section("`md.conditions[]` (Condition)", Condition, "md.conditions[].")
+    return out

@@ -215,7 +215,11 @@ class LearnConfig:
       seeds: structures MD starts from (every frame of the file, one replica per frame and condition); null:
         the first frame of ``start.structures`` or ``start.data``.
       test: labelled held-out frames: each generation's model is evaluated on them.
-      labeller, md, selection, budget, training: see their classes.
+      labeller: the reference method (see :class:`LabellerConfig`).
+      md: the MD of each generation (see :class:`MDSection`).
+      selection: σ thresholds and the batch (see :class:`SelectionConfig`).
+      budget: labels and generations (see :class:`BudgetConfig`).
+      training: training and recalibration (see :class:`TrainingSection`).
       base_dir: folder relative paths are resolved against (the config file's).
     """
 
