@@ -365,8 +365,7 @@ class _Loop:
 
         import ase.io
 
-        from equiforce.md import run_md
-        from equiforce.md.engine import MDBlowUpError
+        from equiforce.md import MDBlowUpError, run_md
         from equiforce.potentials.model_io import enable_x64_for, load_model
         from equiforce.uncertainty.calibration import predict_uncertainties
         from equiforce.uncertainty.select import read_pool
@@ -616,7 +615,7 @@ class _Loop:
 
 
 def _trajectory_steps(path: Path) -> np.ndarray:
-    from equiforce.md.reporters import read_h5md
+    from equiforce.md import read_h5md
 
     return np.asarray(read_h5md(path)["step"], np.int64)
 
