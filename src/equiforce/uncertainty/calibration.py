@@ -467,7 +467,11 @@ def fit_structure_power_law(errors: np.ndarray, sigma: np.ndarray, n_atoms: np.n
         return 0.5 * log_a2(x) + x[0] * float(np.mean(ls)) + x[1] * float(np.mean(lb))
 
     res = minimize(
-        profile, np.array([1.0, 0.0]), method="L-BFGS-B", bounds=[POWER_LAW_EXPONENT_RANGE, STRUCTURE_EXPONENT_RANGE]
+        profile,
+        np.array([1.0, 0.0]),
+        method="L-BFGS-B",
+        bounds=[POWER_LAW_EXPONENT_RANGE, STRUCTURE_EXPONENT_RANGE],
+        options={"ftol": 1e-14, "gtol": 1e-10},
     )
     b, q = (float(v) for v in res.x)
     a = float(np.exp(0.5 * log_a2(res.x)))
