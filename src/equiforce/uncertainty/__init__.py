@@ -4,7 +4,7 @@ The per-prediction computations (committee spread, last-layer prediction rigidit
 :mod:`equiforce.potentials.uncertainty`; this package fits and judges them:
 
 * :mod:`~equiforce.uncertainty.calibration`: fit the LLPR of a trained network, fit calibration factors on a
-  validation set, and ``equiforce calibrate``;
+  validation set, and ``equiforce calibrate``; ``recalibrate`` refits them on newly labelled (shifted) frames;
 * :mod:`~equiforce.uncertainty.metrics`: Gaussian NLL, miscalibration area, interval coverage, Spearman
   rank correlation, the error of the most uncertain predictions; reliability and σ-versus-error plots;
 * :mod:`~equiforce.uncertainty.select`: pick structures to label by uncertainty and diversity.
@@ -16,6 +16,7 @@ from equiforce.uncertainty.calibration import (
     fit_llpr,
     fit_scale,
     predict_uncertainties,
+    recalibrate,
 )
 from equiforce.uncertainty.metrics import uncertainty_metrics
 
@@ -25,5 +26,6 @@ __all__ = [
     "fit_llpr",
     "fit_scale",
     "predict_uncertainties",
+    "recalibrate",
     "uncertainty_metrics",
 ]

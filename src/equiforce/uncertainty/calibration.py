@@ -520,7 +520,8 @@ def recalibrate(
     :func:`fit_llpr` first).
 
     Args:
-      potential, params: a model with an uncertainty (LLPR or committee).
+      potential: a model with an uncertainty (LLPR or committee).
+      params: its parameters (with the ``"llpr"`` collection for LLPR, stacked members for a committee).
       frames: a :class:`StructureSet` or a list of ``ase.Atoms`` with energy (eV) and forces (eV/Å) labels;
         at least 2 structures.
       exponent: fit the exponents (True) or keep ``b = 1, q = 0`` and fit one scale factor per quantity (False).
