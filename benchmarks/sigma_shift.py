@@ -131,7 +131,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/sigma_shift"))
     ap.add_argument("--model", default="mace")
     ap.add_argument("--hp", default='{"num_interactions": 2, "num_features": 16, "l_max": 2, "correlation": 2}')
-    ap.add_argument("--members", type=int, default=4)
+    ap.add_argument("--members", type=int, default=4, help="committee size; 0 or 1: the single network only")
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--n-train", type=int, default=80)
@@ -162,7 +162,9 @@ def main() -> None:
     _write(args.out / "train.extxyz", train)
     _write(args.out / "valid.extxyz", valid)
 
-    names = {"LLPR (single)": args.out / "single", f"committee K={args.members}": args.out / f"committee{args.members}"}
+    names = {"LLPR (single)": args.out / "single"}
+    if args.members > 1:
+        names[f"committee K={args.members}"] = args.out / f"committee{args.members}"
     models, times = {}, {}
     for name, folder in names.items():
         if args.reuse:
