@@ -193,7 +193,8 @@ class TrainingSection:
 
     Attributes:
       mode: ``finetune`` (``model.init_from`` the current model, trained on all data so far) or ``scratch``.
-      recalibrate: refit the uncertainty on the frames just labelled (``equiforce.uncertainty.calibrate``).
+      recalibrate: refit σ's calibration on the frames the loop labelled so far
+        (:func:`equiforce.uncertainty.calibration.recalibrate`).
       config: a training config mapping (``model``, ``loss``, ``optim``, ...; see the configuration
         reference); the loop sets ``output_dir``, ``data.train``, ``data.test`` and ``model.init_from``, and
         ``md_check.steps: 0`` unless ``md_check`` is given.

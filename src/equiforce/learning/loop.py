@@ -20,9 +20,10 @@ Each further generation ``g``:
    ``sigma_forces`` (eV/Å).
 5. **Training**: :func:`equiforce.training.train` on all labelled data so far (start data + every
    generation's labels), from the current model (``model.init_from``; ``training.mode: finetune``) or from
-   scratch; then the uncertainty is recalibrated on the frames just labelled
-   (:func:`equiforce.uncertainty.calibration.calibrate`). Coverage of the 95 % interval on those frames is
-   reported for the model that picked them, and for the new model before and after recalibration.
+   scratch; then the calibration of σ is refitted on the frames the loop has labelled, this generation's and
+   the earlier ones (:func:`equiforce.uncertainty.calibration.recalibrate`). Coverage of the 95 % interval on
+   the frames just labelled is reported for the model that picked them, and for the new model before and after
+   recalibration.
 6. **Report**: ``gen_NNN/report.json`` and ``sigma.png``; the run's ``report.json/.md/.csv/.png``.
 
 Stop: every replica of every condition ran ``md.target_ps`` below ``selection.upper`` (``converged``), or the
@@ -566,13 +567,15 @@ class _Loop:
         if new_set is not None and len(labelled) >= 1:
             calib["before"] = _coverage(potential, params, new_set)
             if cfg.training.recalibrate and g > 0:
-                from equiforce.uncertainty.calibration import UncertaintyError, calibrate
+                from equiforce.uncertainty.calibration import UncertaintyError, recalibrate
 
+                # the frames the loop labelled, this generation's and the earlier ones (all picked where the
+                # model was unsure, i.e. shifted); training's own LLPR fit stays, its calibration is refitted
+                shifted = [a for k in range(1, g + 1) for a in read_frames(self.out / f"gen_{k:03d}" / LABELLED)]
                 try:
-                    potential, params, record = calibrate(
-                        potential, params, new_set, train=_structure_set(data), log=self.log
-                    )
+                    potential, params, record = recalibrate(potential, params, _structure_set(shifted), log=self.log)
                     calib["after"] = _coverage(potential, params, new_set)
+                    calib["n_frames"] = len(shifted)
                     calib["record"] = record
                 except UncertaintyError as err:
                     calib["error"] = str(err)
