@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -83,6 +84,10 @@ def counting_env(tmp_path_factory):
     (folder / "al_counting.py").write_text(COUNTING_LABELLER)
     ase.io.write(folder / "start.extxyz", [_cu(k) for k in range(6)])
     ase.io.write(folder / "seeds.extxyz", [_cu(100, 0.0)])
+    ase.io.write(folder / "fe.extxyz", bulk("Fe", "bcc", a=2.87, cubic=True).repeat(3))
+    ag = _cu(0)
+    ag.symbols[0] = "Ag"
+    ase.io.write(folder / "ag.extxyz", ag)
     mp = pytest.MonkeyPatch()
     mp.syspath_prepend(str(folder))
     mp.setenv("PYTHONPATH", f"{folder}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
@@ -183,16 +188,12 @@ def test_the_same_command_again_says_finished_and_computes_nothing(one_generatio
 )
 def test_bad_input_is_a_clear_error_before_any_md(counting_env, capsys, changes, message):
     folder = counting_env
-    ase.io.write(folder / "fe.extxyz", bulk("Fe", "bcc", a=2.87, cubic=True).repeat(3))
-    ag = _cu(0)
-    ag.symbols[0] = "Ag"
-    ase.io.write(folder / "ag.extxyz", ag)
     out = f"bad_{len(list(folder.glob('bad_*')))}"
     config = _config(folder, output_dir=out, **changes)
     assert main(["learn", str(config)]) == 2
     err = capsys.readouterr().err
     assert "equiforce learn: error:" in err and "Traceback" not in err
-    assert __import__("re").search(message, err), err
+    assert re.search(message, err), err
     assert not (folder / out).exists()  # nothing ran, nothing written
 
 
