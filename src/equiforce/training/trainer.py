@@ -575,10 +575,10 @@ def _restore(ckpt_path: Path, initial: LoopState, log: Callable[[str], None]) ->
 
 
 def _prepare_outputs(cfg: TrainConfig, out: Path, ckpt_path: Path, resume: bool, history: list) -> None:
-    """Process 0: ``config.yaml``; ``metrics.jsonl`` emptied (new run) or cut to the checkpoint's history
+    """Process 0: ``config.yaml`` (atomically); ``metrics.jsonl`` emptied (new run) or cut to the checkpoint's history
     (resume); temporary files of atomic writes that a kill left behind removed."""
     metrics_path = out / "metrics.jsonl"
-    (out / "config.yaml").write_text(_yaml_dump(cfg.to_dict()))
+    atomic_write_bytes(out / "config.yaml", _yaml_dump(cfg.to_dict()).encode())
     if not resume and metrics_path.exists():
         metrics_path.unlink()
     if resume:  # a kill between an epoch's metrics line and its checkpoint left one line too many
