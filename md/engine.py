@@ -1,8 +1,8 @@
 """The jit-compiled MD loop: integrator steps in chunks, overflow re-runs and blow-up detection.
 
-The steps are :mod:`equiforce.md.integrators`' thin functions over jax-md's states and building blocks:
-each returns what its force call computed (the potential energy) and, for Langevin, the heat exchanged
-with the bath, carried through the chunk's loop as explicit outputs. NPT runs jax-md's own step.
+The engine runs one :class:`~equiforce.md.ensembles.Ensemble`'s step: each returns what its force call
+computed (the potential energy) and, for Langevin, the heat exchanged with the bath, carried through the
+chunk's loop as explicit outputs. NPT runs jax-md's own step.
 
 Each chunk of ``report_interval`` steps runs inside one jitted ``lax.fori_loop`` with the neighbour list
 updated (and rebuilt when atoms moved more than half the skin) inside the loop; nothing leaves the
@@ -16,7 +16,8 @@ device until the chunk ends. Then the host checks
 
 Units are ASE's: Å, eV, amu, time in ASE units internally (``timestep_fs * ase.units.fs``), reported in
 ps; temperatures in K (kT in eV inside), over the degrees of freedom of
-:func:`equiforce.md.integrators.degrees_of_freedom` (``3N - 3``; ``3N`` for Langevin).
+:meth:`equiforce.md.ensembles.Ensemble.degrees_of_freedom` (``3N - 3``; ``3N`` for Langevin; ``3 (N - n_fixed)``
+with fixed atoms).
 """
 
 from __future__ import annotations
@@ -36,14 +37,24 @@ import numpy as np
 from ase import units
 from jax_md import quantity, simulate
 
-from equiforce.md import integrators
+from equiforce.md.ensembles import ENSEMBLES as _ENSEMBLES
+from equiforce.md.ensembles import (
+    Thermostat,
+    get_ensemble,
+    kinetic_energy,
+    pin,
+    restore_state,
+    thermal_momenta,
+    with_chain_dof,
+)
 from equiforce.md.system import MDSystem, cell_heights
 
 __all__ = ["ENSEMBLES", "MDBlowUpError", "MDConfig", "MDEngine", "ThermoFrame", "UncertaintyCrossing"]
 
 logger = logging.getLogger(__name__)
 
-ENSEMBLES = ("nve", "nvt_langevin", "nvt_nose_hoover", "npt_nose_hoover")
+#: the ensemble names (the ensembles themselves: :data:`equiforce.md.ensembles.ENSEMBLES`)
+ENSEMBLES = tuple(_ENSEMBLES)
 
 
 class MDBlowUpError(RuntimeError):
@@ -100,8 +111,7 @@ class MDConfig:
     uncertainty_threshold: float | None = None
 
     def __post_init__(self) -> None:
-        if self.ensemble not in ENSEMBLES:
-            raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {self.ensemble!r}")
+        get_ensemble(self.ensemble)  # raises ValueError naming the ensembles
         if not self.timestep_fs > 0 or self.report_interval < 1 or self.temperature_K < 0 or self.skin < 0:
             raise ValueError("timestep_fs > 0, report_interval >= 1, temperature_K >= 0 and skin >= 0 required")
         if not self.edge_capacity_multiplier >= 1.0:
@@ -147,7 +157,7 @@ class UncertaintyCrossing:
     cell: np.ndarray | None
 
 
-_kinetic_energy = integrators.kinetic_energy
+_kinetic_energy = kinetic_energy
 
 
 @contextlib.contextmanager
@@ -177,9 +187,15 @@ class MDEngine:
         self.dt = config.timestep_fs * units.fs
         self.kT = config.temperature_K * units.kB
         self.n_atoms = int(system.masses.shape[0])
-        self.npt = config.ensemble == "npt_nose_hoover"
+        self.ensemble = get_ensemble(config.ensemble)
+        self.npt = not self.ensemble.fixed_box
         self.pressure = config.pressure_GPa * units.GPa
-        self.dof = integrators.degrees_of_freedom(config.ensemble, self.n_atoms)
+        #: ``[n_atoms]`` bool, False for fixed atoms; None: every atom moves
+        self.free = None if system.fixed is None else jnp.asarray(~np.asarray(system.fixed))
+        n_fixed = 0 if system.fixed is None else int(np.sum(system.fixed))
+        self.dof = self.ensemble.degrees_of_freedom(self.n_atoms, n_fixed)
+        gamma = config.friction_per_ps / (1000.0 * units.fs)
+        self.thermostat = Thermostat(kT=self.kT, gamma=gamma, chain_kT=self.kT, dof_index=0)
         self.reallocations = 0
         self.step = 0
         self.heat = 0.0  # eV the Langevin bath put into the system since step 0 (see conserved_quantity)
@@ -224,34 +240,26 @@ class MDEngine:
             return value_and_force(position, **kwargs)[1]
 
         self._value_and_force = value_and_force
-        shift_fn, dt, kT = system.shift_fn, self.dt, self.kT
-        self._step: Callable[..., tuple[Any, integrators.StepAux]] | None = None
-        if config.ensemble == "nve":
-            self._init_fn, _ = simulate.nve(force_fn, shift_fn, dt)
-            self._step = integrators.nve_step_fn(value_and_force, shift_fn, dt)
-        elif config.ensemble == "nvt_langevin":
-            gamma = config.friction_per_ps / (1000.0 * units.fs)
-            self._init_fn, _ = simulate.nvt_langevin(force_fn, shift_fn, dt, kT, gamma=gamma)
-            self._step = integrators.langevin_step_fn(value_and_force, shift_fn, dt, kT, gamma)
-        elif config.ensemble == "nvt_nose_hoover":
-            tau = (config.thermostat_tau_fs or 100.0 * config.timestep_fs) * units.fs
-            self._init_fn, _ = simulate.nvt_nose_hoover(force_fn, shift_fn, dt, kT, tau=tau)
-            chain = simulate.nose_hoover_chain(dt, 5, 2, 3, tau)  # jax-md's defaults
-            self._step = integrators.nose_hoover_step_fn(value_and_force, shift_fn, dt, kT, chain)
-        else:
+        shift_fn, dt, kT, ens = system.shift_fn, self.dt, self.kT, self.ensemble
+        tau = (config.thermostat_tau_fs or 100.0 * config.timestep_fs) * units.fs
+        self._step = None
+        if ens.make_step is not None:
+            self._init_fn, _ = ens.simulator(force_fn, shift_fn, dt, kT, gamma=self.thermostat.gamma, tau=tau)
+            self._step = ens.make_step(value_and_force, shift_fn, dt, (self.dof,))
+        else:  # NPT: jax-md's step, given the energy (the barostat differentiates it with respect to the box)
             if not system.fractional:
                 raise ValueError("NPT needs a periodic system built with make_system(..., fractional=True)")
-            tau_t = (config.thermostat_tau_fs or 100.0 * config.timestep_fs) * units.fs
             tau_b = (config.barostat_tau_fs or 1000.0 * config.timestep_fs) * units.fs
-            # the barostat differentiates the energy with respect to the box: jax-md's step, given the energy
-            self._init_fn, self._apply_fn = simulate.npt_nose_hoover(
-                self.energy_fn,
-                shift_fn,
-                dt,
-                self.pressure,
-                kT,
-                barostat_kwargs={"tau": tau_b},
-                thermostat_kwargs={"tau": tau_t},
+            energy_fn = self.energy_fn
+            if self.free is not None:  # zero force on fixed atoms; the box derivative (stress) keeps them
+                free = self.free[:, None]
+
+                def energy_fn(position: jnp.ndarray, **kwargs: Any) -> jnp.ndarray:
+                    pinned = jnp.where(free, position, jax.lax.stop_gradient(position))
+                    return self.energy_fn(pinned, **kwargs)
+
+            self._init_fn, self._apply_fn = ens.simulator(
+                energy_fn, shift_fn, dt, kT, gamma=0.0, tau=tau, pressure=self.pressure, barostat_tau=tau_b
             )
         self._chunk = jax.jit(self._chunk_impl, static_argnums=(2,))
         self._observe = jax.jit(self._observe_impl)
@@ -283,20 +291,40 @@ class MDEngine:
                 state = self._init_fn(key, pos, kT=self.kT, mass=self.system.masses, neighbor=self.neighbor)
         if velocities is not None:
             momentum = jnp.asarray(velocities, self.system.dtype) * self.system.masses[:, None]
+            momentum = pin(self.free, momentum)
         else:
             # jax-md draws MB momenta; remove the centre-of-mass motion and rescale to the exact temperature
-            momentum = state.momentum - jnp.mean(state.momentum, axis=0)
-            ke = _kinetic_energy(momentum, self.system.masses)
-            target = 0.5 * self.dof * self.kT
-            momentum = jnp.where(ke > 0, momentum * jnp.sqrt(target / jnp.maximum(ke, 1e-30)), momentum)
-        state = dataclasses.replace(state, momentum=momentum.astype(self.system.dtype))
+            momentum = thermal_momenta(state.momentum, self.system.masses, self.kT, self.dof, self.free)
+        state = dataclasses.replace(
+            state, momentum=momentum.astype(self.system.dtype), force=pin(self.free, state.force)
+        )
         ke = _kinetic_energy(state.momentum, self.system.masses)
-        if self.config.ensemble == "nvt_nose_hoover":  # the chain aims at the reported degrees of freedom
-            state = state.set(chain=integrators.set_chain_dof(state.chain, self.dof).set(kinetic_energy=ke))
-        elif self.npt:
-            state = state.set(thermostat=integrators.set_chain_dof(state.thermostat, self.dof).set(kinetic_energy=ke))
+        field = self.ensemble.chain_field
+        if field is not None:  # the chain aims at the reported degrees of freedom
+            chain = with_chain_dof(getattr(state, field), self.dof).set(kinetic_energy=ke)
+            state = state.set(**{field: chain})
         self.step = 0
         self.heat = 0.0
+        return state
+
+    def restore(self, state: Any, arrays: dict[str, np.ndarray], meta: dict[str, Any], source: Any = "") -> Any:
+        """Continue from a restart point: the state stored in ``arrays`` (shaped like ``state``, e.g. from
+        :meth:`init`), with :attr:`step`, the bath :attr:`heat` and the neighbour list restored from it.
+
+        Args:
+          arrays, meta: a restart point (:func:`~equiforce.md.outputs.read_restart_point`): the state's arrays,
+            and ``ensemble``, ``step`` and ``heat_eV``.
+          source: the file it came from (for messages).
+
+        Raises:
+          ValueError: written by another ensemble, or arrays that do not fit this system.
+        """
+        if meta.get("ensemble") != self.ensemble.name:
+            raise ValueError(f"{source} was written by a {meta.get('ensemble')} run, not {self.ensemble.name}")
+        state = restore_state(state, arrays)
+        self.step = int(meta["step"])
+        self.heat = float(meta.get("heat_eV", 0.0))
+        self.neighbor = self.system.neighbor_fn.allocate(state.position, **self._space_kwargs(state))
         return state
 
     # ------------------------------------------------------------------ chunks
@@ -348,7 +376,7 @@ class MDEngine:
         def body(i, carry):
             state, neighbor, max_edges, epot, heat, unc = carry
             if step_fn is not None:
-                state, aux = step_fn(state, neighbor=neighbor)
+                state, aux = step_fn(state, self.thermostat, self.free, neighbor=neighbor)
                 epot, heat = aux.potential_energy, heat + aux.heat  # epot at the new positions
             else:
                 state = self._apply_fn(state, neighbor=neighbor)
@@ -404,19 +432,8 @@ class MDEngine:
         chain, ``P V`` and the box kinetic energy (jax-md's ``npt_nose_hoover_invariant`` with the chain's
         degrees of freedom).
         """
-        total = epot + ekin
-        if self.config.ensemble == "nve":
-            return total
-        if self.config.ensemble == "nvt_langevin":
-            return total - self.heat
-        if self.config.ensemble == "nvt_nose_hoover":
-            return total + float(integrators.nose_hoover_chain_energy(state.chain, self.kT))
-        thermostat = float(integrators.nose_hoover_chain_energy(state.thermostat, self.kT))
-        b = state.barostat
-        barostat = float(jnp.sum(b.momentum**2 / (2 * b.mass)) + self.kT * jnp.sum(b.position))
-        volume = float(jnp.abs(jnp.linalg.det(self.box(state))))
-        box_ke = float(state.box_momentum**2 / (2 * state.box_mass))
-        return total + thermostat + barostat + self.pressure * volume + box_ke
+        extended = float(self.ensemble.extended_energy(state, self.kT, self.pressure))
+        return self.ensemble.conserved(epot + ekin, self.heat, extended)
 
     def _frame(
         self, state: Any, epot: Any, ekin: Any, pressure: Any, volume: Any, sigma_e: Any = None, sigma_f: Any = None

@@ -65,10 +65,11 @@ from ase import units
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax_md import partition, quantity, simulate, space
 
-from equiforce.md import integrators
 from equiforce.md.all_pairs import all_pairs_neighbor_list
+from equiforce.md.constraints import ConstraintError, fixed_mask
 from equiforce.md.engine import ThermoFrame
-from equiforce.md.replica_inputs import REPLICA_ENSEMBLES, check_replicas, per_replica, resolve_replica_devices
+from equiforce.md.ensembles import CHAIN, Thermostat, chain_op, get_ensemble, kinetic_energy, pin, thermal_momenta
+from equiforce.md.replica_inputs import check_replicas, per_replica, resolve_replica_devices
 from equiforce.md.system import _check_precision, with_precision
 from equiforce.potentials.potential import Potential
 
@@ -76,9 +77,8 @@ __all__ = ["ReplicaEngine"]
 
 _AXIS = "replicas"
 _PAD_DISTANCE = 1.0e4  # Å between free-space replicas' atoms and the first padding atom
-_CHAIN = (5, 2, 3)  # Nosé–Hoover chain length, chain steps, Suzuki–Yoshida steps (jax-md's defaults, as MDEngine)
 #: degrees_of_freedom of the chains in the batched state: jax-md keeps it a static (Python int) field, which
-#: cannot differ between replicas; each replica's own enters through the branches of ReplicaEngine._chain_op
+#: cannot differ between replicas; each replica's own enters through the branches of ensembles.chain_op
 _CHAIN_DOF_PLACEHOLDER = 0
 
 
@@ -87,6 +87,7 @@ class _Consts(NamedTuple):
 
     species: jnp.ndarray  # [N] int32 species index, 0 for padding
     atom_mask: jnp.ndarray  # [N] bool, False for padding
+    free: jnp.ndarray  # [N] bool, False for padding and fixed atoms (they never move)
     n_atoms: jnp.ndarray  # () real atoms
     dof: jnp.ndarray  # () kinetic degrees of freedom
     dof_index: jnp.ndarray  # () int32, position of dof in ReplicaEngine.dof_values (Nosé–Hoover chains)
@@ -128,6 +129,9 @@ class ReplicaEngine:
       precision: ``float32``, ``float64`` or ``mixed`` (see :func:`~equiforce.md.system.make_system`);
         default the potential's dtype.
       devices: see :func:`~equiforce.md.replica_inputs.resolve_replica_devices`.
+      fixed: atoms held fixed (zero force and velocity), united with each structure's ``FixAtoms``
+        (:func:`~equiforce.md.constraints.fixed_mask`): None, or one entry per replica (None, indices or an
+        ``[n_k]`` bool mask).
       log: receives messages (reallocations).
 
     Raises:
@@ -161,13 +165,10 @@ class ReplicaEngine:
         max_temperature_K: float = 1.0e5,
         precision: str | None = None,
         devices: int | Sequence[Any] | None = None,
+        fixed: Any = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
-        if ensemble not in REPLICA_ENSEMBLES:
-            raise ValueError(
-                f"replicas support the ensembles {REPLICA_ENSEMBLES}, got {ensemble!r} (NPT changes each replica's "
-                "box: run each structure with run_md)"
-            )
+        self.ens = get_ensemble(ensemble, fixed_box=True)
         if not timestep_fs > 0 or report_interval < 1 or skin < 0:
             raise ValueError("timestep_fs > 0, report_interval >= 1 and skin >= 0 required")
         structures = list(structures)
@@ -214,8 +215,23 @@ class ReplicaEngine:
         self.sharding = NamedSharding(self.mesh, PartitionSpec(_AXIS))
         self.cells = [np.asarray(a.get_cell()[:], np.float64) for a in structures] if self.periodic else None
 
-        self.dofs = [integrators.degrees_of_freedom(ensemble, m) for m in self.n_atoms]
+        if fixed is None:
+            fixed = [None] * k
+        elif len(fixed) != k:
+            raise ValueError(f"fixed has {len(fixed)} entries for {k} replicas (one index list or mask per replica)")
+        self.fixed = []
+        for i, (atoms, f) in enumerate(zip(structures, fixed, strict=True)):
+            try:
+                self.fixed.append(fixed_mask(atoms, f))
+            except ConstraintError as err:
+                raise ConstraintError(f"replica {i}: {err}") from err
+            if self.fixed[-1].all():
+                raise ConstraintError(f"replica {i}: all {len(atoms)} atoms are fixed: nothing would move")
+        self.dofs = [
+            self.ens.degrees_of_freedom(m, int(f.sum())) for m, f in zip(self.n_atoms, self.fixed, strict=True)
+        ]
         species = np.zeros((self.K, n), np.int32)
+        free = np.zeros((self.K, n), bool)
         mask = np.zeros((self.K, n), bool)
         masses = np.ones((self.K, n), np.float64)
         boxes = np.tile(np.eye(3), (self.K, 1, 1))
@@ -227,6 +243,7 @@ class ReplicaEngine:
             z = potential.species_index(atoms.get_atomic_numbers())
             species[i, : len(atoms)] = z
             mask[i, : len(atoms)] = True
+            free[i, : len(atoms)] = ~self.fixed[j]
             masses[i, : len(atoms)] = atoms.get_masses()
             if self.periodic:
                 boxes[i] = self.cells[j].T  # jax-md: lattice vectors as columns
@@ -234,9 +251,11 @@ class ReplicaEngine:
                 self.e0.append(float(np.sum(atomic_energies[np.asarray(z)])))
         dof = np.array([self.dofs[i] for i in src], np.float64)
         self.dof_values = sorted(set(self.dofs))
+        self.dof_tuple = tuple(self.dof_values)
         consts = _Consts(
             species=species,
             atom_mask=mask,
+            free=free,
             n_atoms=np.array([self.n_atoms[i] for i in src], np.float64),
             dof=dof,
             dof_index=np.array([self.dof_values.index(self.dofs[i]) for i in src], np.int32),
@@ -246,7 +265,7 @@ class ReplicaEngine:
             max_ekin=0.5 * dof * units.kB * self.max_temperature_K,
             box=boxes,
         )
-        as_dtype = {"species": jnp.int32, "atom_mask": bool, "dof_index": jnp.int32}
+        as_dtype = {"species": jnp.int32, "atom_mask": bool, "free": bool, "dof_index": jnp.int32}
         self.consts = self._put(
             _Consts(
                 *(jnp.asarray(v, as_dtype.get(f, self.dtype)) for f, v in zip(_Consts._fields, consts, strict=True))
@@ -352,52 +371,35 @@ class ReplicaEngine:
             return -value_and_grad(r, kwargs["neighbor"], c)[1]
 
         shift_fn = self._space(c.box)[1]
-        if self.ensemble == "nvt_langevin":
-            init_fn, _ = simulate.nvt_langevin(force_fn, shift_fn, self.dt, c.kT, gamma=c.gamma)
-        else:  # NVE; Nosé–Hoover adds its chain below
-            init_fn, _ = simulate.nve(force_fn, shift_fn, self.dt)
+        ens = self.ens
+        # NVE's state for Nosé–Hoover too: its chain is added below
+        init_fn, _ = (ens if ens.stochastic else get_ensemble("nve")).simulator(
+            force_fn, shift_fn, self.dt, c.kT, gamma=c.gamma, tau=None
+        )
         state = init_fn(key, position, kT=c.kT, mass=mass, neighbor=neighbor)
-        # as MDEngine.init: zero total momentum (over the real atoms), exactly the target temperature
-        real = c.atom_mask[:, None]
-        p = jnp.where(real, state.momentum, 0.0)
-        p = jnp.where(real, p - jnp.sum(p, axis=0) / c.n_atoms, 0.0)
-        ke = integrators.kinetic_energy(p, mass)
-        target = 0.5 * c.dof * c.kT
-        p = jnp.where(ke > 0, p * jnp.sqrt(target / jnp.maximum(ke, 1e-30)), p)
-        p = jnp.where(has_velocity, velocity * mass[:, None], p).astype(self.dtype)
-        state = dataclasses.replace(state, momentum=p)
-        if self.ensemble != "nvt_nose_hoover":
+        # as MDEngine.init: zero total momentum (over the free atoms), exactly the target temperature
+        p = thermal_momenta(state.momentum, mass, c.kT, c.dof, c.free)
+        p = jnp.where(has_velocity, pin(c.free, velocity * mass[:, None]), p).astype(self.dtype)
+        state = dataclasses.replace(state, momentum=p, force=pin(c.free, state.force))
+        if ens.chain_field is None:
             return state
         # jax-md's chain (nvt_nose_hoover's init: float32 tau) with the masses of the reported degrees of
         # freedom (MDEngine.init); the first step's update_mass sets them again, as in a single run
-        chain_fns = simulate.nose_hoover_chain(self.dt, *_CHAIN, c.tau.astype(jnp.float32))
-        ke = integrators.kinetic_energy(p, mass)
+        chain_fns = simulate.nose_hoover_chain(self.dt, *CHAIN, c.tau.astype(jnp.float32))
+        ke = kinetic_energy(p, mass)
         chain = chain_fns.initialize(position.size, ke, c.kT.astype(jnp.float32))
         chain = dataclasses.replace(chain, degrees_of_freedom=_CHAIN_DOF_PLACEHOLDER)
-        chain = self._chain_op(lambda ch: (chain_fns.update_mass(ch, c.kT.astype(jnp.float32)),), chain, c)[0]
+        kT32 = c.kT.astype(jnp.float32)
+        chain = chain_op(lambda ch: (chain_fns.update_mass(ch, kT32),), chain, c.dof_index, self.dof_tuple)[0]
         return simulate.NVTNoseHooverState(state.position, state.momentum, state.force, state.mass, chain)
 
-    def _chain_op(self, op: Callable[[Any], tuple], chain: Any, c: _Consts) -> tuple:
-        """``op(chain)`` (a jax-md chain function returning a tuple whose last item is the new chain) for one
-        replica's chain with its own degrees of freedom. jax-md keeps them a static field, so there is one
-        branch per distinct value (:attr:`dof_values`), chosen by ``c.dof_index`` (``lax.switch``; under
-        ``vmap`` every branch is computed on every replica's few chain scalars and the selected one kept);
-        in each branch the arithmetic is a single run's, with a Python int."""
-
-        def branch(dof: int) -> tuple:
-            out = op(dataclasses.replace(chain, degrees_of_freedom=dof))
-            return (*out[:-1], dataclasses.replace(out[-1], degrees_of_freedom=_CHAIN_DOF_PLACEHOLDER))
-
-        if len(self.dof_values) == 1:
-            return branch(self.dof_values[0])
-        return jax.lax.switch(c.dof_index, [partial(branch, d) for d in self.dof_values])
-
     def _end_observables(self, state: Any, neighbor: Any, c: _Consts) -> tuple[jnp.ndarray, ...]:
-        """``(E_kin, pressure, volume, chain energy)`` of one replica (eV, eV/Å³, Å³, eV; pressure and volume
-        zero without a cell, the chain energy zero without Nosé–Hoover)."""
-        ekin = integrators.kinetic_energy(state.momentum, state.mass)
+        """``(E_kin, pressure, volume, extended energy)`` of one replica (eV, eV/Å³, Å³, eV; pressure and volume
+        zero without a cell, the extended energy (:meth:`~equiforce.md.ensembles.Ensemble.extended_energy`)
+        zero without a chain)."""
+        ekin = kinetic_energy(state.momentum, state.mass)
         zero = jnp.zeros((), ekin.dtype)
-        pressure = volume = chain = zero
+        pressure = volume = zero
         if self.periodic:
 
             def energy_at(r: jnp.ndarray, perturbation: Any = None, **_: Any) -> jnp.ndarray:
@@ -405,10 +407,8 @@ class ReplicaEngine:
 
             pressure = quantity.pressure(energy_at, state.position, c.box, ekin)
             volume = jnp.abs(jnp.linalg.det(c.box))
-        if self.ensemble == "nvt_nose_hoover":
-            own = dataclasses.replace(state.chain, degrees_of_freedom=c.dof)  # traced: used here only
-            chain = integrators.nose_hoover_chain_energy(own, c.kT).astype(ekin.dtype)
-        return ekin, pressure, volume, chain
+        extended = self.ens.extended_energy(state, c.kT, dof=c.dof).astype(ekin.dtype)
+        return ekin, pressure, volume, extended
 
     def _observe_one(self, state: Any, neighbor: Any, c: _Consts) -> tuple[jnp.ndarray, ...]:
         return (self._energy(state.position, neighbor, c), *self._end_observables(state, neighbor, c))
@@ -437,60 +437,50 @@ class ReplicaEngine:
 
         return jax.vmap(build)(positions, c.box, c.atom_mask)
 
-    def _batched_step(self, state: Any, neighbor: Any, c: _Consts) -> tuple[Any, jnp.ndarray, jnp.ndarray]:
-        """One step of all local replicas: ``(state, E_pot [k] at the new positions, bath heat [k])``.
+    def _forces(self) -> Callable[..., tuple[jnp.ndarray, jnp.ndarray]]:
+        """``(position [N, 3], idx [2, C], c) -> (E_pot without E0, forces [N, 3])`` of one padded replica,
+        evaluated, when ``vmap``-ed over the replicas, as one disjoint graph of all of them (:meth:`_energies`,
+        one network call; a ``custom_vmap`` rule) instead of a ``vmap`` of the network."""
 
-        The steps of :func:`~equiforce.md.integrators.nve_step_fn`,
-        :func:`~equiforce.md.integrators.langevin_step_fn` and
-        :func:`~equiforce.md.integrators.nose_hoover_step_fn` (jax-md's pieces, ``vmap``-ed over the replicas,
-        each with its own space, kT, friction, random key or chain; padding atoms get no noise), with one
-        force call for all replicas (:meth:`_energies`)."""
-        dt = self.dt
-        momentum_step = jax.vmap(simulate.momentum_step, in_axes=(0, None))
-        kinetic = jax.vmap(integrators.kinetic_energy)
-
-        def position_step(s: Any, step: float) -> Any:
-            return jax.vmap(lambda x, box: simulate.position_step(x, self._space(box)[1], step))(s, c.box)
-
-        def total(positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-            energies = self._energies(positions, neighbor.idx, c)
+        def total(positions: jnp.ndarray, idx: jnp.ndarray, c: _Consts) -> tuple[jnp.ndarray, jnp.ndarray]:
+            energies = self._energies(positions, idx, c)
             return jnp.sum(energies), energies
 
-        def force_step(s: Any) -> tuple[Any, jnp.ndarray]:
-            (_, energies), grad = jax.value_and_grad(total, has_aux=True)(s.position)
-            return momentum_step(s.set(force=-grad), dt / 2), energies
+        def batched(positions: jnp.ndarray, idx: jnp.ndarray, c: _Consts) -> tuple[jnp.ndarray, jnp.ndarray]:
+            (_, energies), grad = jax.value_and_grad(total, has_aux=True)(positions, idx, c)
+            return energies, -grad
 
-        def verlet(s: Any) -> tuple[Any, jnp.ndarray]:
-            s = momentum_step(s, dt / 2)
-            return force_step(position_step(s, dt))
+        @jax.custom_batching.custom_vmap
+        def forces(position: jnp.ndarray, idx: jnp.ndarray, c: _Consts) -> tuple[jnp.ndarray, jnp.ndarray]:
+            energies, force = batched(position[None], idx[None], jax.tree.map(lambda x: x[None], c))
+            return energies[0], force[0]
 
-        if self.ensemble == "nve":
-            state, energies = verlet(state)
-            return state, energies, jnp.zeros_like(energies)
-        if self.ensemble == "nvt_nose_hoover":
-            chain = simulate.nose_hoover_chain(dt, *_CHAIN, 1.0)  # tau: the chain state's own (update_mass)
+        @forces.def_vmap
+        def rule(axis_size: int, in_batched: Any, position: jnp.ndarray, idx: jnp.ndarray, c: _Consts):
+            def spread(x: Any, is_batched: bool) -> Any:
+                return x if is_batched else jnp.broadcast_to(x, (axis_size, *jnp.shape(x)))
 
-            def update_mass(ch: Any, ci: _Consts) -> Any:
-                return self._chain_op(lambda x: (chain.update_mass(x, ci.kT.astype(jnp.float32)),), ch, ci)[0]
+            args = jax.tree.map(spread, (position, idx, c), tuple(in_batched))
+            return batched(*args), (True, True)
 
-            def half_step(p: jnp.ndarray, ch: Any, ci: _Consts) -> tuple[jnp.ndarray, Any]:
-                return self._chain_op(lambda x: chain.half_step(p, x, ci.kT), ch, ci)
+        return forces
 
-            thermostat = jax.vmap(update_mass)(state.chain, c)
-            p, thermostat = jax.vmap(half_step)(state.momentum, thermostat, c)
-            state, energies = verlet(state.set(momentum=p))
-            thermostat = thermostat.set(kinetic_energy=kinetic(state.momentum, state.mass))
-            p, thermostat = jax.vmap(half_step)(state.momentum, thermostat, c)
-            return state.set(momentum=p, chain=thermostat), energies, jnp.zeros_like(energies)
-        state = momentum_step(state, dt / 2)
-        state = position_step(state, dt / 2)
-        before = kinetic(state.momentum, state.mass)
-        state = jax.vmap(simulate.stochastic_step, in_axes=(0, None, 0, 0))(state, dt, c.kT, c.gamma)
-        state = state.set(momentum=jnp.where(c.atom_mask[..., None], state.momentum, 0.0))
-        heat = kinetic(state.momentum, state.mass) - before
-        state = position_step(state, dt / 2)
-        state, energies = force_step(state)
-        return state, energies, heat.astype(energies.dtype)
+    def _batched_step(self, state: Any, neighbor: Any, c: _Consts) -> tuple[Any, Any]:
+        """One step of all local replicas: the ensemble's step (:mod:`equiforce.md.ensembles`) ``vmap``-ed over
+        the replicas, each with its own space, thermostat and random key or chain, padding and fixed atoms held
+        still, with one force call for all replicas (:meth:`_forces`). Returns ``(state, StepAux)`` (leading
+        axis: replica)."""
+        forces = self._forces()
+
+        def one(state: Any, idx: jnp.ndarray, c: _Consts) -> Any:
+            def value_and_force(position: jnp.ndarray, **_: Any) -> tuple[jnp.ndarray, jnp.ndarray, tuple]:
+                return (*forces(position, idx, c), ())
+
+            step = self.ens.make_step(value_and_force, self._space(c.box)[1], self.dt, self.dof_tuple)
+            thermostat = Thermostat(kT=c.kT, gamma=c.gamma, chain_kT=c.kT.astype(jnp.float32), dof_index=c.dof_index)
+            return step(state, thermostat, c.free)
+
+        return jax.vmap(one)(state, neighbor.idx, c)
 
     def _update_neighbors(self, positions: jnp.ndarray, neighbor: Any, c: _Consts) -> Any:
         """jax-md's update of every replica's list, skipped (a real ``cond``) when no atom of any replica moved
@@ -517,8 +507,9 @@ class ReplicaEngine:
 
         def body(i, carry):
             state, neighbor, alive, epot, heat, bad = carry
-            new, energies, step_heat = self._batched_step(state, neighbor, c)
-            ekin = jax.vmap(integrators.kinetic_energy)(new.momentum, new.mass)
+            new, aux = self._batched_step(state, neighbor, c)
+            energies, step_heat = aux.potential_energy, aux.heat
+            ekin = jax.vmap(kinetic_energy)(new.momentum, new.mass)
             ok = (
                 jnp.isfinite(energies)
                 & jnp.isfinite(ekin)
@@ -655,13 +646,9 @@ class ReplicaEngine:
         return self._put(jnp.asarray(np.concatenate([flags, np.zeros(self.K - self.n_replicas, bool)])))
 
     def _frame(self, i: int, step: int, epot: float, end: tuple[Any, ...]) -> ThermoFrame:
-        ekin, pressure, volume, chain = (float(x[i]) for x in end)
+        ekin, pressure, volume, extended = (float(x[i]) for x in end)
         epot = float(epot) + self.e0[i]
-        total = epot + ekin
-        if self.ensemble == "nvt_langevin":
-            conserved = total - self.heat[i]
-        else:
-            conserved = total + chain  # the chain energy is zero without Nosé–Hoover
+        conserved = self.ens.conserved(epot + ekin, self.heat[i], extended)
         nan = float("nan")
         return ThermoFrame(
             step=int(step),

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from equiforce.data.errors import DataError
+from equiforce.md.ensembles import ENSEMBLES
 from equiforce.md.system import check_structure
 from equiforce.potentials.potential import Potential, UnknownSpeciesError
 
@@ -28,7 +29,7 @@ __all__ = [
 ]
 
 #: ensembles a replica run supports (NPT: each replica's box would change; run it with run_md)
-REPLICA_ENSEMBLES = ("nve", "nvt_langevin", "nvt_nose_hoover")
+REPLICA_ENSEMBLES = tuple(name for name, ensemble in ENSEMBLES.items() if ensemble.fixed_box)
 
 
 def per_replica(value: Any, k: int, name: str, cast: Callable[[Any], Any]) -> list[Any]:

@@ -219,6 +219,7 @@ def run_replicas(
     precision: str | None = None,
     devices: int | Sequence[Any] | None = None,
     capacity_multiplier: float = 1.25,
+    fixed: Sequence[Any] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> ReplicasResult:
     """Run MD of K structures together in one jit-compiled program, sharded over the devices.
@@ -261,6 +262,9 @@ def run_replicas(
         ``mixed`` switch on JAX's 64-bit types.
       devices: None (all devices, at most one per replica), a count, or a list of devices.
       capacity_multiplier: neighbour-list head-room.
+      fixed: atoms held fixed (zero force and velocity; they never move), united with each structure's
+        ``ase.constraints.FixAtoms``: None, or one entry per replica (None, atom indices or an ``[n_k]`` bool
+        mask). The temperature is then counted over ``3 (n_k - n_fixed)`` degrees of freedom.
       log: receives messages (default ``tqdm.write``).
 
     Returns:
@@ -277,7 +281,8 @@ def run_replicas(
       ValueError: an unsupported ensemble (NPT), periodic and non-periodic replicas mixed, per-replica
         settings or output paths of the wrong length, more devices than exist, ``restart`` without
         ``trajectory``, ``more_steps`` without ``restart``, a restart file of another ensemble or structure
-        (naming the replica).
+        (naming the replica); a ``fixed`` of the wrong length. ConstraintError (a ValueError): a constraint
+        other than ``FixAtoms``, bad fixed indices, or every atom of a replica fixed (naming the replica).
     """
 
     log = log or tqdm.write
@@ -303,6 +308,7 @@ def run_replicas(
         max_temperature_K=max_temperature_K,
         precision=precision,
         devices=devices,
+        fixed=fixed,
         log=log,
     )
     k = len(structures)

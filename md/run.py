@@ -21,8 +21,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from equiforce.md.engine import MDBlowUpError, MDConfig, MDEngine, ThermoFrame
+from equiforce.md.ensembles import get_ensemble
 from equiforce.md.inputs import load_potential, load_structure
-from equiforce.md.outputs import RunOutputs, energy_drift, read_restart_point, restore_state, write_last_good
+from equiforce.md.outputs import RunOutputs, energy_drift, read_restart_point, write_last_good
 from equiforce.md.replicas import ReplicasResult, run_replicas
 from equiforce.md.sharded import make_sharded_system
 from equiforce.md.uncertainty_monitor import UncertaintyMonitor, uncertain_frames_path
@@ -97,6 +98,7 @@ def run_md(
     devices: int | str | None = None,
     time_limit_s: float | None = None,
     progress_log_s: float | None = None,
+    fixed: Any = None,
     log: Callable[[str], None] | None = None,
 ) -> MDResult | ReplicasResult:
     """Run MD of ``atoms`` with a trained potential.
@@ -167,6 +169,11 @@ def run_md(
         per-atom work are sharded over them and the neighbour sums reduced, so the per-device memory falls
         with N (see :mod:`equiforce.md.sharded`). None (default): one device. With a list of structures: the devices the
         replicas are sharded over.
+      fixed: atoms held fixed in every ensemble (zero force and velocity: they never move; NPT: they keep their
+        fractional coordinates and move with the box): atom indices or an ``[n_atoms]`` bool mask, united with
+        an ``ase.constraints.FixAtoms`` on ``atoms`` (:func:`equiforce.md.constraints.fixed_mask`). The
+        temperature and the thermostat target then count ``3 (N - n_fixed)`` degrees of freedom. With a list of
+        structures: one entry per replica (see :func:`~equiforce.md.replicas.run_replicas`).
       log: receives progress messages (default: ``tqdm.write``, which keeps the progress bar intact).
 
     Returns:
@@ -179,6 +186,8 @@ def run_md(
       DataError / UnknownSpeciesError: bad structure (see :func:`equiforce.md.system.check_structure`) or
         unreadable structure file.
       FileNotFoundError: a missing structure file.
+      ConstraintError (a ValueError): a constraint other than ``FixAtoms`` on ``atoms``, bad ``fixed`` indices,
+        or every atom fixed.
       ValueError: more ``devices`` than exist, ``more_steps`` without
         ``restart``, ``restart`` without ``trajectory``, a restart file
         written by another ensemble, an ``uncertainty_threshold`` that is not a finite number > 0 or is given
@@ -218,6 +227,7 @@ def run_md(
             max_temperature_K=max_temperature_K,
             precision=precision,
             devices=None if devices == "all" else devices,
+            fixed=fixed,
             log=log,
         )
     if more_steps is not None and not restart:
@@ -250,8 +260,9 @@ def run_md(
         atoms,
         devices=devices,
         skin=skin,
-        fractional=ensemble == "npt_nose_hoover",
+        fractional=not get_ensemble(ensemble).fixed_box,  # NPT: the box changes
         precision=precision,
+        fixed=fixed,
     )
     if system.mesh is not None:
         log(f"sharding the network's edges and atoms ({len(atoms)} atoms) over {system.mesh.devices.size} devices")
@@ -269,7 +280,8 @@ def run_md(
     if stored is None:
         restart, more_steps = False, None  # a new run: its length is ``steps``
     else:
-        state = _resume(engine, state, *stored, trajectory, ensemble, log)
+        state = engine.restore(state, *stored, source=trajectory)
+        log(f"restarting from {trajectory} at step {engine.step}")
         if monitor is not None:
             monitor.resume(engine.step)
     target = int(np.ceil(steps / report_interval)) * report_interval
@@ -392,29 +404,6 @@ class _Pace:
 
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
-def _resume(
-    engine: MDEngine,
-    state: Any,
-    arrays: dict[str, np.ndarray],
-    meta: dict[str, Any],
-    trajectory: str | Path,
-    ensemble: str,
-    log: Callable[[str], None],
-) -> Any:
-    """Restore ``engine`` (step, bath heat, neighbour list) and return the state ``arrays``/``meta`` read from
-    ``trajectory``."""
-    if meta.get("ensemble") != ensemble:
-        raise ValueError(f"{trajectory} was written by a {meta.get('ensemble')} run, not {ensemble}")
-    state = restore_state(state, arrays)
-    engine.step = int(meta["step"])
-    engine.heat = float(meta.get("heat_eV", 0.0))
-    engine.neighbor = engine.system.neighbor_fn.allocate(
-        state.position, **({"box": engine.box(state)} if engine.system.fractional else {})
-    )
-    log(f"restarting from {trajectory} at step {engine.step}")
-    return state
 
 
 def _result(

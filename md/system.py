@@ -18,6 +18,7 @@ from jax_md import partition, space
 from equiforce.data.errors import DataError
 from equiforce.data.neighbours import MIN_PAIR_DISTANCE, check_finite_positions, check_pair_distances
 from equiforce.md.all_pairs import all_pairs_neighbor_list
+from equiforce.md.constraints import ConstraintError, fixed_mask
 from equiforce.potentials import layers
 from equiforce.potentials.potential import Potential
 from equiforce.potentials.uncertainty import predict_with_uncertainty
@@ -102,6 +103,8 @@ class MDSystem:
       half_list: whether the neighbour list holds each pair once (the network evaluates both directions).
       mesh: the ``jax.sharding.Mesh`` the network's edges are sharded over (:mod:`equiforce.md.sharded`);
         None: one device.
+      fixed: ``[n_atoms]`` bool NumPy mask of the atoms held fixed (:func:`equiforce.md.constraints.fixed_mask`:
+        ``FixAtoms`` on the structure and the ``fixed`` argument of :func:`make_system`); None: none is.
     """
 
     displacement_fn: Any
@@ -124,6 +127,7 @@ class MDSystem:
     half_list: bool = False
     uncertainty_fn: Any = None
     mesh: Any = None
+    fixed: np.ndarray | None = None
 
     def edge_count(self, positions: jnp.ndarray, neighbor: Any, **space_kwargs: Any) -> jnp.ndarray:
         """Number of edges within ``r_max`` (int32 scalar; traceable): pairs with :attr:`half_list`, directed
@@ -164,6 +168,7 @@ def make_system(
     edge_layout: Any = None,
     node_layout: Any = None,
     edge_shards: int = 1,
+    fixed: Any = None,
 ) -> MDSystem:
     """Build the jax-md space, neighbour list and energy function for ``atoms``.
 
@@ -196,13 +201,20 @@ def make_system(
       edge_shards: the number of equal contiguous shards ``edge_layout`` cuts the edges into (one per device):
         the network is traced inside :func:`equiforce.potentials.layers.edge_shards`, so blocked edge sums
         block each shard on its own. 1: one.
+      fixed: atoms held fixed (zero force and velocity): indices or an ``[n_atoms]`` bool mask, united with the
+        ``ase.constraints.FixAtoms`` on ``atoms`` (:func:`equiforce.md.constraints.fixed_mask`); None: those alone.
 
     Raises:
       DataError / UnknownSpeciesError: see :func:`check_structure`.
       ValueError: an unknown precision, or ``cell_list=True`` where it is not available.
+      ConstraintError (a ValueError): a constraint other than ``FixAtoms`` on ``atoms``, bad ``fixed`` indices,
+        or every atom fixed.
       RuntimeError: ``float64``/``mixed`` precision with JAX's 64-bit types off.
     """
     check_structure(atoms, potential)
+    fixed_atoms = fixed_mask(atoms, fixed)
+    if fixed_atoms.all():
+        raise ConstraintError(f"all {len(atoms)} atoms are fixed: nothing would move")
     precision = precision or potential.dtype
     _check_precision(precision)
     potential, params = with_precision(potential, params, "float64" if precision == "float64" else "float32")
@@ -357,4 +369,5 @@ def make_system(
         precision=precision,
         cell_list=use_cells,
         half_list=half_list,
+        fixed=fixed_atoms if fixed_atoms.any() else None,
     )

@@ -16,7 +16,7 @@ import pytest
 from equiforce.data import load_sample
 from equiforce.md import EquiforceCalculator, read_h5md, run_md
 from equiforce.md import run as run_module
-from equiforce.md.integrators import degrees_of_freedom
+from equiforce.md.ensembles import ENSEMBLES
 from equiforce.training.evaluate import evaluate
 
 # CODATA 2018, exact or as published; deliberately not ase.units
@@ -217,7 +217,7 @@ def test_periodic_pressure_and_langevin_temperature(aspirin_potential, tmp_path)
     d, table = read_h5md(traj), np.genfromtxt(thermo, delimiter=",", names=True)
     calc = EquiforceCalculator.from_potential(potential, params)
     n = len(atoms)
-    assert degrees_of_freedom("nvt_langevin", n) == 3 * n
+    assert ENSEMBLES["nvt_langevin"].degrees_of_freedom(n) == 3 * n
     for k in range(len(d["step"])):
         frame = atoms.copy()
         frame.set_cell(d["box"][k])
