@@ -304,6 +304,7 @@ def _cmd_md(args: argparse.Namespace) -> int:
         uncertainty_min_spacing=args.uncertainty_min_spacing,
         uncertain_frames=args.uncertain_frames,
         devices="all" if args.devices == "all" else devices,
+        fixed=None if not args.fix else list(args.fix),
     )
     if result.stopped_because:
         print(result.stopped_because)
@@ -347,6 +348,13 @@ def _md_settings(args: argparse.Namespace) -> dict:
     }
 
 
+def _md_fixed(args: argparse.Namespace, n_structures: int) -> list | None:
+    """``--fix I J ...``: the same atom indices held fixed in every structure (None: only their FixAtoms)."""
+    if not args.fix:
+        return None
+    return [list(args.fix)] * n_structures
+
+
 def _md_replicas(args: argparse.Namespace, structures: list, devices: int | None) -> int:
     """``equiforce md MODEL A B ...``: the structures as replicas in one program (:func:`run_replicas`)."""
     from equiforce.md.replica_inputs import replica_paths
@@ -368,6 +376,7 @@ def _md_replicas(args: argparse.Namespace, structures: list, devices: int | None
         friction_per_ps=args.friction,
         thermostat_tau_fs=args.thermostat_tau,
         devices=devices,
+        fixed=_md_fixed(args, len(structures)),
     )
     thermo_paths = replica_paths(args.thermo, len(structures))
     traj_paths = replica_paths(args.out, len(structures))
@@ -669,6 +678,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pressure", type=float, default=0.0, help="NPT target pressure, GPa")
     p.add_argument("--barostat-tau", type=float, default=None, help="NPT barostat time constant, fs")
     p.add_argument("--skin", type=float, default=1.0, help="neighbour-list skin, Å")
+    p.add_argument(
+        "--fix",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="INDEX",
+        help="atoms (0-based indices) held fixed in every ensemble: zero force and velocity, the temperature counted "
+        "over 3(N - n_fixed) degrees of freedom; united with an ase FixAtoms on the structure (replicas: the same "
+        "indices in every structure)",
+    )
     p.add_argument("--seed", type=int, default=0, help="replicas: structure k gets SEED + k")
     p.add_argument(
         "--devices",
