@@ -10,6 +10,8 @@
                  [--steps N] [--out traj.h5] [--thermo thermo.csv] [--restart [--more-steps N]]
                  [--no-progress] [--uncertainty-threshold S [--uncertainty-action record|stop]]
     equiforce md --repair traj.h5
+    equiforce relax MODEL.eqf STRUCTURES --out relaxed.extxyz [--cell] [--fmax 0.05] [--max-steps 1000]
+                 [--fix I J ...] [--batch-size N]
     equiforce info MODEL.eqf [--json]
     [mpirun -n N] equiforce lammps MODEL.eqf INPUT.in [--var NAME VALUE ...] [--log log.lammps] [--no-screen]
     equiforce preprocess INPUT [INPUT ...] OUT.h5 --r-max R [--format F] [--energy-unit U] [--chunk-size 1000]
@@ -206,6 +208,33 @@ def _cmd_vibrations(args: argparse.Namespace) -> int:
     vib.write_jmol(str(out / "modes.xyz"))
     vib.write(str(out / "vibrations.json"))
     print(f"frequencies (imaginary ones negative) in {out / 'frequencies.json'}; normal modes in {out / 'modes.xyz'}")
+    return 0
+
+
+def _cmd_relax(args: argparse.Namespace) -> int:
+    from equiforce.md.relax import relax, write_relaxed
+
+    if not Path(args.model).is_file():
+        raise FileNotFoundError(f"model file not found: {args.model}")
+    if not Path(args.structures).is_file():
+        raise FileNotFoundError(f"structure file not found: {args.structures}")
+    _enable_x64_for(args.model)
+    result = relax(
+        args.model,
+        args.structures,
+        fmax=args.fmax,
+        max_steps=args.max_steps,
+        cell=args.cell,
+        fixed=args.fix,
+        batch_size=args.batch_size,
+        log=print,
+    )
+    write_relaxed(args.out, result.atoms)
+    print(result.summary())
+    missed = len(result) - int(result.converged.sum())
+    if missed:
+        print(f"WARNING: {missed} structure(s) did not reach fmax {args.fmax} eV/Å in {args.max_steps} steps")
+    print(f"wrote {len(result)} relaxed structure(s) to {args.out}")
     return 0
 
 
@@ -617,6 +646,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=None, help="Hessian rows at once (bounds the memory)")
     p.add_argument("--out", default="vibrations", help="folder for frequencies.json, modes.xyz, vibrations.json")
     p.set_defaults(func=_cmd_vibrations)
+
+    p = sub.add_parser(
+        "relax", help="geometry optimisation of many structures at once (FIRE in jax-md; --cell for the cell too)"
+    )
+    p.add_argument("model", help="model file (.eqf)")
+    p.add_argument("structures", help="structure file ASE can read (every frame is relaxed; FixAtoms honoured)")
+    p.add_argument("--out", required=True, help="extended-XYZ output (energy, forces, stress; written atomically)")
+    p.add_argument("--cell", action="store_true", help="relax the cell too (stress-driven; fully periodic only)")
+    p.add_argument("--fmax", type=float, default=0.05, help="convergence: largest force, eV/Å (> 0)")
+    p.add_argument("--max-steps", type=int, default=1000, help="FIRE steps per structure at most")
+    p.add_argument(
+        "--fix", type=int, nargs="+", default=None, metavar="INDEX", help="atoms (0-based) fixed in every structure"
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="structures relaxed together (default: all)")
+    p.set_defaults(func=_cmd_relax)
 
     p = sub.add_parser("select", help="pick structures to label by uncertainty and diversity (active learning)")
     p.add_argument("pool", help="pool of structures: extxyz, ASE db, any readable file, or an H5MD trajectory")
