@@ -691,14 +691,7 @@ def _train_epoch(run: _Run, ls: LoopState) -> tuple[bool, float]:
         energy_shift=lambda s: e0_sum(run.potential, s),
         shard=None if run.dp is None else run.dp.shard,  # several processes: a streamed epoch reads its parts only
     )
-    bar = tqdm(
-        total=run.steps_per_epoch,
-        initial=skip,
-        desc=f"epoch {ls.epoch + 1}/{cfg.optim.max_epochs}",
-        disable=not (cfg.progress_bar and run.main),
-        leave=False,
-        dynamic_ncols=True,
-    )
+    bar = _progress_bar(run, ls)
     sum_dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
     ls.epoch_loss_sum = [jnp.asarray(v, sum_dtype) for v in ls.epoch_loss_sum]
     out_of_time = False
@@ -726,6 +719,18 @@ def _train_epoch(run: _Run, ls: LoopState) -> tuple[bool, float]:
     bar.close()
     ls.epoch_loss_sum = [float(s) for s in ls.epoch_loss_sum]
     return out_of_time, time.perf_counter() - t_epoch
+
+
+def _progress_bar(run: _Run, ls: LoopState) -> tqdm:
+    """The epoch's progress bar (process 0, ``progress_bar: true``), starting at the batches already done."""
+    return tqdm(
+        total=run.steps_per_epoch,
+        initial=ls.batch_in_epoch,
+        desc=f"epoch {ls.epoch + 1}/{run.cfg.optim.max_epochs}",
+        disable=not (run.cfg.progress_bar and run.main),
+        leave=False,
+        dynamic_ncols=True,
+    )
 
 
 # ------------------------------------------------------------------------------ stage: validation and checkpoint
