@@ -304,8 +304,14 @@ def _label(frames: list[Any], labeller: dict) -> tuple[list[Any], float]:
     for a in frames:
         a = a.copy()
         a.calc = calc
-        e, f = a.get_potential_energy(), a.get_forces()
-        kw = {"stress": a.get_stress()} if all(a.pbc) else {}
+        try:  # a failed label counts as used and is skipped, as in the loop (e.g. xTB's SCF not converging)
+            e, f = a.get_potential_energy(), a.get_forces()
+            kw = {"stress": a.get_stress()} if all(a.pbc) else {}
+        except Exception as err:
+            print(f"labelling failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
+            continue
+        if not (np.isfinite(e) and np.all(np.isfinite(f))):
+            continue
         b = a.copy()
         b.calc = SinglePointCalculator(b, energy=e, forces=f, **kw)
         out.append(b)
@@ -362,11 +368,50 @@ def _loop_labels_time(log: Path) -> dict[str, float]:
     return out
 
 
+def install_collapse_guard(log) -> None:
+    """Work around a crash of the loop (``equiforce.learning.loop``, ``md_step``): a replica whose MD collapses
+    (two atoms closer than ``equiforce.data.neighbours.MIN_PAIR_DISTANCE``) while its σ_F stays below
+    ``selection.upper`` writes the collapsed frames to its trajectory, and ``predict_uncertainties`` on that
+    trajectory then raises ``DataError`` (seen: ethanol at 600 K, a pair at 0.445 Å after 0.26 ps, σ_F below
+    1 eV/Å). Here a trajectory is read up to its first such frame (by the loop and by strategy b)."""
+    import equiforce.learning.loop as loop_mod
+    import equiforce.uncertainty.select as select_mod
+    from equiforce.data.neighbours import MIN_PAIR_DISTANCE
+
+    if getattr(select_mod.read_pool, "_collapse_guard", False):
+        return
+    orig_read_pool, orig_steps = select_mod.read_pool, loop_mod._trajectory_steps
+
+    def usable(path) -> tuple[Any, int]:
+        pool = orig_read_pool(path)
+        for k in range(len(pool)):
+            a = pool.to_atoms(k)
+            d = a.get_all_distances(mic=bool(np.any(a.pbc)))[np.triu_indices(len(a), 1)]
+            if len(d) and d.min() < MIN_PAIR_DISTANCE:
+                log(f"collapse guard: {path}: frame {k} has a pair at {d.min():.3f} Å; read up to it")
+                return pool, k
+        return pool, len(pool)
+
+    def read_pool(path, format=None):
+        if format is not None or not str(path).endswith(".h5"):
+            return orig_read_pool(path, format)
+        pool, n = usable(path)
+        return pool if n == len(pool) else pool.subset(np.arange(max(n, 1)))
+
+    def trajectory_steps(path):
+        _, n = usable(path)
+        return orig_steps(path)[: max(n, 1)]
+
+    read_pool._collapse_guard = True
+    select_mod.read_pool = read_pool
+    loop_mod._trajectory_steps = trajectory_steps
+
+
 def run_seed(args: argparse.Namespace, sysdef: dict, seed: int, folder: Path, rows: list[dict], save) -> None:
     import yaml
 
+    import equiforce.uncertainty.select as select_mod
     from equiforce.learning import run_active_learning
-    from equiforce.uncertainty.select import read_pool
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -385,6 +430,7 @@ def run_seed(args: argparse.Namespace, sysdef: dict, seed: int, folder: Path, ro
     os.environ["AL_BENCH_LABEL_LOG"] = str(label_log)
     if str(Path(args.out).resolve()) not in sys.path:
         sys.path.insert(0, str(Path(args.out).resolve()))
+    install_collapse_guard(lambda m: print(f"[seed {seed}] {m}", flush=True))
     t0 = time.perf_counter()
     result = run_active_learning(folder / "al.yaml", log=lambda s: print(f"[seed {seed}] {s}", flush=True))
     loop_wall = time.perf_counter() - t0
@@ -451,7 +497,7 @@ def run_seed(args: argparse.Namespace, sysdef: dict, seed: int, folder: Path, ro
     for i, rec in enumerate(gens[1:], start=1):
         g = rec["generation"]
         for traj in sorted((result.output_dir / f"gen_{g:03d}" / "md").glob("*.h5")):
-            s = read_pool(traj)
+            s = select_mod.read_pool(traj)
             own_md.extend(s.to_atoms(k) for k in range(len(s)))
         n_new = labels_at[i] - labels_at[i - 1]
         for strategy in ("b", "c"):
@@ -488,9 +534,8 @@ def run_seed(args: argparse.Namespace, sysdef: dict, seed: int, folder: Path, ro
                 _atomic_write(done, json.dumps(info).encode())
             previous[strategy] = Path(info["model"])
             walls = {"md": 0.0, "labelling": info["labelling_s"], "training": info["training_s"]}
-            evaluate_row(
-                strategy, g, len(picked[strategy]), Path(info["model"]), len(start) + len(picked[strategy]), walls
-            )
+            used = len(info.get("drawn", picked[strategy]))  # b: frames drawn (a failed label counts, as in a)
+            evaluate_row(strategy, g, used, Path(info["model"]), len(start) + len(picked[strategy]), walls)
     print(
         f"[seed {seed}] loop: {result.finished}; {result.labels_used} labels; loop wall {loop_wall:.0f} s", flush=True
     )
