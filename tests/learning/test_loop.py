@@ -222,3 +222,19 @@ def test_kill_at_al_label_then_resume_computes_no_label_twice(counting_env):
     assert len(calls) == len(set(calls)) == 6 + 6
     report = json.loads((folder / "killed" / "report.json").read_text())
     assert [g["generation"] for g in report["generations"]] == [0, 1, 2]
+
+
+def test_collapsed_frames_are_recognised_across_the_periodic_boundary():
+    """A replica that collapses with σ_F below upper: its frames from the collapse on are cut from the
+    candidates (the data pipeline refuses atoms closer than 0.5 Å), found also across the cell boundary."""
+    from equiforce.learning.loop import _collapsed
+
+    a = _cu(0, 0.0)
+    assert not _collapsed(a)
+    b = a.copy()
+    b.positions[1] = b.positions[0] + [0.3, 0.0, 0.0]
+    assert _collapsed(b)
+    c = a.copy()
+    c.positions[0] = [0.1, 0.1, 0.1]
+    c.positions[1] = [c.cell[0, 0] - 0.1, 0.1, 0.1]  # 0.2 Å apart through the periodic boundary only
+    assert np.linalg.norm(c.positions[1] - c.positions[0]) > 7.0 and _collapsed(c)

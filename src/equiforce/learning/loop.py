@@ -421,14 +421,26 @@ class _Loop:
                     json.dumps({"blew_up": blew_up, "wall_s": time.perf_counter() - t0}).encode(),
                 )
             info = json.loads(summary.read_text())
-            stops = read_frames(unc)
+            stops = [a for a in read_frames(unc) if not _collapsed(a)]
             pool = read_pool(traj)
             steps = _trajectory_steps(traj)
-            pred = predict_uncertainties(potential, params, pool)
-            per_atom = np.split(pred.forces_uncertainty, np.cumsum(pool.n_atoms)[:-1])
+            # a replica that collapsed (atoms closer than MIN_PAIR_DISTANCE) with σ_F still below upper: its
+            # frames from the collapse on are no configurations to learn from (nor to predict on)
+            n_ok = next((k for k in range(len(pool)) if _collapsed(pool.to_atoms(k))), len(pool))
+            collapsed_step = int(steps[n_ok]) if n_ok < len(pool) else None
+            if collapsed_step is not None:
+                self.log(f"generation {g}: replica {name} collapsed at step {collapsed_step} (σ_F below upper)")
+                pool, steps = pool.subset(np.arange(n_ok)), steps[:n_ok]
+                stops = [a for a in stops if int(a.info.get("step", 0)) < collapsed_step]
+            per_atom: list[np.ndarray] = []
+            if len(pool):
+                pred = predict_uncertainties(potential, params, pool)
+                per_atom = np.split(pred.forces_uncertainty, np.cumsum(pool.n_atoms)[:-1])
             smax = np.array([float(np.max(s)) for s in per_atom])
             if stops:
                 stop_step = min(int(a.info.get("step", 0)) for a in stops)
+            elif collapsed_step is not None:
+                stop_step = collapsed_step
             elif info.get("blew_up"):
                 stop_step = int(steps[-1]) if len(steps) else 0
             else:
@@ -444,6 +456,7 @@ class _Loop:
                 "time_below_upper_ps": reached,
                 "stopped": stop_step is not None,
                 "blew_up": info.get("blew_up"),
+                "collapsed_at_step": collapsed_step,
                 "frames": len(pool),
                 "md_wall_s": info.get("wall_s"),
             }
@@ -615,6 +628,16 @@ class _Loop:
         rec["n_train"] = len(data)
         rec["step"] = "trained"
         self.save()
+
+
+def _collapsed(atoms: Any) -> bool:
+    """Whether two atoms are closer than :data:`equiforce.data.neighbours.MIN_PAIR_DISTANCE` (a collapsed MD
+    frame: the data pipeline refuses it)."""
+    from ase.neighborlist import neighbor_list
+
+    from equiforce.data.neighbours import MIN_PAIR_DISTANCE
+
+    return len(neighbor_list("d", atoms, MIN_PAIR_DISTANCE)) > 0
 
 
 def _trajectory_steps(path: Path) -> np.ndarray:
