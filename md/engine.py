@@ -380,6 +380,8 @@ class MDEngine:
                 epot, heat = aux.potential_energy, heat + aux.heat  # epot at the new positions
             else:
                 state = self._apply_fn(state, neighbor=neighbor)
+                if self.free is not None:  # jax-md's NPT moves atoms without momentum too: fixed ones stay put
+                    state = state.set(position=jnp.where(self.free[:, None], state.position, anchor))
             if per_step_sigma:
                 sigma_e, sigma_f = aux.extra
                 sigma_max = jnp.max(sigma_f)
@@ -398,6 +400,7 @@ class MDEngine:
             neighbor = neighbor.update(state.position, **space)
             return state, neighbor, max_edges, epot, heat, unc
 
+        anchor = state.position  # NPT: fixed atoms keep these (fractional) coordinates
         # energies have the dtype of the positions (float64 in mixed precision too)
         zero = jnp.zeros((), dtype)
         minus_one = jnp.full((), -1, jnp.int32)

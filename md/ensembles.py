@@ -20,8 +20,8 @@ A step is ``step(state, thermostat, free, **kwargs) -> (state, StepAux)``:
   ``vmap``, one value per replica);
 * ``free``: ``[n_atoms]`` bool, False for atoms that do not move (fixed atoms; the replica engine's padding
   atoms), or None (every atom moves; the arithmetic is then exactly that without a mask). A fixed atom's
-  force and momentum are zero, so it never moves (NPT too: jax-md's step leaves an atom without momentum
-  where it is while the box changes around it; to rounding, as positions pass through fractional coordinates);
+  force and momentum are zero, so it never moves (NPT: it keeps its fractional coordinates and moves with the
+  box; jax-md's NPT step would move an atom without momentum, so the engine puts fixed atoms back);
 * ``kwargs``: go to the force call and the shift (``neighbor=``, NPT's ``box=``).
 
 Degrees of freedom (:meth:`Ensemble.degrees_of_freedom`): with the centre-of-mass momentum removed at the start,

@@ -169,8 +169,8 @@ def run_md(
         per-atom work are sharded over them and the neighbour sums reduced, so the per-device memory falls
         with N (see :mod:`equiforce.md.sharded`). None (default): one device. With a list of structures: the devices the
         replicas are sharded over.
-      fixed: atoms held fixed in every ensemble (zero force and velocity: they never move; under NPT the box
-        changes around them): atom indices or an ``[n_atoms]`` bool mask, united with
+      fixed: atoms held fixed in every ensemble (zero force and velocity: they never move; NPT: they keep their
+        fractional coordinates and move with the box): atom indices or an ``[n_atoms]`` bool mask, united with
         an ``ase.constraints.FixAtoms`` on ``atoms`` (:func:`equiforce.md.constraints.fixed_mask`). The
         temperature and the thermostat target then count ``3 (N - n_fixed)`` degrees of freedom. With a list of
         structures: one entry per replica (see :func:`~equiforce.md.replicas.run_replicas`).
