@@ -502,10 +502,10 @@ def _relax_batch(potential, params, prepared, indices, fmax, max_steps, with_cel
     cells = [p.cell.copy() for p in members]
     graphs = [_graph(p, p.positions, p.cell, reach, f"structure {indices[min(j, n_real_batch - 1)]}")
               for j, p in enumerate(members)]  # fmt: skip
-    n_nodes = bucket_size(max(len(p.numbers) for p in members) + 1, minimum=8, multiple=8)
+    n_nodes = bucket_size(max(len(p.numbers) for p in members) + 1, minimum=2, multiple=2)
 
     def edges_for(n):
-        return bucket_size(max(math.ceil(n * 1.2), n + 1), minimum=64, multiple=64)
+        return bucket_size(max(math.ceil(n * 1.1), n + 1), minimum=32, multiple=32)
 
     n_edges = edges_for(max(g.n_edges for g in graphs))
 
