@@ -17,7 +17,9 @@ Strategies, per seed, all from the same generation-0 model (trained by the loop 
 * ``b`` (``random-own-md``): after each loop generation, as many new frames as the loop labelled in it, drawn
   uniformly at random from every trajectory frame the loop's MD wrote up to that generation, labelled with
   the same labeller and trained the same way (fine-tuned from b's previous model on start + b's frames with the
-  loop's training config; σ is not recalibrated: it plays no part in the figures);
+  loop's training config; σ is not recalibrated: it plays no part in the figures); when the loop's replicas
+  stopped so early that its trajectories hold fewer unused frames than it labelled, b takes all there are (its
+  ``labels`` column then shows fewer labels than a's);
 * ``c`` (``expert``): the same number of frames from the ground-truth MD pools at the target temperatures
   (alternating between them), labels as stored, trained as ``b``.
 
