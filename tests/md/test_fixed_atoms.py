@@ -76,7 +76,13 @@ def _check_still(start, positions, velocities, fixed, cell=None):
     assert moved.max() > 1e-3, "the free atoms did not move: the test would pass for a frozen run"
 
 
-@pytest.mark.parametrize("ensemble", ENSEMBLES)
+# Default run: a thermostat and the barostat; every ensemble in the slow target (each costs a compilation).
+_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "ensemble", [pytest.param(e, marks=() if e in ("nvt_langevin", "npt_nose_hoover") else _SLOW) for e in ENSEMBLES]
+)
 def test_fixed_atoms_do_not_move_in_a_single_run(tiny_model, molecule, ensemble, tmp_path):
     npt = ensemble == "npt_nose_hoover"
     atoms = _boxed(molecule) if npt else molecule.copy()
@@ -91,7 +97,9 @@ def test_fixed_atoms_do_not_move_in_a_single_run(tiny_model, molecule, ensemble,
         assert not np.allclose(result.final_atoms.get_cell()[:], atoms.get_cell()[:]), "the box did not change"
 
 
-@pytest.mark.parametrize("ensemble", ENSEMBLES[:3])
+@pytest.mark.parametrize(
+    "ensemble", [pytest.param(e, marks=() if e == "nvt_nose_hoover" else _SLOW) for e in ENSEMBLES[:3]]
+)
 def test_fixed_atoms_do_not_move_in_replicas(tiny_model, molecule, ensemble):
     other = molecule.copy()
     other.rattle(0.02, seed=1)
