@@ -121,6 +121,9 @@ def test_one_generation_via_the_cli(one_generation):
     assert 0 < cond["min_time_below_upper_ps"] <= 0.04 + 1e-9 and cond["n_replicas"] == 1
     cal = g1["calibration"]
     assert all(0.0 <= cal[k] <= 1.0 for k in ("previous_model", "before", "after"))
+    # recalibrated on the 6 start frames (in distribution) with the 3 labelled ones: too few for the power law
+    assert (cal["n_in_distribution"], cal["n_shifted"], cal["fit"]) == (6, 3, "scale")
+    assert cal["record"]["forces"]["exponent"] == 1.0 and cal["record"]["forces"]["structure_exponent"] == 0.0
     # every label computed once: 6 start structures + 3 picked frames
     calls = (folder / "calls.log").read_text().split()
     assert len(calls) == len(set(calls)) == 9

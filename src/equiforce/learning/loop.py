@@ -20,8 +20,11 @@ Each further generation ``g``:
    ``sigma_forces`` (eV/Å).
 5. **Training**: :func:`equiforce.training.train` on all labelled data so far (start data + every
    generation's labels), from the current model (``model.init_from``; ``training.mode: finetune``) or from
-   scratch; then the calibration of σ is refitted on the frames the loop has labelled, this generation's and
-   the earlier ones (:func:`equiforce.uncertainty.calibration.recalibrate`). Coverage of the 95 % interval on
+   scratch; then the calibration of σ is refitted (:func:`equiforce.uncertainty.calibration.recalibrate`) on
+   the frames the loop has labelled, this generation's and the earlier ones, together with the in-distribution
+   start frames (``start.data`` and generation 0's labels): fitted on the shifted frames alone σ over-covers in
+   distribution. Below :data:`RECALIBRATE_MIN_STRUCTURES` structures in all only σ's scale is refitted
+   (``b = 1, q = 0``): the 3-parameter power law goes extreme on a few frames. Coverage of the 95 % interval on
    the frames just labelled is reported for the model that picked them, and for the new model before and after
    recalibration.
 6. **Report**: ``gen_NNN/report.json`` and ``sigma.png``; the run's ``report.json/.md/.csv/.png``.
@@ -59,6 +62,10 @@ __all__ = ["LearnResult", "run_active_learning"]
 
 #: config sections a resumed run may change (the rest must match the run in OUTPUT_DIR)
 RESUMABLE_CHANGES = ("budget", "base_dir", "labeller.workers")
+#: fewest structures (in-distribution start frames plus the loop's labels) on which a generation refits σ's
+#: power law ``σ_F = a σ_raw^b σ̄_raw^q``; on fewer, only the scale ``a`` is refitted (``b = 1, q = 0``). At least 2
+#: (``recalibrate`` needs 2); the 3-parameter fit went extreme on 3-10 frames (a = 204, b = 0.45, q = 2.76).
+RECALIBRATE_MIN_STRUCTURES = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -580,16 +587,15 @@ class _Loop:
         if new_set is not None and len(labelled) >= 1:
             calib["before"] = _coverage(potential, params, new_set)
             if cfg.training.recalibrate and g > 0:
-                from equiforce.uncertainty.calibration import UncertaintyError, recalibrate
+                from equiforce.uncertainty.calibration import UncertaintyError
 
-                # the frames the loop labelled, this generation's and the earlier ones (all picked where the
-                # model was unsure, i.e. shifted); training's own LLPR fit stays, its calibration is refitted
-                shifted = [a for k in range(1, g + 1) for a in read_frames(self.out / f"gen_{k:03d}" / LABELLED)]
+                # the frames the loop labelled (picked where the model was unsure, i.e. shifted) with the start
+                # frames (in distribution); training's own LLPR fit stays, its calibration is refitted
+                in_dist, shifted = _calibration_frames(self.out, cfg.resolve(cfg.start.data), g)
                 try:
-                    potential, params, record = recalibrate(potential, params, _structure_set(shifted), log=self.log)
+                    potential, params, info = _recalibrate(potential, params, in_dist, shifted, log=self.log)
                     calib["after"] = _coverage(potential, params, new_set)
-                    calib["n_frames"] = len(shifted)
-                    calib["record"] = record
+                    calib.update(info)
                 except UncertaintyError as err:
                     calib["error"] = str(err)
                     self.log(f"generation {g}: recalibration skipped ({err})")
@@ -628,6 +634,52 @@ class _Loop:
         rec["n_train"] = len(data)
         rec["step"] = "trained"
         self.save()
+
+
+def _calibration_frames(out: Path, start_data: Path | None, g: int) -> tuple[list[Any], list[Any]]:
+    """The frames generation ``g`` recalibrates σ on: ``(in_distribution, shifted)``, the start frames
+    (``start.data`` and generation 0's labels of ``start.structures``) and generations 1..g's labels."""
+    in_dist = _read_any(start_data) if start_data is not None else []
+    in_dist += read_frames(out / "gen_000" / LABELLED)
+    shifted = [a for k in range(1, g + 1) for a in read_frames(out / f"gen_{k:03d}" / LABELLED)]
+    return in_dist, shifted
+
+
+def _recalibrate(
+    potential: Any,
+    params: Any,
+    in_distribution: list[Any],
+    shifted: list[Any],
+    *,
+    min_structures: int = RECALIBRATE_MIN_STRUCTURES,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """:func:`equiforce.uncertainty.calibration.recalibrate` on ``in_distribution + shifted`` (labelled
+    ``ase.Atoms``): the power law with structure term from ``min_structures`` frames on, the scale alone below.
+
+    Returns ``(potential, params, info)``; ``info``: ``fit`` (``"power_law"`` or ``"scale"``), ``n_frames``,
+    ``n_in_distribution``, ``n_shifted`` and recalibrate's ``record``.
+
+    Raises:
+      UncertaintyError: fewer than 2 frames, no labels, degenerate σ (from ``recalibrate``).
+    """
+    from equiforce.uncertainty.calibration import recalibrate
+
+    frames = list(in_distribution) + list(shifted)
+    fit = "power_law" if len(frames) >= min_structures else "scale"
+    if log and fit == "scale":
+        log(f"σ recalibration on {len(frames)} frames (< {min_structures}): the scale only (b = 1, q = 0)")
+    potential, params, record = recalibrate(
+        potential, params, _structure_set(frames), exponent=fit == "power_law", log=log
+    )
+    info = {
+        "fit": fit,
+        "n_frames": len(frames),
+        "n_in_distribution": len(in_distribution),
+        "n_shifted": len(shifted),
+        "record": record,
+    }
+    return potential, params, info
 
 
 def _collapsed(atoms: Any) -> bool:

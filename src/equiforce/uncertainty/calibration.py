@@ -524,7 +524,8 @@ def recalibrate(
       params: its parameters (with the ``"llpr"`` collection for LLPR, stacked members for a committee).
       frames: a :class:`StructureSet` or a list of ``ase.Atoms`` with energy (eV) and forces (eV/Å) labels;
         at least 2 structures.
-      exponent: fit the exponents (True) or keep ``b = 1, q = 0`` and fit one scale factor per quantity (False).
+      exponent: fit the exponents (True) or keep ``b = 1, q = 0`` and fit one scale factor per quantity (False:
+        what few frames support; the active-learning loop uses it below ``RECALIBRATE_MIN_STRUCTURES``).
       structure_term: with ``exponent``, fit the structure exponent ``q`` too (True) or keep ``q = 0``.
 
     Returns:
@@ -609,7 +610,8 @@ def recalibrate(
         forces_scale=a_f,
         forces_exponent=b_f,
         forces_structure_exponent=q_f,
-        calibration=f"{current.method} σ recalibrated (power laws) on {len(structures)} labelled structures",
+        calibration=f"{current.method} σ recalibrated ({'power laws' if exponent else 'scale factors'}) on "
+        f"{len(structures)} labelled structures",
     )
     if log:
         f = record["forces"]
