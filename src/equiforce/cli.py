@@ -103,7 +103,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     for k, v in metrics.items():
         print(f"  {k:28s} {v:12.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=2))
+        from equiforce.atomic import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.json), json.dumps(metrics, indent=2).encode())
     if args.parity:
         parity_plot(pred, args.parity, title=f"{Path(args.model).name} on {Path(args.data).name}")
         print(f"parity plot written to {args.parity}")
@@ -137,7 +139,9 @@ def _evaluate_uncertainty(args: argparse.Namespace, potential, params, structure
     if "forces_per_structure_spearman" in report:
         print(f"  per-structure Spearman ρ(mean σ_F, force RMSE): {report['forces_per_structure_spearman']:.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        from equiforce.atomic import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.json), json.dumps(report, indent=2).encode())
     out = Path(args.plot_dir)
     stem = f"{Path(args.model).stem}_{Path(args.data.replace(':', '_')).stem}"
     plot_reliability(pred, out / f"{stem}_reliability.png")

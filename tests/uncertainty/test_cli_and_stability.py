@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import ase.io
 import numpy as np
 import pytest
@@ -28,10 +30,16 @@ def _frames(path, spec: str, n: int, labels: bool = True):
 
 def test_evaluate_uncertainty_prints_metrics_and_draws_plots(committee_model, tmp_path, capsys):
     data = _frames(tmp_path / "test.extxyz", "sample:test", 40)
-    assert main(["evaluate", committee_model, data, "--uncertainty", "--plot-dir", str(tmp_path)]) == 0
+    report = tmp_path / "report.json"
+    args = ["evaluate", committee_model, data, "--uncertainty", "--plot-dir", str(tmp_path), "--json", str(report)]
+    assert main(args) == 0
     out = capsys.readouterr().out
     for label in ("Gaussian NLL", "miscalibration area", "coverage 95 %", "Spearman", "MAE, top 10 % σ"):
         assert label in out
+    # the --json report holds the printed Spearman ρ, and no temporary file of its atomic write is left
+    spearman = json.loads(report.read_text())["forces_per_structure_spearman"]
+    assert f"{spearman:.3f}" in out
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     pngs = sorted(tmp_path.glob("*.png"))
     assert [p.name.rsplit("_", 1)[-1] for p in pngs] == ["reliability.png", "error.png"]
     assert all(_is_png(p) for p in pngs)
