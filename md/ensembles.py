@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax_md import simulate
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "kinetic_energy",
     "pin",
     "restore_state",
+    "state_arrays",
     "thermal_momenta",
 ]
 
@@ -226,7 +228,7 @@ class Ensemble:
         centre-of-mass momentum is thermalised too).
       chain_field: the state field holding the Nosé–Hoover chain of the particles (None: none).
       fixed_box: whether the box stays fixed (the replica engine runs only these).
-      restart_fields: the state fields a restart stores (:func:`~equiforce.md.outputs.state_arrays`).
+      restart_fields: the state fields a restart stores (:func:`state_arrays`).
     """
 
     name: str
@@ -309,10 +311,20 @@ ENSEMBLES: dict[str, Ensemble] = {
 }
 
 
+def _leaf_name(path: Any) -> str:
+    """The name a restart file gives a state leaf: its pytree path, e.g. ``position``, ``chain_momentum``."""
+    return jax.tree_util.keystr(path).strip(".").replace("/", "_") or "leaf"
+
+
+def state_arrays(state: Any) -> dict[str, np.ndarray]:
+    """An ensemble's state as named NumPy arrays (one per leaf, named by :func:`_leaf_name`), as a restart
+    stores them."""
+    return {_leaf_name(path): np.asarray(x) for path, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
 def restore_state(template: Any, arrays: dict[str, Any]) -> Any:
     """A state like ``template`` (an ensemble's state) rebuilt from the named arrays a restart stores
-    (:func:`~equiforce.md.outputs.state_arrays`: one array per leaf, named by its pytree path, e.g.
-    ``position``, ``chain_momentum``).
+    (:func:`state_arrays`).
 
     Raises:
       ValueError: a missing array or a shape mismatch (a file from another ensemble or system).
@@ -320,7 +332,7 @@ def restore_state(template: Any, arrays: dict[str, Any]) -> Any:
     paths, treedef = jax.tree_util.tree_flatten_with_path(template)
     leaves = []
     for path, leaf in paths:
-        key = jax.tree_util.keystr(path).strip(".").replace("/", "_") or "leaf"
+        key = _leaf_name(path)
         if key not in arrays:
             raise ValueError(f"restart state lacks {key!r}: written by another ensemble or version?")
         value = arrays[key]

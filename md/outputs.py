@@ -16,8 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from equiforce.atomic import atomic_path
@@ -31,6 +29,7 @@ from equiforce.data.h5md import (
     read_restart_state,
 )
 from equiforce.md.engine import MDEngine, ThermoFrame
+from equiforce.md.ensembles import restore_state, state_arrays
 from equiforce.md.reporters import ThermoLog
 
 __all__ = ["RunOutputs", "energy_drift", "read_restart_point", "restore_state", "state_arrays"]
@@ -45,31 +44,6 @@ def write_last_good(atoms: Any, stem: str | Path) -> Path:
     with atomic_path(path) as tmp:
         ase.io.write(tmp, atoms, format="extxyz")
     return path
-
-
-def state_arrays(state: Any) -> dict[str, np.ndarray]:
-    """The integrator state as named NumPy arrays (names from the pytree paths)."""
-    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-    return {jax.tree_util.keystr(path).strip(".").replace("/", "_") or "leaf": np.asarray(x) for path, x in leaves}
-
-
-def restore_state(template: Any, arrays: dict[str, np.ndarray]) -> Any:
-    """Rebuild a state like ``template`` from :func:`state_arrays` output.
-
-    Raises:
-      ValueError: a missing array or a shape mismatch (a file from another ensemble or system).
-    """
-    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
-    leaves = []
-    for path, leaf in paths:
-        key = jax.tree_util.keystr(path).strip(".").replace("/", "_") or "leaf"
-        if key not in arrays:
-            raise ValueError(f"restart state lacks {key!r}: written by another ensemble or version?")
-        value = arrays[key]
-        if value.shape != np.shape(leaf):
-            raise ValueError(f"restart state {key!r} has shape {value.shape}, expected {np.shape(leaf)}")
-        leaves.append(jnp.asarray(value, dtype=leaf.dtype))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 class RunOutputs:
