@@ -25,7 +25,6 @@ Example (``examples/active_learning_cu.yaml``)::
 from __future__ import annotations
 
 import dataclasses
-import re
 import types
 import typing
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any
 import yaml
 
 from equiforce.learning.labellers import KINDS, TBLITE_METHODS
-from equiforce.training.config import ConfigError, Range
+from equiforce.training.config import ConfigError, load_yaml, num_field
 
 __all__ = [
     "BudgetConfig",
@@ -53,21 +52,6 @@ __all__ = [
 #: ensembles a condition may use (NPT only for periodic seeds)
 ENSEMBLES = ("nvt_langevin", "nvt_nose_hoover", "nve", "npt_nose_hoover")
 MODES = ("finetune", "scratch")
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.2 floats: ``1e-3`` is a number (PyYAML's YAML 1.1 reads it as a string)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
-
-
-def _num(default: Any, allowed: str) -> Any:
-    return dataclasses.field(default=default, metadata={"range": Range.parse(allowed)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +87,7 @@ class LabellerConfig:
     method: str | None = None
     function: str | None = None
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    workers: int = _num(1, ">= 1")
+    workers: int = num_field(1, ">= 1")
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "method": self.method, "function": self.function, "options": dict(self.options)}
@@ -119,7 +103,7 @@ class Condition:
       pressure_GPa: NPT target pressure, GPa (``npt_nose_hoover`` only).
     """
 
-    temperature_K: float = _num(300.0, "> 0")
+    temperature_K: float = num_field(300.0, "> 0")
     ensemble: str = "nvt_langevin"
     pressure_GPa: float | None = None
 
@@ -144,10 +128,10 @@ class MDSection:
     """
 
     conditions: tuple[Condition, ...] = (Condition(),)
-    timestep_fs: float = _num(1.0, "> 0")
-    target_ps: float = _num(1.0, "> 0")
-    report_interval: int = _num(20, ">= 1")
-    friction_per_ps: float = _num(1.0, "> 0")
+    timestep_fs: float = num_field(1.0, "> 0")
+    target_ps: float = num_field(1.0, "> 0")
+    report_interval: int = num_field(20, ">= 1")
+    friction_per_ps: float = num_field(1.0, "> 0")
     precision: str | None = None
 
     @property
@@ -168,10 +152,10 @@ class SelectionConfig:
         (:func:`equiforce.uncertainty.select.select_structures`).
     """
 
-    lower: float = _num(0.05, "> 0")
-    upper: float = _num(0.3, "> 0")
-    batch_size: int = _num(8, ">= 1")
-    candidates: float = _num(5.0, ">= 1")
+    lower: float = num_field(0.05, "> 0")
+    upper: float = num_field(0.3, "> 0")
+    batch_size: int = num_field(8, ">= 1")
+    candidates: float = num_field(5.0, ">= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,8 +167,8 @@ class BudgetConfig:
       max_generations: generations (each: MD, select, label, train).
     """
 
-    max_labels: int = _num(100, ">= 1")
-    max_generations: int = _num(10, ">= 1")
+    max_labels: int = num_field(100, ">= 1")
+    max_generations: int = num_field(10, ">= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +209,7 @@ class LearnConfig:
     """
 
     output_dir: str = "runs/active_learning"
-    seed: int = _num(0, ">= 0")
+    seed: int = num_field(0, ">= 0")
     start: StartConfig = dataclasses.field(default_factory=StartConfig)
     seeds: str | None = None
     test: str | None = None
@@ -359,7 +343,7 @@ def load_learn_config(path: str | Path) -> LearnConfig:
     """
     path = Path(path)
     try:
-        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # a SafeLoader
+        loaded = load_yaml(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"cannot read config {path}: {err}") from err
     try:

@@ -82,7 +82,7 @@ class Range:
         return self.text
 
 
-def _num(default: Any, allowed: str, *, unless: str | None = None) -> Any:
+def num_field(default: Any, allowed: str, *, unless: str | None = None) -> Any:
     """A numeric field with its allowed range (see :class:`Range`); ``unless``: another field of the section
     that, when not None, makes this one irrelevant (the range is then not enforced)."""
     return dataclasses.field(default=default, metadata={"range": Range.parse(allowed), "unless": unless})
@@ -129,16 +129,16 @@ class DataConfig:
 
     train: str = "sample:train"
     valid: str | None = None
-    valid_fraction: float = _num(0.05, "in (0, 1)", unless="valid")
+    valid_fraction: float = num_field(0.05, "in (0, 1)", unless="valid")
     test: str | None = "sample:test"
     format: str | None = None
     energy_unit: str = "eV"
-    train_size: int | None = _num(None, ">= 1")
-    test_size: int | None = _num(None, ">= 1")
-    split_seed: int = _num(1, SEED_RANGE)
+    train_size: int | None = num_field(None, ">= 1")
+    test_size: int | None = num_field(None, ">= 1")
+    split_seed: int = num_field(1, SEED_RANGE)
     streaming: bool = False
-    prefetch_batches: int = _num(8, ">= 1")
-    statistics_size: int = _num(10000, ">= 1")
+    prefetch_batches: int = num_field(8, ">= 1")
+    statistics_size: int = num_field(10000, ">= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,12 +179,12 @@ class ModelSection:
     """
 
     name: str = "nequip"
-    r_max: float = _num(5.0, "> 0")
+    r_max: float = num_field(5.0, "> 0")
     dtype: str = "float32"
     atomic_energies: str | dict[int, float] = "fit"
     hyperparameters: dict[str, Any] = dataclasses.field(default_factory=dict)
     refit_atomic_energies: bool | None = None
-    ensemble_size: int = _num(1, ">= 1")
+    ensemble_size: int = num_field(1, ">= 1")
     bootstrap: bool = False
     uncertainty: bool = True
     init_from: str | None = None
@@ -206,11 +206,11 @@ class LossConfig:
       huber_delta: the Huber loss's switch-over point, in the unit of each term.
     """
 
-    energy_weight: float = _num(1.0, ">= 0")
-    forces_weight: float = _num(10.0, ">= 0")
-    stress_weight: float = _num(0.0, ">= 0")
+    energy_weight: float = num_field(1.0, ">= 0")
+    forces_weight: float = num_field(10.0, ">= 0")
+    stress_weight: float = num_field(0.0, ">= 0")
     kind: str = "mse"
-    huber_delta: float = _num(0.01, "> 0")
+    huber_delta: float = num_field(0.01, "> 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,19 +238,19 @@ class OptimConfig:
     """
 
     optimizer: str = "amsgrad"
-    learning_rate: float = _num(0.005, "> 0")
-    weight_decay: float = _num(0.0, ">= 0")
-    clip_grad_norm: float | None = _num(10.0, "> 0")
-    warmup_epochs: float = _num(1.0, ">= 0")
+    learning_rate: float = num_field(0.005, "> 0")
+    weight_decay: float = num_field(0.0, ">= 0")
+    clip_grad_norm: float | None = num_field(10.0, "> 0")
+    warmup_epochs: float = num_field(1.0, ">= 0")
     schedule: str = "plateau"
-    plateau_patience: int = _num(5, ">= 0")
-    plateau_factor: float = _num(0.8, "in (0, 1)")
-    min_learning_rate: float = _num(1e-6, ">= 0")
-    ema_decay: float | None = _num(0.99, "in [0, 1)")
-    batch_size: int = _num(5, ">= 1")
-    max_epochs: int = _num(100, ">= 1")
-    time_budget_minutes: float | None = _num(None, "> 0")
-    early_stopping_patience: int | None = _num(30, ">= 1")
+    plateau_patience: int = num_field(5, ">= 0")
+    plateau_factor: float = num_field(0.8, "in (0, 1)")
+    min_learning_rate: float = num_field(1e-6, ">= 0")
+    ema_decay: float | None = num_field(0.99, "in [0, 1)")
+    batch_size: int = num_field(5, ">= 1")
+    max_epochs: int = num_field(100, ">= 1")
+    time_budget_minutes: float | None = num_field(None, "> 0")
+    early_stopping_patience: int | None = num_field(30, ">= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,14 +290,14 @@ class MDCheckConfig:
     picoseconds run, the steps asked for, and the limit.
     """
 
-    steps: int = _num(2000, ">= 0")
-    timestep_fs: float = _num(0.5, "> 0")
-    temperature_K: float = _num(300.0, ">= 0")
-    report_interval: int = _num(50, ">= 1")
-    max_drift_meV_per_atom_per_ps: float = _num(1.0, "> 0")
+    steps: int = num_field(2000, ">= 0")
+    timestep_fs: float = num_field(0.5, "> 0")
+    temperature_K: float = num_field(300.0, ">= 0")
+    report_interval: int = num_field(50, ">= 1")
+    max_drift_meV_per_atom_per_ps: float = num_field(1.0, "> 0")
     on_failure: str = "warn"
-    supercell: tuple[int, ...] | None = _num(None, ">= 1")
-    max_minutes: float | None = _num(None, "> 0")
+    supercell: tuple[int, ...] | None = num_field(None, ">= 1")
+    max_minutes: float | None = num_field(None, "> 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,11 +320,11 @@ class FinetuneConfig:
     """
 
     freeze: tuple[str, ...] = ()
-    frozen_learning_rate: float = _num(0.0, ">= 0")
-    frozen_warmup_epochs: float = _num(0.0, ">= 0")
+    frozen_learning_rate: float = num_field(0.0, ">= 0")
+    frozen_warmup_epochs: float = num_field(0.0, ">= 0")
     replay_data: str | None = None
     replay_format: str | None = None
-    replay_fraction: float = _num(0.0, "in [0, 10]")
+    replay_fraction: float = num_field(0.0, "in [0, 10]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,14 +354,14 @@ class ParallelConfig:
       shutdown_timeout: seconds a finishing process waits at JAX's shutdown barrier for the others.
     """
 
-    devices: int | str | None = _num(None, ">= 1")
+    devices: int | str | None = num_field(None, ">= 1")
     coordinator_address: str | None = None
-    num_processes: int | None = _num(None, ">= 1")
-    process_id: int | None = _num(None, ">= 0")
+    num_processes: int | None = num_field(None, ">= 1")
+    process_id: int | None = num_field(None, ">= 0")
     cluster_detection: str = "auto"
-    initialization_timeout: int = _num(300, ">= 1")
-    heartbeat_timeout: int = _num(100, ">= 1")
-    shutdown_timeout: int = _num(300, ">= 1")
+    initialization_timeout: int = num_field(300, ">= 1")
+    heartbeat_timeout: int = num_field(100, ">= 1")
+    shutdown_timeout: int = num_field(300, ">= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,7 +383,7 @@ class TrainConfig:
         file's folder).
     """
 
-    seed: int = _num(0, SEED_RANGE)
+    seed: int = num_field(0, SEED_RANGE)
     output_dir: str = "runs/default"
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
@@ -627,12 +627,13 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
-def _yaml_load(text: str) -> Any:
+def load_yaml(text: str) -> Any:
+    """YAML text as Python values, with YAML 1.2 floats (``1e-3`` is a number); safe (no arbitrary objects)."""
     return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader subclass: no arbitrary objects
 
 
 def _parse_value(text: str) -> Any:
-    return _yaml_load(text)
+    return load_yaml(text)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -749,7 +750,7 @@ def _load_config(path: str | Path | None, overrides: list[str] | None) -> TrainC
         except UnicodeDecodeError as err:
             raise ConfigError(f"cannot read config {path}: not UTF-8 text (byte {err.start})") from None
         try:
-            loaded = _yaml_load(text)
+            loaded = load_yaml(text)
         except yaml.YAMLError as err:
             raise ConfigError(f"cannot read config {path}: {err}") from err
         if loaded is None:  # an empty document: all defaults
