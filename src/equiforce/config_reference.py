@@ -166,12 +166,7 @@ def config_reference_markdown() -> str:
         "the range).",
         "",
     ]
-    hints = typing.get_type_hints(TrainConfig)
-    out += _section("Top level", TrainConfig, "")
-    for f in dataclasses.fields(TrainConfig):
-        sub = hints[f.name]
-        if dataclasses.is_dataclass(sub):
-            out += _section(f"`{f.name}` ({sub.__name__})", sub, f"{f.name}.")
+    out += _config_sections(TrainConfig)
     out += [
         "## Model hyperparameters",
         "",
@@ -192,6 +187,17 @@ def config_reference_markdown() -> str:
     return "\n".join(out)
 
 
+def _config_sections(cls: type) -> list[str]:
+    """The reference of a config dataclass: its top-level keys, then one section per nested dataclass."""
+    out = _section("Top level", cls, "")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        sub = hints[f.name]
+        if dataclasses.is_dataclass(sub):
+            out += _section(f"`{f.name}` ({sub.__name__})", sub, f"{f.name}.")
+    return out
+
+
 def _learning_sections() -> list[str]:
     """The keys of an active-learning YAML file (``equiforce learn``)."""
     from equiforce.learning.config import Condition, LearnConfig
@@ -204,11 +210,6 @@ def _learning_sections() -> list[str]:
         "`data.train`, `data.valid`, `data.test` and `model.init_from`, which the loop sets.",
         "",
     ]
-    hints = typing.get_type_hints(LearnConfig)
-    out += _section("Top level", LearnConfig, "")
-    for f in dataclasses.fields(LearnConfig):
-        sub = hints[f.name]
-        if dataclasses.is_dataclass(sub):
-            out += _section(f"`{f.name}` ({sub.__name__})", sub, f"{f.name}.")
+    out += _config_sections(LearnConfig)
     out += _section("`md.conditions[]` (Condition)", Condition, "md.conditions[].")
     return out
